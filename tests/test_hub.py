@@ -1,0 +1,313 @@
+"""The official-weights registry and download cache (esc_arch.hub), against a real local HTTP server.
+
+A small ``http.server`` on 127.0.0.1 plays the GitHub release: it serves a real checkpoint file
+(a golden BasicSR checkpoint written by the official code) under ``/<NAME>.pth``, honours
+``Range: bytes=N-`` and records every request so tests can tell whether the network was used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import re
+import shutil
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from esc_arch import hub
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "golden"
+FIXTURE_CHECKPOINT = GOLDEN / "esc_light_x2.ckpt.pth"  # BasicSR format, like the release assets
+
+
+@dataclass
+class ServedFile:
+    """What the fake release serves, and what it has seen."""
+
+    payload: bytes
+    requests: list[dict] = field(default_factory=list)
+    ignore_range: bool = False  # behave like a server without Range support (always 200)
+    cut_after: int | None = None  # send at most this many body bytes, then drop the connection
+    error_status: int | None = None  # answer every request with this HTTP error
+
+
+def _make_handler(served: ServedFile) -> type[http.server.BaseHTTPRequestHandler]:
+    class ReleaseHandler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:  # keep pytest output clean
+            pass
+
+        def do_GET(self) -> None:
+            range_header = self.headers.get("Range")
+            served.requests.append({"path": self.path, "range": range_header})
+            if served.error_status is not None:
+                self.send_error(served.error_status)
+                return
+            payload = served.payload
+            start = 0
+            match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
+            if match and not served.ignore_range:
+                start = int(match.group(1))
+                if start >= len(payload):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(payload)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+            else:
+                self.send_response(200)
+            body = payload[start:]
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if served.cut_after is not None:
+                self.wfile.write(body[: served.cut_after])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(body)
+
+    return ReleaseHandler
+
+
+@pytest.fixture
+def fixture_bytes() -> bytes:
+    if not FIXTURE_CHECKPOINT.is_file():
+        pytest.fail(f"golden fixture missing: {FIXTURE_CHECKPOINT} (tests read ../shared beside the repo)")
+    return FIXTURE_CHECKPOINT.read_bytes()
+
+
+@pytest.fixture
+def release(fixture_bytes, monkeypatch, tmp_path):
+    """A running fake release server; ESC_SR_WEIGHTS_BASE_URL and ESC_SR_CACHE point at it and a temp cache."""
+    served = ServedFile(payload=fixture_bytes)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(served))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/releases/download/1.0.0"
+    monkeypatch.setenv(hub.BASE_URL_ENV, base)
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+    served.base_url = base  # type: ignore[attr-defined]
+    try:
+        yield served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_registry_lists_every_official_release_asset():
+    names = set(hub.REGISTRY)
+    for family in ("ESC_DIV2K", "ESC_light", "ESC_FP", "ESC_DFLIP"):
+        assert {f"{family}_X{s}" for s in (2, 3, 4)} <= names
+    assert {f"ESC_XL_DF2K_X{s}_FT" for s in (2, 3, 4)} <= names
+    assert {"ESC_Real_X4_MSE", "ESC_Real_X4_GAN"} <= names
+    assert len(names) == 17
+    assert hub.REGISTRY["ESC_DIV2K_X4"].url(hub.RELEASE_BASE_URL) == (
+        "https://github.com/dslisleedh/ESC/releases/download/1.0.0/ESC_DIV2K_X4.pth"
+    )
+    # Only the two published checksums are known; nothing is invented for the others.
+    known = {name: asset.sha256 for name, asset in hub.REGISTRY.items() if asset.sha256}
+    assert known == {
+        "ESC_Real_X4_GAN": "d6932bd01e29c9335f5f678b0e9b31ede906a42244887ab8888b1d39a8667f2d",
+        "ESC_Real_X4_MSE": "ba22ae75b5f77382b1046e68634f58a53fc7ff5ffa46714133bfba30811ad943",
+    }
+
+
+def test_cache_dir_follows_env_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "mine"))
+    assert hub.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(hub.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.cache_dir() == tmp_path / "xdg" / "esc-sr" / "weights"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert hub.cache_dir() == Path.home() / ".cache" / "esc-sr" / "weights"
+
+
+def test_existing_path_is_returned_unchanged_without_network(release, tmp_path):
+    local = tmp_path / "ESC_DIV2K_X4.pth"  # even a file named like a registry entry
+    local.write_bytes(b"x")
+    assert hub.resolve_model(local) == local
+    assert hub.resolve_model(str(local)) == Path(str(local))
+    assert release.requests == []
+
+
+def test_first_download_writes_the_file_into_the_cache(release, fixture_bytes, tmp_path):
+    path = hub.resolve_model("ESC_DIV2K_X4")
+
+    assert path == tmp_path / "cache" / "ESC_DIV2K_X4.pth"
+    assert path.read_bytes() == fixture_bytes
+    assert [r["path"] for r in release.requests] == ["/releases/download/1.0.0/ESC_DIV2K_X4.pth"]
+    assert release.requests[0]["range"] is None
+    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == ["ESC_DIV2K_X4.pth"]
+
+
+def test_downloaded_checkpoint_loads_as_a_model(release):
+    import torch
+    from esc_arch import load_model
+
+    model = load_model(hub.resolve_model("ESC_light_X2"))
+    assert model.scale == 2
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 16, 16)
+
+
+def test_second_call_uses_the_cache_and_makes_no_request(release):
+    first = hub.resolve_model("ESC_DIV2K_X4")
+    n_requests = len(release.requests)
+    second = hub.resolve_model("esc_div2k_x4")  # names are case-insensitive
+    third = hub.resolve_model("ESC_DIV2K_X4.pth")
+    assert first == second == third
+    assert len(release.requests) == n_requests == 1
+
+
+def test_resume_from_a_partial_file_sends_a_range_request(release, fixture_bytes, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    already = len(fixture_bytes) // 3
+    (cache / "ESC_FP_X3.pth.part").write_bytes(fixture_bytes[:already])
+
+    path = hub.resolve_model("ESC_FP_X3")
+
+    assert release.requests[-1]["range"] == f"bytes={already}-"
+    assert len(release.requests) == 1
+    assert path.read_bytes() == fixture_bytes
+    assert not (cache / "ESC_FP_X3.pth.part").exists()
+
+
+def test_interrupted_download_fails_clearly_then_resumes(release, fixture_bytes, tmp_path):
+    release.cut_after = 100_000
+    with pytest.raises(hub.DownloadError) as failure:
+        hub.resolve_model("ESC_light_X4")
+    message = str(failure.value)
+    assert "connection closed" in message or "IncompleteRead" in message
+    assert "resumes" in message
+    cache = tmp_path / "cache"
+    assert not (cache / "ESC_light_X4.pth").exists()  # never a truncated file under the final name
+    assert (cache / "ESC_light_X4.pth.part").stat().st_size == 100_000
+
+    release.cut_after = None
+    path = hub.resolve_model("ESC_light_X4")
+    assert release.requests[-1]["range"] == "bytes=100000-"
+    assert path.read_bytes() == fixture_bytes
+
+
+def test_server_without_range_support_restarts_from_zero(release, fixture_bytes, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "ESC_FP_X2.pth.part").write_bytes(b"stale bytes from some other file")
+    release.ignore_range = True
+
+    path = hub.resolve_model("ESC_FP_X2")
+
+    assert release.requests[-1]["range"] is not None  # we asked ...
+    assert path.read_bytes() == fixture_bytes  # ... the server said 200, so the part was replaced
+
+
+def test_complete_partial_file_is_finished_without_a_body(release, fixture_bytes, tmp_path, monkeypatch):
+    # A download that was cut between the last byte and the rename: the server answers 416.
+    asset = hub.ReleaseAsset("ESC_DIV2K_X2", 2, "test", sha256=_sha256(fixture_bytes))
+    monkeypatch.setitem(hub._BY_LOWER_NAME, "esc_div2k_x2", asset)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "ESC_DIV2K_X2.pth.part").write_bytes(fixture_bytes)
+
+    path = hub.resolve_model("ESC_DIV2K_X2")
+
+    assert release.requests[-1]["range"] == f"bytes={len(fixture_bytes)}-"
+    assert path.read_bytes() == fixture_bytes
+
+
+def test_known_checksum_is_verified_on_success(release, fixture_bytes, monkeypatch):
+    asset = hub.ReleaseAsset("ESC_Real_X4_MSE", 4, "test double with the fixture's checksum", _sha256(fixture_bytes))
+    monkeypatch.setitem(hub._BY_LOWER_NAME, "esc_real_x4_mse", asset)
+    assert hub.resolve_model("ESC_Real_X4_MSE").read_bytes() == fixture_bytes
+
+
+def test_checksum_mismatch_is_rejected_and_nothing_is_cached(release, fixture_bytes, tmp_path):
+    # The fake release serves our fixture, not the real GAN weights, so the known sha256 cannot match.
+    with pytest.raises(hub.ChecksumError) as failure:
+        hub.resolve_model("ESC_Real_X4_GAN")
+    message = str(failure.value)
+    assert hub.REGISTRY["ESC_Real_X4_GAN"].sha256 in message
+    assert _sha256(fixture_bytes) in message
+    cache = tmp_path / "cache"
+    assert not (cache / "ESC_Real_X4_GAN.pth").exists()
+    assert not (cache / "ESC_Real_X4_GAN.pth.part").exists()  # a bad download is not resumed either
+
+
+def test_offline_error_names_the_url_and_the_cache_path(monkeypatch, tmp_path):
+    # A port nothing listens on: connection refused, as when offline.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}/dl"
+    monkeypatch.setenv(hub.BASE_URL_ENV, base)
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+
+    with pytest.raises(hub.DownloadError) as failure:
+        hub.resolve_model("ESC_DIV2K_X4", timeout=5)
+
+    message = str(failure.value)
+    assert f"{base}/ESC_DIV2K_X4.pth" in message
+    assert str(tmp_path / "cache" / "ESC_DIV2K_X4.pth") in message
+    assert "\n" not in message
+
+
+def test_http_error_is_reported_with_its_status(release, tmp_path):
+    release.error_status = 404
+    with pytest.raises(hub.DownloadError, match=r"HTTP 404") as failure:
+        hub.resolve_model("ESC_DIV2K_X4")
+    assert f"{release.base_url}/ESC_DIV2K_X4.pth" in str(failure.value)
+    assert not (tmp_path / "cache" / "ESC_DIV2K_X4.pth").exists()
+
+
+def test_manually_placed_file_is_used_offline(monkeypatch, tmp_path, fixture_bytes):
+    monkeypatch.setenv(hub.BASE_URL_ENV, "http://127.0.0.1:9/unreachable")
+    monkeypatch.setenv(hub.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    placed = tmp_path / "cache" / "ESC_DFLIP_X4.pth"
+    shutil.copyfile(FIXTURE_CHECKPOINT, placed)
+    assert hub.resolve_model("ESC_DFLIP_X4") == placed
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(hub.UnknownModelError) as failure:
+        hub.resolve_model("ESC_DIV2K_X5")
+    message = str(failure.value)
+    assert message.startswith("unknown model name: ESC_DIV2K_X5")
+    assert "ESC_DIV2K_X4" in message
+    assert "esc-sr models" in message
+
+
+def test_missing_file_path_is_reported_as_a_missing_file(tmp_path):
+    missing = tmp_path / "nope" / "model.safetensors"
+    with pytest.raises(hub.UnknownModelError, match=r"^model file not found: .*model\.safetensors$"):
+        hub.resolve_model(missing)
+
+
+def test_list_models_reports_cache_state(release, fixture_bytes, tmp_path):
+    hub.resolve_model("ESC_light_X3")
+    (tmp_path / "cache" / "ESC_FP_X4.pth.part").write_bytes(b"12345")
+
+    statuses = {status.asset.name: status for status in hub.list_models()}
+
+    assert len(statuses) == 17
+    assert statuses["ESC_light_X3"].cached
+    assert statuses["ESC_light_X3"].path == tmp_path / "cache" / "ESC_light_X3.pth"
+    assert not statuses["ESC_DIV2K_X4"].cached
+    assert statuses["ESC_FP_X4"].partial_bytes == 5
+    assert statuses["ESC_DIV2K_X4"].url == f"{release.base_url}/ESC_DIV2K_X4.pth"
