@@ -21,6 +21,7 @@ server). Only the Python standard library is used for networking.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import hashlib
@@ -32,7 +33,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 __all__ = [
     "RELEASE_BASE_URL",
@@ -52,6 +53,9 @@ __all__ = [
     "is_registry_name",
     "list_models",
     "resolve_model",
+    "add_models_parser",
+    "models_command",
+    "format_model_table",
 ]
 
 RELEASE_BASE_URL = "https://github.com/dslisleedh/ESC/releases/download/1.0.0"
@@ -417,3 +421,60 @@ def _sha256_of(path: Path) -> str:
         while chunk := stream.read(_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``esc-sr models`` on an argparse sub-parser collection; returns the parser."""
+    parser = subparsers.add_parser(
+        "models",
+        help="list the official ESC weights and whether they are cached; download them ahead of time",
+        description=(
+            "List the official ESC checkpoints (github.com/dslisleedh/ESC, release 1.0.0) that "
+            "'esc-sr upscale -m NAME' downloads on first use, and where they are cached."
+        ),
+    )
+    parser.add_argument(
+        "--download", nargs="+", metavar="NAME",
+        help="download these models into the cache now (e.g. before going offline)",
+    )
+    parser.set_defaults(func=models_command)
+    return parser
+
+
+def models_command(args: argparse.Namespace) -> int:
+    """Run ``esc-sr models``: download what was asked for, then print the registry table."""
+    for name in args.download or ():
+        if not is_registry_name(name):  # a file path is not something to download
+            raise UnknownModelError(_unknown_message(name))
+        print(f"{lookup(name).name}: {resolve_model(name)}")
+    print(format_model_table())
+    return 0
+
+
+def format_model_table() -> str:
+    """The registry as a text table with cache state (what ``esc-sr models`` prints)."""
+    statuses = list_models()
+    width = max(len(s.asset.name) for s in statuses)
+    lines = [
+        f"Official ESC weights: {RELEASE_BASE_URL.rsplit('/download/', 1)[0]}/tag/1.0.0"
+        + (f" (downloads from {base_url()})" if base_url() != RELEASE_BASE_URL else ""),
+        f"Cache folder: {cache_dir()}  (set {CACHE_ENV} to move it)",
+        "",
+        f"{'NAME':<{width}}  SCALE  CACHED   SHA256  DESCRIPTION",
+    ]
+    for status in statuses:
+        if status.cached:
+            state = "yes"
+        elif status.partial_bytes:
+            state = "partial"
+        else:
+            state = "no"
+        checksum = "known" if status.asset.sha256 else "-"
+        lines.append(
+            f"{status.asset.name:<{width}}  x{status.asset.scale:<4}  {state:<7}  {checksum:<6}  {status.asset.description}"
+        )
+    lines += ["", "Use one with: esc-sr upscale -m ESC_DIV2K_X4 INPUT -o OUTPUT  (downloaded once, then cached)"]
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""ESC-SR: the ESC super-resolution family (Lee, Yun, Ro, ICCV 2025) in one weight-compatible definition.
+
+Quick start::
+
+    import esc_arch
+    model = esc_arch.load_model("ESC_DIV2K_X4.pth")      # any official / neosr / traiNNer / BasicSR file
+    sr = model(lr)                                      # NCHW RGB in [0, 1]
+    net = esc_arch.esc_light(scale=2, attn_type="naive")  # presets
+    esc_arch.set_attention_backend(net, "sdpa")
+    esc_arch.fuse(net)                                  # inference: bake constant tensors once
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__version__ = "0.1.0"
+
+from .attention import ATTENTION_BACKENDS, WindowAttention, sdpa_kernel_name  # noqa: E402
+from .base import ESCModelBase  # noqa: E402
+from .checkpoint import (  # noqa: E402
+    CheckpointError,
+    canonicalize_state_dict,
+    detect_architecture,
+    infer_architecture,
+    load_model,
+    read_state_dict,
+    save_model,
+)
+from .esc import ESC, ESCFP  # noqa: E402
+from .esc_real import ESCReal, ESCRealM  # noqa: E402
+from .layers import pad_reflect, pad_to_multiple  # noqa: E402
+from .lte import ESCLTE, ESCEncoder  # noqa: E402
+from .presets import PRESETS, esc, esc_fp, esc_light, esc_lte, esc_real, esc_realm, esc_tiny, esc_xl  # noqa: E402
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every ESC window-attention layer inside ``model`` to 'sdpa', 'flex' or 'naive' (in place)."""
+    for module in model.modules():
+        if isinstance(module, ESCModelBase):
+            module.set_attention_backend(backend)
+    return model
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Prepare ``model`` for inference, in place: eval mode, and every tensor that is constant at
+    inference (the geometric-ensembled large kernel, the attention biases) computed once now and
+    reused by later forward passes until the weights change.  Outputs are unchanged."""
+    model.eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ESCModelBase) and hasattr(module, "large_kernel"):
+                module.large_kernel()
+            if isinstance(module, WindowAttention):
+                module.attention_bias(module.relative_position_bias.dtype)
+    return model
+
+
+def attention_kernel(
+    model: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    training: bool = False,
+) -> str:
+    """Describe the attention kernel that will run for ``model`` on ``device``/``dtype``.
+
+    For the 'sdpa' backend this probes torch's dispatcher (see :func:`sdpa_kernel_name`); torch
+    silently falls back to the unfused math kernel in some cases, such as training on CPU.
+    """
+    attn = next((m for m in model.modules() if isinstance(m, WindowAttention)), None) if model is not None else None
+    backend = attn.attn_type if attn is not None else "sdpa"
+    if backend == "naive":
+        return "naive [explicit matmul + softmax]"
+    if backend == "flex":
+        from .attention import _compiled_flex_attention
+
+        compiled = _compiled_flex_attention().__class__.__name__ != "function"
+        return f"flex [{'torch.compile' if compiled else 'eager'} flex_attention]"
+    heads, tokens, head_dim = (4, 1024, 16) if attn is None else (attn.num_heads, attn.window_size**2, attn.dim // attn.num_heads)
+    return sdpa_kernel_name(device=device, dtype=dtype, num_heads=heads, tokens=tokens, head_dim=head_dim, training=training)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def __getattr__(name: str) -> Any:
+    # The engine pulls in no extra dependency at import time of the core.
+    if name == "upscale":
+        from .engine import upscale
+
+        return upscale
+    raise AttributeError(f"module 'esc_arch' has no attribute {name!r}")
+
+
+__all__ = [
+    "ATTENTION_BACKENDS", "CheckpointError", "ESC", "ESCFP", "ESCLTE", "ESCReal", "ESCRealM", "ESCModelBase",
+    "PRESETS", "attention_kernel", "canonicalize_state_dict", "count_parameters", "detect_architecture", "esc",
+    "esc_fp", "esc_light", "esc_lte", "esc_real", "esc_realm", "esc_tiny", "esc_xl", "fuse", "infer_architecture",
+    "load_model", "pad_reflect", "pad_to_multiple", "read_state_dict", "save_model", "set_attention_backend",
+    "upscale",
+]

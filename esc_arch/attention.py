@@ -1,0 +1,182 @@
+"""Window self-attention with ESC's relative-position bias, on three interchangeable back ends.
+
+* ``sdpa`` (default): ``F.scaled_dot_product_attention`` with the bias as an additive mask, so
+  torch picks its fused (flash) kernel wherever the device has one.  No backend is forced.
+* ``flex``: ``flex_attention`` with the bias added in a ``score_mod``; compiled when a compiler
+  is available, otherwise run eagerly (inference only on CPU: torch has no flex backward there).
+* ``naive``: explicit ``softmax(q k^T / sqrt(d) + bias) v``, the reference.
+
+The bias index ("key minus query", as upstream) is built once per window size with tensor ops
+and shared by every block; upstream builds a Python-loop table per block (64 MiB each at window
+32, about 1 GiB each for the XL window of 48).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import pad_reflect
+
+AttentionBackend = Literal["sdpa", "flex", "naive"]
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "flex", "naive")
+
+# Biases above this size are not kept between forward passes (ESC-XL: 12 x 2304^2 floats per block).
+_BIAS_CACHE_LIMIT_BYTES = 64 * 2**20
+
+
+def normalize_backend(name: str) -> str:
+    """Map user spellings (upstream's 'Naive'/'SDPA'/'Flex' included) to a backend name."""
+    key = str(name).strip().lower()
+    if key not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    return key
+
+
+@functools.lru_cache(maxsize=16)
+def _relative_index_cpu(window_size: int) -> torch.Tensor:
+    coords = torch.arange(window_size * window_size)
+    row, col = coords // window_size, coords % window_size
+    span = 2 * window_size - 1
+    # index[q, k] = (k_r - q_r + ws - 1) * (2ws - 1) + (k_c - q_c + ws - 1)
+    return (row[None, :] - row[:, None] + window_size - 1) * span + (col[None, :] - col[:, None] + window_size - 1)
+
+
+def relative_position_index(window_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(ws^2, ws^2) LongTensor mapping (query token, key token) to a column of the bias table."""
+    return _relative_index_cpu(window_size).to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if shutil.which("g++") is None and shutil.which("c++") is None and not torch.cuda.is_available():
+        return flex_attention  # no compiler: eager flex (slow but correct)
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex_attention(q, k, v, bias):
+    import warnings
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx, kv_idx]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _compiled_flex_attention()(q, k, v, score_mod=add_bias)
+
+
+class WindowAttention(nn.Module):
+    """Non-overlapping window attention over an NCHW feature map (no shift, no mask).
+
+    The map is reflect-padded on the right/bottom to a multiple of the window, attended window by
+    window, cropped back, then projected by ``to_out``.
+    """
+
+    def __init__(self, dim: int, window_size: int, num_heads: int, attn_type: str = "sdpa") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.attn_type = normalize_backend(attn_type)
+        self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1) ** 2) * 0.001)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.to_out = nn.Conv2d(dim, dim, 1)
+        self._bias_cache: tuple | None = None
+
+    # -- bias ---------------------------------------------------------------------------------
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (heads, ws^2, ws^2) additive bias; cached at inference until the table changes."""
+        table = self.relative_position_bias
+        caching = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing())
+        key = (table._version, table.data_ptr(), table.device, dtype) if caching else None
+        if caching and self._bias_cache is not None and self._bias_cache[0] == key:
+            return self._bias_cache[1]
+        index = relative_position_index(self.window_size, table.device)
+        bias = table[:, index].to(dtype)
+        if caching and bias.numel() * bias.element_size() <= _BIAS_CACHE_LIMIT_BYTES:
+            self._bias_cache = (key, bias)
+        return bias
+
+    def clear_cache(self) -> None:
+        self._bias_cache = None
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ws, heads = self.window_size, self.num_heads
+        x = pad_reflect(x, right=(ws - w % ws) % ws, bottom=(ws - h % ws) % ws)
+        hp, wp = x.shape[-2:]
+        nh, nw = hp // ws, wp // ws
+        c = self.dim // heads
+
+        qkv = self.to_qkv(x)
+        dtype = qkv.dtype
+        # channels are (qkv, head, c); windows are batch-major, then row, then column.
+        qkv = qkv.view(b, 3, heads, c, nh, ws, nw, ws).permute(1, 0, 4, 6, 2, 5, 7, 3)
+        q, k, v = qkv.reshape(3, b * nh * nw, heads, ws * ws, c).unbind(0)
+
+        out = self._attend(q, k, v, self.attention_bias(q.dtype))
+
+        out = out.view(b, nh, nw, heads, ws, ws, c).permute(0, 3, 6, 1, 4, 2, 5)
+        out = out.reshape(b, self.dim, hp, wp).to(dtype)[:, :, :h, :w]
+        return self.to_out(out)
+
+    def _attend(self, q, k, v, bias):
+        if self.attn_type == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        if self.attn_type == "flex":
+            if torch.is_grad_enabled() and q.requires_grad and q.device.type == "cpu":
+                raise RuntimeError(
+                    "the 'flex' attention backend cannot train on CPU (torch has no flex_attention backward "
+                    "there); use 'sdpa' or 'naive' for training"
+                )
+            return _flex_attention(q.contiguous(), k.contiguous(), v.contiguous(), bias)
+        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1) + bias
+        return scores.softmax(dim=-1) @ v
+
+
+_KERNEL_NAMES = {
+    "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "_scaled_dot_product_flash_attention": "flash (CUDA)",
+    "_scaled_dot_product_efficient_attention": "memory-efficient (CUDA)",
+    "_scaled_dot_product_cudnn_attention": "cuDNN (CUDA)",
+    "_scaled_dot_product_attention_math": "math (unfused)",
+}
+
+
+def sdpa_kernel_name(
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_heads: int = 4,
+    tokens: int = 1024,
+    head_dim: int = 16,
+    training: bool = False,
+) -> str:
+    """Which kernel ``scaled_dot_product_attention`` really runs for ESC-shaped inputs.
+
+    torch falls back silently (e.g. to the math kernel when the bias requires grad, as it does in
+    training), so this runs one small call under the profiler and reads the dispatched op.
+    """
+    device = torch.device(device)
+    shape = (1, num_heads, tokens, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=training) for _ in range(3))
+    bias = torch.zeros(1, num_heads, tokens, tokens, device=device, dtype=dtype, requires_grad=training)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.set_grad_enabled(training), torch.profiler.profile(activities=activities) as prof:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    names = [event.name.removeprefix("aten::") for event in prof.events()]
+    for op, label in _KERNEL_NAMES.items():
+        if op in names:
+            return f"{label} [{op}]"
+    return "unknown [" + ", ".join(n for n in names if "attention" in n) + "]"

@@ -1,0 +1,85 @@
+"""What every ESC model shares: recorded hyperparameters, the attention switch, and inference caches."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .attention import WindowAttention, normalize_backend
+
+
+def _tracing() -> bool:
+    """True under torch.compile / torch.export / jit tracing, where tensors must not be cached."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+class ESCModelBase(nn.Module):
+    """Base class of the ESC models.
+
+    Attributes every model exposes (hosts rely on them):
+      ``arch_name``        the upstream class name ('ESC', 'ESCFP', 'ESCReal', 'ESCRealM', 'ESCLTE');
+      ``hyperparameters``  the keyword arguments that rebuild the model;
+      ``scale``            output size / input size;
+      ``window_size``      the attention window; the paper's evaluation reflect-pads inputs to it.
+    """
+
+    arch_name: ClassVar[str] = ""
+    hyperparameters: dict[str, Any]
+    scale: int
+    window_size: int
+
+    def _record(self, arguments: dict[str, Any]) -> None:
+        self.hyperparameters = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+
+    # -- attention ------------------------------------------------------------------------------
+    @property
+    def attn_type(self) -> str:
+        """The attention backend the window-attention layers use."""
+        return self.hyperparameters["attn_type"]
+
+    def set_attention_backend(self, backend: str) -> "ESCModelBase":
+        """Switch every window-attention layer to ``backend`` ('sdpa', 'flex' or 'naive'), in place."""
+        backend = normalize_backend(backend)
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.attn_type = backend
+        self.hyperparameters["attn_type"] = backend
+        return self
+
+    # -- inference caches -----------------------------------------------------------------------
+    def _cached(self, name: str, source: torch.Tensor, compute) -> torch.Tensor:
+        """``compute()`` once per version of ``source`` at inference; every call while training."""
+        if self.training or torch.is_grad_enabled() or _tracing():
+            return compute()
+        key = (source._version, source.data_ptr(), source.device, source.dtype)
+        caches = self.__dict__.setdefault("_inference_cache", {})
+        hit = caches.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, compute())
+            caches[name] = hit
+        return hit[1]
+
+    def clear_inference_cache(self) -> None:
+        """Forget precomputed kernels and attention biases (they are rebuilt on the next forward)."""
+        self.__dict__.pop("_inference_cache", None)
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.clear_cache()
+
+    def _apply(self, fn, recurse=True):  # .to()/.half()/.cuda() invalidate device/dtype-bound caches
+        self.clear_inference_cache()
+        return super()._apply(fn, recurse)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return ``state_dict`` rewritten to fit this model (upstream loader quirks); no-op here."""
+        return state_dict
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self.clear_inference_cache()
+        return super().load_state_dict(self.adapt_state_dict(dict(state_dict)), strict=strict, assign=assign)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())

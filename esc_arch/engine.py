@@ -1,0 +1,721 @@
+"""The one inference engine: :func:`upscale` runs any ESC model on any image, of any size.
+
+Used by the ``esc-sr`` command line, the ComfyUI nodes, the Spandrel call path and the benchmarks.
+
+How an image goes through it
+----------------------------
+1. **Kinds.** A torch tensor (``NCHW`` or ``CHW`` float in [0, 1], RGB), a numpy array (``HxW``,
+   ``HxWx1..4``; uint8, uint16 or float in [0, 1]) or a PIL image. The result has the same kind,
+   layout and dtype as the input.
+2. **Channels.** The models are RGB. Gray is replicated to RGB and the output averaged back to one
+   channel (gray in, gray out). Alpha is upscaled separately: by default it goes through the same
+   model as a gray image (sharp, model-quality edges; ``alpha='model'``), or with chainner-ext's
+   Lanczos resize (``alpha='resize'``, faster). A fully opaque alpha is not run at all.
+3. **Padding, the official way.** The LR image is reflect-padded on the right and bottom to a
+   multiple of ``model.window_size`` and the output cropped back to ``h*scale x w*scale``: the
+   evaluation protocol of the ESC paper, so benchmark PSNR matches it.
+4. **Tiling.** The padded image is cut on the window grid into ``tile x tile`` cores; each core
+   is run with ``overlap`` pixels of real image context on every side (rounded up to a multiple
+   of the window so that every attention window of a tile is a window of the whole image) and
+   only the core of the result is kept ("crop-overlap"). With the default overlap the tiled
+   output matches the untiled one to well under 1/255, so there are no seams to blend away.
+5. **Memory.** ``tile='auto'`` picks the largest tile whose estimated working memory fits the
+   device's free memory (capped on CPU, where bigger tiles are not faster). On out-of-memory
+   (CUDA OOM, or a CPU allocation failure) the tile is halved and the remaining tiles are
+   redone; finished tiles are kept. The working memory is bounded by the tile; only the output
+   canvas grows with the image.
+6. **Precision.** ``'auto'`` is fp16 on CUDA/MPS and fp32 on CPU; ``'fp16'``/``'bf16'`` are
+   honoured where the device runs them. A half-precision tile that overflows to inf/NaN is
+   recomputed in fp32.
+7. **Scale.** ``outscale`` other than the model's scale: fixed-scale models run at their scale and
+   the result is resized with chainner-ext (Lanczos); the arbitrary-scale ``ESCLTE`` model gets
+   the factor itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_OVERLAP",
+    "EngineError",
+    "OutOfMemory",
+    "upscale",
+    "prepare_model",
+    "resolve_device",
+    "resolve_precision",
+    "auto_tile_size",
+    "is_out_of_memory",
+    "reflect_pad",
+]
+
+TileSpec = Union[Literal["auto"], int, None]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+ProgressSpec = Union[bool, Callable[[int, int], None]]
+
+# LR pixels of context kept around each tile (rounded up to the window). Measured (benchmarks/
+# bench_seams.py): with 32 px the tiled output of a 1024x768 photo differs from the untiled one
+# by less than 1/255 on every pixel for the ESC presets; the context costs ~(1 + 2*32/tile)^2 work.
+DEFAULT_OVERLAP = 32
+
+# Upper bounds for tile='auto'. On CPU a tile bigger than this is not faster, only hungrier.
+_AUTO_MAX_TILE_CPU = 512
+_AUTO_MAX_TILE_ACCELERATOR = 2048
+# Fraction of free memory tile='auto' lets a tile use, and an absolute cap on CPU, where the
+# kernel's OOM killer (not a catchable error) is what usually answers an over-allocation.
+_AUTO_MEMORY_FRACTION = 0.5
+_AUTO_CPU_BUDGET_CAP = 1 << 30
+
+
+class EngineError(RuntimeError):
+    """A request the engine cannot carry out (bad argument, unsupported precision, ...)."""
+
+
+class OutOfMemory(EngineError, MemoryError):
+    """Out of memory even at the smallest tile, or with tiling disabled."""
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module | None = None) -> torch.device:
+    """``None``: the model's device (CPU for a model without parameters); ``'auto'``: CUDA, else MPS,
+    else CPU; anything else is passed to ``torch.device``."""
+    if device is None:
+        if model is not None:
+            for tensor in model.parameters():
+                return tensor.device
+        return torch.device("cpu")
+    if isinstance(device, str) and device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise EngineError(f"unknown device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} requested but this torch build has no usable CUDA")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """Map ``'auto' | 'fp32' | 'fp16' | 'bf16'`` to a dtype this device can run.
+
+    ``'auto'`` is fp16 on CUDA and MPS (what users of such devices expect, and about twice as fast)
+    and fp32 on CPU (CPU half-precision convolutions are slower than fp32 on most processors).
+    """
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16}
+    if precision == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if precision not in names:
+        raise EngineError(f"unknown precision {precision!r}; use auto, fp32, fp16 or bf16")
+    dtype = names[precision]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EngineError("this CUDA device does not support bf16; use --precision fp16 or fp32")
+    if dtype == torch.bfloat16 and device.type == "mps":
+        raise EngineError("bf16 is not supported on MPS; use fp16 or fp32")
+    return dtype
+
+
+def prepare_model(
+    model: nn.Module, device: str | torch.device | None = None, precision: str = "auto"
+) -> tuple[nn.Module, torch.device, torch.dtype]:
+    """Return ``(model, device, dtype)`` with the model on ``device`` in the precision's dtype.
+
+    The model is copied only if it has to move or change dtype, so the caller's model is left
+    as it was; call this once and pass the result to :func:`upscale` for many images (then
+    :func:`upscale` has nothing to copy).
+    """
+    device = resolve_device(device, model)
+    dtype = resolve_precision(precision, device)
+    params = list(model.parameters())
+    if params and all(p.device == device and p.dtype == dtype for p in params):
+        return model, device, dtype
+    return copy.deepcopy(model).to(device=device, dtype=dtype), device, dtype
+
+
+# ------------------------------------------------------------------------------------ out of memory
+
+
+_OOM_MESSAGES = (
+    "out of memory",  # CUDA, MPS, HIP
+    "can't allocate memory",  # CPU DefaultCPUAllocator on Linux/macOS
+    "not enough memory",  # CPU allocator on Windows
+    "failed to allocate",
+    "cannot allocate memory",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA OOM, CPU allocation failures and Python ``MemoryError``."""
+    if isinstance(exc, MemoryError) and not isinstance(exc, OutOfMemory):
+        return True
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------- auto tile
+
+
+def _free_memory_bytes(device: torch.device) -> int:
+    """Memory a tile may use on ``device``: free device memory, or available RAM on CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        # Memory held by torch's caching allocator but unused is free for us too.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
+    return _available_ram_bytes()
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil  # optional; present on many machines (Windows/macOS fallback)
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return 4 << 30  # unknown: assume a modest machine
+
+
+def _bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
+    """Estimated peak working memory per LR pixel of a tile (activations, not weights).
+
+    From the hyperparameters: the widest feature maps (about a dozen maps of ``dim`` channels alive
+    at once, the qkv projection being 3*dim), the output (3*scale^2 values per LR pixel, in fp32),
+    and, for the 'naive' attention kernel, the full window score matrix (window^2 values per head
+    per pixel, twice for softmax). A conservative estimate: OOM halving catches the rest.
+    """
+    hyper = getattr(model, "hyperparameters", {}) or {}
+    dim = int(hyper.get("dim", 64))
+    mid = int(hyper.get("mid_dim", dim) or dim)
+    width = max(dim, mid) * max(1.0, float(hyper.get("exp_ratio", 1.25)))
+    scale = max(1, int(getattr(model, "scale", 4) or 4))
+    element = torch.finfo(dtype).bits // 8
+    per_pixel = element * 16 * width + 4 * 3 * scale * scale * 3
+    if str(getattr(model, "attn_type", "")).lower() == "naive":
+        window = int(getattr(model, "window_size", 32))
+        heads = int(hyper.get("num_heads", 4))
+        per_pixel += element * 2 * heads * window * window
+    return float(per_pixel)
+
+
+def auto_tile_size(model: nn.Module, device: torch.device, dtype: torch.dtype, *, overlap: int = DEFAULT_OVERLAP) -> int:
+    """The largest tile (LR pixels per side, a multiple of the window) that fits in free memory."""
+    window = _window_of(model)
+    budget = _free_memory_bytes(device) * _AUTO_MEMORY_FRACTION
+    if device.type == "cpu":
+        budget = min(budget, _AUTO_CPU_BUDGET_CAP)
+    per_pixel = _bytes_per_input_pixel(model, dtype)
+    context = 2 * _context_pixels(overlap, window)
+    side = int(math.sqrt(max(budget, 0) / per_pixel)) - context
+    cap = _AUTO_MAX_TILE_CPU if device.type == "cpu" else _AUTO_MAX_TILE_ACCELERATOR
+    side = min(side, cap)
+    return max(window, side // window * window)
+
+
+# ------------------------------------------------------------------------------------------ padding
+
+
+def _reflect_indices(size: int, padded: int, device: torch.device) -> torch.Tensor:
+    """Indices 0..padded-1 mapped into 0..size-1 by mirror reflection (no edge repeat).
+
+    For ``padded - size < size`` this is exactly ``F.pad(mode='reflect')`` on the right/bottom;
+    beyond that it keeps reflecting back and forth (a 1-pixel side repeats), so tiny images pad too.
+    """
+    idx = torch.arange(padded, device=device)
+    if size == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (size - 1)
+    idx = idx % period
+    return torch.where(idx < size, idx, period - idx)
+
+
+def reflect_pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad ``NCHW`` on the right and bottom to multiples of ``multiple`` (official protocol)."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph == 0 and pw == 0:
+        return x
+    rows = _reflect_indices(h, h + ph, x.device)
+    cols = _reflect_indices(w, w + pw, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def _window_of(model: nn.Module) -> int:
+    return max(1, int(getattr(model, "window_size", 1) or 1))
+
+
+def _context_pixels(overlap: int, window: int) -> int:
+    return int(math.ceil(max(0, overlap) / window) * window)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class _Runner:
+    """Runs the model on one LR tile and guards half precision against overflow."""
+
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    _fp32_model: nn.Module | None = field(default=None, repr=False)
+    _warned_overflow: bool = False
+
+    def __call__(self, tile: torch.Tensor) -> torch.Tensor:
+        out = self._forward(self.model, tile, self.dtype)
+        if self.dtype != torch.float32 and not torch.isfinite(out).all():
+            # fp16 can overflow inside the network on unusual content; redo this tile in fp32.
+            if not self._warned_overflow:
+                warnings.warn("half-precision overflow in a tile; recomputing it in fp32", RuntimeWarning, stacklevel=3)
+                self._warned_overflow = True
+            if self._fp32_model is None:
+                self._fp32_model = copy.deepcopy(self.model).float()
+            out = self._forward(self._fp32_model, tile, torch.float32)
+        return out
+
+    def _forward(self, model: nn.Module, tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        try:
+            out = model(tile.to(device=self.device, dtype=dtype))
+        except RuntimeError as exc:
+            text = str(exc)
+            if dtype != torch.float32 and ("not implemented for" in text and ("Half" in text or "BFloat16" in text)):
+                name = "fp16" if dtype == torch.float16 else "bf16"
+                raise EngineError(
+                    f"{name} is not supported on {self.device.type} for this model ({text.splitlines()[0]}); "
+                    "use precision fp32"
+                ) from exc
+            raise
+        return out.float().cpu()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class _TileProgress:
+    """A tqdm bar over tiles, a user callback ``(done, total)``, or nothing."""
+
+    def __init__(self, spec: ProgressSpec):
+        self._callback = spec if callable(spec) else None
+        self._enabled = bool(spec) and not callable(spec)
+        self._bar = None
+        self.done = 0
+        self.total = 0
+
+    def start(self, total: int) -> None:
+        self.done, self.total = 0, total
+        if self._enabled and total > 1:
+            from tqdm.auto import tqdm
+
+            if self._bar is None:
+                self._bar = tqdm(total=total, desc="tiles", unit="tile", leave=False, dynamic_ncols=True)
+            else:
+                self._bar.reset(total=total)
+        self._report()
+
+    def advance(self) -> None:
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        self._report()
+
+    def _report(self) -> None:
+        if self._callback is not None:
+            self._callback(self.done, self.total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _tile_grid(height: int, width: int, core: int) -> list[tuple[int, int, int, int]]:
+    return [
+        (y, min(y + core, height), x, min(x + core, width))
+        for y in range(0, height, core)
+        for x in range(0, width, core)
+    ]
+
+
+def _covered(core: tuple[int, int, int, int], done: list[tuple[int, int, int, int]]) -> bool:
+    y0, y1, x0, x1 = core
+    return any(a <= y0 and y1 <= b and c <= x0 and x1 <= d for a, b, c, d in done)
+
+
+def _initial_core(runner: _Runner, tile: TileSpec, *, window: int, overlap: int, height: int, width: int) -> int:
+    if tile == "auto":
+        core = auto_tile_size(runner.model, runner.device, runner.dtype, overlap=overlap)
+    elif tile is None:
+        core = max(height, width)
+    else:
+        if int(tile) <= 0:
+            raise EngineError("tile must be a positive size, 'auto', or None to disable tiling")
+        core = max(window, int(tile) // window * window)
+    # A tile covering the whole image is the untiled run.
+    return min(core, -(-max(height, width) // window) * window)
+
+
+def _tile_loop(
+    runner: _Runner,
+    *,
+    height: int,
+    width: int,
+    window: int,
+    tile: TileSpec,
+    overlap: int,
+    progress: _TileProgress,
+    process: Callable[[tuple[int, int, int, int]], None],
+) -> None:
+    """Call ``process(core)`` for every core of a ``height x width`` grid, halving on out-of-memory.
+
+    Cores are ``(y0, y1, x0, x1)`` LR boxes on the window grid. After an OOM the tile is halved
+    and only the cores not inside an already finished core are redone (halving a multiple of
+    the window refines the grid, so finished work is kept).
+    """
+    core = _initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
+    done: list[tuple[int, int, int, int]] = []
+    while True:
+        grid = [c for c in _tile_grid(height, width, core) if not _covered(c, done)]
+        progress.start(len(grid))
+        try:
+            for box in grid:
+                process(box)
+                done.append(box)
+                progress.advance()
+            return
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+        # Outside the except block, so the traceback (and the tensors it holds) is released first.
+        _release_memory(runner.device)
+        if tile is None:
+            raise OutOfMemory(
+                f"out of memory upscaling a {width}x{height} image without tiling on {runner.device}; "
+                "enable tiling (tile='auto' or a tile size)"
+            )
+        if core <= window:
+            raise OutOfMemory(f"out of memory even with the smallest tile ({window}x{window} px) on {runner.device}")
+        smaller = max(window, core // 2 // window * window)
+        warnings.warn(f"out of memory with {core}px tiles; retrying with {smaller}px tiles", RuntimeWarning, stacklevel=3)
+        core = smaller
+
+
+def _run_fixed_scale(
+    runner: _Runner, lr: torch.Tensor, *, scale: int, window: int, tile: TileSpec, overlap: int,
+    progress: _TileProgress,
+) -> torch.Tensor:
+    """Upscale one ``(1, 3, h, w)`` float32 CPU image with a fixed-scale model; returns ``(1, 3, h*s, w*s)``."""
+    h, w = lr.shape[-2:]
+    padded = reflect_pad(lr, window)
+    ph, pw = padded.shape[-2:]
+    context = _context_pixels(overlap, window)
+    out = torch.empty((1, 3, h * scale, w * scale), dtype=torch.float32)
+
+    def process(box: tuple[int, int, int, int]) -> None:
+        y0, y1, x0, x1 = box
+        iy0, iy1 = max(0, y0 - context), min(ph, y1 + context)
+        ix0, ix1 = max(0, x0 - context), min(pw, x1 + context)
+        result = runner(padded[..., iy0:iy1, ix0:ix1])
+        # Keep the core, cropped to the real (unpadded) image.
+        oy1, ox1 = min(y1, h), min(x1, w)
+        if oy1 > y0 and ox1 > x0:
+            out[..., y0 * scale : oy1 * scale, x0 * scale : ox1 * scale] = result[
+                ..., (y0 - iy0) * scale : (oy1 - iy0) * scale, (x0 - ix0) * scale : (ox1 - ix0) * scale
+            ]
+
+    _tile_loop(runner, height=ph, width=pw, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
+    return out
+
+
+def _is_arbitrary_scale(model: nn.Module) -> bool:
+    return getattr(model, "arch_name", None) == "ESCLTE"
+
+
+def _output_centres(out_size: int, in_size: int) -> np.ndarray:
+    """LR-pixel positions (0 = top/left edge) of the centres of ``out_size`` output pixels."""
+    return (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size)
+
+
+def _run_arbitrary_scale(
+    runner: _Runner, lr: torch.Tensor, *, factor: float, window: int, tile: TileSpec, overlap: int,
+    progress: _TileProgress, max_queries: int = 16384,
+) -> torch.Tensor:
+    """ESCLTE: the factor goes to the model.
+
+    Tiles cut the LR encoder input (no model-level padding: the upstream LTE protocol feeds the
+    image as is). Each tile decodes exactly the output pixels whose centres fall in its core,
+    with query coordinates and cells re-expressed in the tile's own [-1, 1] frame; every term of
+    the LTE decoder (half-pixel shifts, relative coordinates, cells, the bilinear skip) is
+    measured in LR pixels, so this equals the whole-image decode up to encoder context, which
+    ``overlap`` supplies.
+    """
+    model = runner.model
+    h, w = lr.shape[-2:]
+    out_h, out_w = max(1, round(h * factor)), max(1, round(w * factor))
+    cell = np.array([2.0 / out_h, 2.0 / out_w])
+    ratio = max(out_h / h, out_w / w)
+    if ratio > 4.0:  # beyond the training range: enlarge cells as upscale_by / upstream do
+        cell = cell * (ratio / 4.0)
+    centre_y, centre_x = _output_centres(out_h, h), _output_centres(out_w, w)
+    context = _context_pixels(overlap, window)
+    out = torch.empty((1, 3, out_h, out_w), dtype=torch.float32)
+
+    def process(box: tuple[int, int, int, int]) -> None:
+        y0, y1, x0, x1 = box
+        ry = np.searchsorted(centre_y, [y0, y1], side="left")
+        rx = np.searchsorted(centre_x, [x0, x1], side="left")
+        if ry[1] <= ry[0] or rx[1] <= rx[0]:
+            return
+        iy0, iy1 = max(0, y0 - context), min(h, y1 + context)
+        ix0, ix1 = max(0, x0 - context), min(w, x1 + context)
+        th, tw = iy1 - iy0, ix1 - ix0
+        ys = -1 + 2 * (centre_y[ry[0] : ry[1]] - iy0) / th
+        xs = -1 + 2 * (centre_x[rx[0] : rx[1]] - ix0) / tw
+        grid = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
+        coord = torch.from_numpy(grid).to(runner.device, runner.dtype)[None]
+        tile_cell = torch.tensor([cell[0] * h / th, cell[1] * w / tw], device=runner.device, dtype=runner.dtype)
+        encoded = model.encode(lr[..., iy0:iy1, ix0:ix1].to(runner.device, runner.dtype))
+        rgb = torch.cat(
+            [
+                model.query(encoded, coord[:, s : s + max_queries], tile_cell.expand(1, min(max_queries, coord.shape[1] - s), 2))
+                for s in range(0, coord.shape[1], max_queries)
+            ],
+            dim=1,
+        )
+        rows, cols = ry[1] - ry[0], rx[1] - rx[0]
+        out[..., ry[0] : ry[1], rx[0] : rx[1]] = rgb.float().cpu().transpose(1, 2).reshape(1, 3, rows, cols)
+
+    _tile_loop(runner, height=h, width=w, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
+    return out
+
+
+# ------------------------------------------------------------------------------------- kinds/layout
+
+
+@dataclass
+class _Planes:
+    """An image as ``(1, C, H, W)`` float32 planes plus what is needed to give it back as it came."""
+
+    planes: list[torch.Tensor]  # one (1, C, H, W) tensor per batch item
+    restore: Callable[[list[torch.Tensor]], Any]
+
+
+def _from_tensor(image: torch.Tensor) -> _Planes:
+    if image.ndim not in (3, 4):
+        raise EngineError(f"expected an NCHW or CHW tensor, got shape {tuple(image.shape)}")
+    batched = image.ndim == 4
+    x = image if batched else image.unsqueeze(0)
+    if x.shape[1] not in (1, 2, 3, 4):
+        raise EngineError(f"expected 1-4 channels (gray, gray+alpha, RGB, RGBA), got {x.shape[1]}")
+    if not torch.is_floating_point(x):
+        raise EngineError(f"expected a float tensor in [0, 1], got {x.dtype}")
+    device, dtype = image.device, image.dtype
+    planes = [x[i : i + 1].detach().to("cpu", torch.float32) for i in range(x.shape[0])]
+
+    def restore(outs: list[torch.Tensor]) -> torch.Tensor:
+        y = torch.cat(outs, 0).to(device=device, dtype=dtype)
+        return y if batched else y[0]
+
+    return _Planes(planes, restore)
+
+
+def _from_numpy(image: np.ndarray) -> _Planes:
+    from . import images
+
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 2, 3, 4)):
+        raise EngineError(f"expected an HxW or HxWxC (C = 1..4) array, got shape {image.shape}")
+    dtype = image.dtype
+    try:
+        values = images.to_float(image)
+    except TypeError as exc:
+        raise EngineError(str(exc)) from None
+    layout_2d = image.ndim == 2
+    hwc = values[:, :, None] if layout_2d else values
+    planes = [torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None]]
+
+    def restore(outs: list[torch.Tensor]) -> np.ndarray:
+        result = outs[0][0].numpy().transpose(1, 2, 0)
+        if layout_2d:
+            result = result[:, :, 0]
+        return images.from_float(result, dtype)
+
+    return _Planes(planes, restore)
+
+
+def _from_pil(image: Any) -> _Planes:
+    from . import images
+
+    inner = _from_numpy(images.pil_to_array(image))
+    return _Planes(inner.planes, lambda outs: images.array_to_pil(inner.restore(outs)))
+
+
+def _is_pil(image: Any) -> bool:
+    try:
+        from PIL import Image as PILImage
+    except ImportError:
+        return False
+    return isinstance(image, PILImage.Image)
+
+
+# ------------------------------------------------------------------------------------------ upscale
+
+
+def upscale(
+    model: nn.Module,
+    image: Any,
+    *,
+    outscale: float | None = None,
+    tile: TileSpec = "auto",
+    overlap: int = DEFAULT_OVERLAP,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    alpha: Literal["model", "resize"] = "model",
+    progress: ProgressSpec = False,
+) -> Any:
+    """Upscale ``image`` with ``model``; see the module docstring for the full behaviour.
+
+    Args:
+        model: an esc_arch image model (``.scale``, ``.window_size``), or an ``ESCLTE``.
+        image: ``NCHW``/``CHW`` float tensor in [0, 1] (RGB), numpy ``HxW``/``HxWxC`` (uint8,
+            uint16 or float), or a PIL image. Gray, gray+alpha, RGB and RGBA are accepted.
+        outscale: output/input size ratio; default: the model's scale (``ESCLTE``: required).
+        tile: LR tile side in pixels (rounded down to a multiple of the window), ``'auto'``
+            (from free memory), or ``None`` to run the whole image at once.
+        overlap: LR pixels of context around each tile (rounded up to the window).
+        device: ``None`` (the model's device), ``'auto'``, or a torch device string.
+        precision: ``'auto'`` (fp16 on CUDA/MPS, fp32 on CPU), ``'fp32'``, ``'fp16'`` or ``'bf16'``.
+        alpha: how alpha is upscaled: ``'model'`` (as a gray image through the model) or
+            ``'resize'`` (chainner-ext Lanczos).
+        progress: ``True`` for a tqdm bar over tiles, or a callback ``(done, total)``.
+
+    Returns:
+        The upscaled image, of the same kind, channel layout and dtype as ``image``.
+
+    Raises:
+        EngineError: a bad argument or an unsupported precision on this device.
+        OutOfMemory: out of memory with tiling disabled, or even at the smallest tile.
+    """
+    if alpha not in ("model", "resize"):
+        raise EngineError(f"alpha must be 'model' or 'resize', not {alpha!r}")
+    if overlap < 0:
+        raise EngineError("overlap must be >= 0")
+    if isinstance(tile, bool) or (tile is not None and tile != "auto" and not isinstance(tile, int)):
+        raise EngineError(f"tile must be 'auto', a positive int or None, not {tile!r}")
+
+    if isinstance(image, torch.Tensor):
+        kind = _from_tensor(image)
+    elif isinstance(image, np.ndarray):
+        kind = _from_numpy(image)
+    elif _is_pil(image):
+        kind = _from_pil(image)
+    else:
+        raise EngineError(f"unsupported image type {type(image).__name__}: use a torch tensor, numpy array or PIL image")
+
+    arbitrary = _is_arbitrary_scale(model)
+    native = None if arbitrary else int(model.scale)
+    if outscale is None:
+        if arbitrary:
+            raise EngineError("an arbitrary-scale model needs outscale (the upscaling factor)")
+        outscale = float(native)
+    if not (outscale > 0 and math.isfinite(outscale)):
+        raise EngineError(f"outscale must be a positive number, not {outscale!r}")
+
+    if arbitrary and precision == "auto":
+        precision = "fp32"  # LTE query coordinates need more than fp16's 11 bits of mantissa
+    prepared, run_device, dtype = prepare_model(model, device, precision)
+    runner = _Runner(prepared, run_device, dtype)
+    window = _window_of(prepared)
+    bar = _TileProgress(progress)
+
+    def run_rgb(rgb: torch.Tensor) -> torch.Tensor:
+        if arbitrary:
+            return _run_arbitrary_scale(runner, rgb, factor=outscale, window=window, tile=tile, overlap=overlap, progress=bar)
+        out = _run_fixed_scale(runner, rgb, scale=native, window=window, tile=tile, overlap=overlap, progress=bar)
+        return _resize_planes(out, _target_size(rgb, outscale)) if outscale != native else out
+
+    def run_gray(gray: torch.Tensor) -> torch.Tensor:
+        return run_rgb(gray.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
+
+    def run_alpha(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if bool((a >= 1.0).all()):
+            return torch.ones((1, 1, size[0], size[1]), dtype=torch.float32)
+        if alpha == "resize":
+            return _resize_planes(a, size)
+        out = run_gray(a)
+        return out if tuple(out.shape[-2:]) == size else _resize_planes(out, size)
+
+    outs = []
+    with _eval_mode(prepared), torch.inference_mode():
+        try:
+            for x in kind.planes:
+                channels = x.shape[1]
+                if channels == 3:
+                    y = run_rgb(x)
+                elif channels == 1:
+                    y = run_gray(x)
+                else:
+                    color = run_rgb(x[:, :3]) if channels == 4 else run_gray(x[:, :1])
+                    a = run_alpha(x[:, channels - 1 :], tuple(color.shape[-2:]))
+                    y = torch.cat([color, a], 1)
+                outs.append(y.clamp_(0.0, 1.0))
+        finally:
+            bar.close()
+    return kind.restore(outs)
+
+
+def _target_size(lr: torch.Tensor, outscale: float) -> tuple[int, int]:
+    h, w = lr.shape[-2:]
+    return max(1, round(h * outscale)), max(1, round(w * outscale))
+
+
+def _resize_planes(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``(1, C, H, W)`` float32 CPU planes to ``size = (H', W')`` with chainner-ext Lanczos."""
+    from . import images
+
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    hwc = x[0].permute(1, 2, 0).contiguous().numpy()
+    out = images.resize(hwc, (size[1], size[0]))
+    if out.ndim == 2:
+        out = out[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))[None]

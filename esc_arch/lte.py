@@ -1,0 +1,208 @@
+"""Arbitrary-scale ESC: the ESC trunk as an encoder with the LTE implicit decoder (Lee & Jin, 2022).
+
+The decoder predicts RGB at any continuous coordinate from the nearest latent of each of four
+surrounding cells (local ensemble), through a Fourier-like local texture estimate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import ESCModelBase
+from .blocks import ConvolutionalAttention, ESCBlock
+from .layers import geometric_ensemble
+
+
+def make_coord(height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Pixel-centre coordinates of an ``height`` x ``width`` grid in [-1, 1], as (H*W, 2) in (y, x) order."""
+    ys = (torch.arange(height, device=device, dtype=dtype) * 2 + 1) / height - 1
+    xs = (torch.arange(width, device=device, dtype=dtype) * 2 + 1) / width - 1
+    return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).view(-1, 2)
+
+
+class ESCEncoder(ESCModelBase):
+    """The ESC trunk without an upsampler or image residual (esc_arb's encoder): image -> features."""
+
+    arch_name = "ESCEncoder"
+
+    def __init__(
+        self,
+        *,
+        dim: int = 64,
+        pdim: int = 16,
+        kernel_size: int = 13,
+        n_blocks: int = 5,
+        conv_blocks: int = 5,
+        window_size: int = 32,
+        num_heads: int = 4,
+        exp_ratio: float = 1.25,
+        attn_type: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self._record(locals())
+        self.scale = 1
+        self.window_size = window_size
+        self.out_dim = dim
+        self.plk_filter = nn.Parameter(torch.randn(pdim, pdim, kernel_size, kernel_size))
+        nn.init.orthogonal_(self.plk_filter)
+        self.proj = nn.Conv2d(3, dim, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            ESCBlock(
+                dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size, num_heads=num_heads,
+                exp_ratio=exp_ratio, proj_ratio=2.0, use_ln=False, attn_type=attn_type,
+                conv_attention=ConvolutionalAttention,
+            )
+            for _ in range(n_blocks)
+        )
+        self.last = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def large_kernel(self) -> torch.Tensor:
+        return self._cached("large_kernel", self.plk_filter, lambda: geometric_ensemble(self.plk_filter))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.proj(x)
+        skip = feat
+        lk = self.large_kernel()
+        for block in self.blocks:
+            feat = block(feat, lk)
+        return self.last(feat) + skip
+
+
+class MLP(nn.Module):
+    """Linear/ReLU stack with upstream's key names (``layers.0``, ``layers.2`` ...)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: list[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU()]
+            in_dim = width
+        layers.append(nn.Linear(in_dim, out_dim))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ESCLTE(ESCModelBase):
+    """ESC encoder + LTE decoder: ``forward(lr, coord, cell)`` returns RGB at each query.
+
+    ``coord`` (B, Q, 2) are (y, x) positions in [-1, 1] of the output pixels' centres, ``cell``
+    (B, Q, 2) their sizes in the same units.  ``upscale_by(lr, factor)`` renders a whole image.
+    Inputs and outputs are in [0, 1] without normalisation, like the upstream module.
+    """
+
+    arch_name = "ESCLTE"
+
+    def __init__(
+        self,
+        *,
+        dim: int = 64,
+        pdim: int = 16,
+        kernel_size: int = 13,
+        n_blocks: int = 5,
+        conv_blocks: int = 5,
+        window_size: int = 32,
+        num_heads: int = 4,
+        exp_ratio: float = 1.25,
+        hidden_dim: int = 256,
+        mlp_hidden: tuple[int, ...] = (256, 256, 256),
+        attn_type: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self._record(locals())
+        self.hyperparameters["mlp_hidden"] = tuple(mlp_hidden)
+        self.scale = 1  # any; see upscale_by
+        self.window_size = window_size
+        self.encoder = ESCEncoder(
+            dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks, conv_blocks=conv_blocks,
+            window_size=window_size, num_heads=num_heads, exp_ratio=exp_ratio, attn_type=attn_type,
+        )
+        self.coef = nn.Conv2d(dim, hidden_dim, 3, padding=1)
+        self.freq = nn.Conv2d(dim, hidden_dim, 3, padding=1)
+        self.phase = nn.Linear(2, hidden_dim // 2, bias=False)
+        self.imnet = MLP(hidden_dim, 3, list(mlp_hidden))
+
+    def encode(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the encoder once: (lr, coefficient map, frequency map) for :meth:`query`."""
+        feat = self.encoder(lr)
+        return lr, self.coef(feat), self.freq(feat)
+
+    def query(self, encoded, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """RGB (B, Q, 3) at ``coord`` with ``cell`` sizes, from :meth:`encode`'s output."""
+        lr, coef, freq = encoded
+        b, q = coord.shape[:2]
+        h, w = coef.shape[-2:]
+        feat_coord = make_coord(h, w, device=coord.device, dtype=coord.dtype).view(1, h, w, 2).permute(0, 3, 1, 2)
+        feat_coord = feat_coord.expand(b, 2, h, w)
+        size = torch.tensor([h, w], device=coord.device, dtype=coord.dtype)
+        rel_cell = cell * size
+        phase = self.phase(rel_cell.reshape(b * q, 2)).view(b, q, -1)
+
+        def sample(grid_src: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+            grid = at.flip(-1).unsqueeze(1)
+            return F.grid_sample(grid_src, grid, mode="nearest", align_corners=False)[:, :, 0, :].permute(0, 2, 1)
+
+        preds, areas = [], []
+        for vy in (-1, 1):
+            for vx in (-1, 1):
+                shifted = coord.clone()
+                shifted[..., 0] += vy / h + 1e-6
+                shifted[..., 1] += vx / w + 1e-6
+                shifted.clamp_(-1 + 1e-6, 1 - 1e-6)
+                q_coef = sample(coef, shifted)
+                q_freq = sample(freq, shifted)
+                rel_coord = (coord - sample(feat_coord, shifted)) * size
+                # frequencies are interleaved (fy0, fx0, fy1, fx1, ...): dot each pair with rel_coord
+                q_freq = (q_freq.view(b, q, -1, 2) * rel_coord.unsqueeze(-2)).sum(-1) + phase
+                basis = torch.cat([torch.cos(math.pi * q_freq), torch.sin(math.pi * q_freq)], dim=-1)
+                preds.append(self.imnet((q_coef * basis).reshape(b * q, -1)).view(b, q, -1))
+                areas.append((rel_coord[..., 0] * rel_coord[..., 1]).abs() + 1e-9)
+        total = torch.stack(areas).sum(0)
+        # each prediction is weighted by the area of the diagonally opposite sub-rectangle
+        out = sum(pred * (area / total).unsqueeze(-1) for pred, area in zip(preds, reversed(areas)))
+        base = F.grid_sample(lr, coord.flip(-1).unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False)
+        return out + base[:, :, 0, :].permute(0, 2, 1)
+
+    def forward(self, lr: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        return self.query(self.encode(lr), coord, cell)
+
+    @torch.no_grad()
+    def upscale_by(
+        self,
+        lr: torch.Tensor,
+        factor: float | None = None,
+        *,
+        size: tuple[int, int] | None = None,
+        max_queries: int = 65536,
+        cell_clip: float | None = 4.0,
+    ) -> torch.Tensor:
+        """Upscale a (B, 3, h, w) image by any real ``factor`` (or to ``size`` = (H, W)).
+
+        The encoder runs once; the output pixels are decoded in chunks of ``max_queries`` so memory
+        stays bounded for any output size.  ``cell_clip``: for factors above the training range
+        (1-4), cells are enlarged as the upstream test script does (cell * factor / 4).
+        """
+        h, w = lr.shape[-2:]
+        if size is None:
+            if factor is None or factor <= 0:
+                raise ValueError("give a positive factor or an output size")
+            size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        out_h, out_w = size
+        coord = make_coord(out_h, out_w, device=lr.device, dtype=lr.dtype)
+        cell = torch.tensor([2.0 / out_h, 2.0 / out_w], device=lr.device, dtype=lr.dtype).expand_as(coord)
+        ratio = max(out_h / h, out_w / w)
+        if cell_clip and ratio > cell_clip:
+            cell = cell * (ratio / cell_clip)
+        encoded = self.encode(lr)
+        b = lr.shape[0]
+        chunks = []
+        for start in range(0, coord.shape[0], max_queries):
+            part = slice(start, start + max_queries)
+            chunks.append(self.query(encoded, coord[part].expand(b, -1, -1), cell[part].expand(b, -1, -1)))
+        rgb = torch.cat(chunks, dim=1)
+        return rgb.transpose(1, 2).reshape(b, 3, out_h, out_w)

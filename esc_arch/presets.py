@@ -1,0 +1,68 @@
+"""Named configurations of the paper (and one small CPU-trainable one), each taking ``scale``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .base import ESCModelBase
+from .esc import ESC, ESCFP
+from .esc_real import ESCReal, ESCRealM
+from .lte import ESCLTE
+
+
+def esc(scale: int = 4, **overrides: Any) -> ESC:
+    """ESC (paper's base model): dim 64, 5 blocks x 5 conv blocks, window 32, 4 heads. 967,500 params at x4."""
+    return ESC(**{"upscaling_factor": scale, **overrides})
+
+
+def esc_light(scale: int = 4, **overrides: Any) -> ESC:
+    """ESC-light: ESC with 3 blocks. 624,372 params at x4."""
+    return ESC(**{"n_blocks": 3, "upscaling_factor": scale, **overrides})
+
+
+def esc_xl(scale: int = 4, **overrides: Any) -> ESC:
+    """ESC-XL: dim 192, pdim 48, 8 blocks, window 48, 12 heads, LayerNorm before each conv block."""
+    kwargs = dict(dim=192, pdim=48, n_blocks=8, window_size=48, num_heads=12, use_ln=True, upscaling_factor=scale)
+    return ESC(**{**kwargs, **overrides})
+
+
+def esc_fp(scale: int = 4, **overrides: Any) -> ESCFP:
+    """ESC-FP: decomposed large kernel, dim 48, 3 heads, bicubic residual. 539,263 params at x4."""
+    return ESCFP(**{"upscaling_factor": scale, **overrides})
+
+
+def esc_real(scale: int = 4, upsampler: str = "nearest+conv", **overrides: Any) -> ESCReal:
+    """ESC-Real (real-world degradations): 10 blocks, FFN ratio 2, input skip branch, x4 head."""
+    return ESCReal(**{"upscaling_factor": scale, "upsampler": upsampler, **overrides})
+
+
+def esc_realm(scale: int = 4, upsampler: str = "nearest+conv", **overrides: Any) -> ESCRealM:
+    """ESCRealM: ESC-Real with a selectable upsampler at x1-x4 (pixel-unshuffle below x3)."""
+    return ESCRealM(**{"upscaling_factor": scale, "upsampler": upsampler, **overrides})
+
+
+def esc_lte(scale: int | None = None, **overrides: Any) -> ESCLTE:
+    """Arbitrary-scale ESC (ESC encoder + LTE decoder). 1,433,631 params. ``scale`` is ignored:
+    the factor is chosen per call (``upscale_by``)."""
+    return ESCLTE(**overrides)
+
+
+def esc_tiny(scale: int = 4, **overrides: Any) -> ESC:
+    """A small ESC for CPU training: dim 32, 2 blocks x 5 conv blocks, window 16, 2 heads.
+
+    It is the architecture of the embedded default model.
+    """
+    kwargs = dict(dim=32, pdim=8, n_blocks=2, conv_blocks=5, window_size=16, num_heads=2, upscaling_factor=scale)
+    return ESC(**{**kwargs, **overrides})
+
+
+PRESETS: dict[str, Callable[..., ESCModelBase]] = {
+    "esc": esc,
+    "esc_light": esc_light,
+    "esc_xl": esc_xl,
+    "esc_fp": esc_fp,
+    "esc_real": esc_real,
+    "esc_realm": esc_realm,
+    "esc_lte": esc_lte,
+    "esc_tiny": esc_tiny,
+}
