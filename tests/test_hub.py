@@ -311,3 +311,34 @@ def test_list_models_reports_cache_state(release, fixture_bytes, tmp_path):
     assert not statuses["ESC_DIV2K_X4"].cached
     assert statuses["ESC_FP_X4"].partial_bytes == 5
     assert statuses["ESC_DIV2K_X4"].url == f"{release.base_url}/ESC_DIV2K_X4.pth"
+
+
+def _run_models_cli(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="esc-sr")
+    hub.add_models_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_models_command_lists_names_and_cache_state(release, tmp_path, capsys):
+    hub.resolve_model("ESC_FP_X2")
+    assert _run_models_cli(["models"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Cache folder: {tmp_path / 'cache'}" in printed
+    rows = {line.split()[0]: line.split() for line in printed.splitlines() if line.startswith("ESC_")}
+    assert set(rows) == set(hub.REGISTRY)
+    assert rows["ESC_FP_X2"][1:3] == ["x2", "yes"]
+    assert rows["ESC_DIV2K_X4"][1:4] == ["x4", "no", "-"]
+    assert rows["ESC_Real_X4_GAN"][1:4] == ["x4", "no", "known"]
+
+
+def test_models_download_prefetches_into_the_cache(release, fixture_bytes, tmp_path, capsys):
+    assert _run_models_cli(["models", "--download", "esc_dflip_x3"]) == 0
+    cached = tmp_path / "cache" / "ESC_DFLIP_X3.pth"
+    assert f"ESC_DFLIP_X3: {cached}" in capsys.readouterr().out
+    assert cached.read_bytes() == fixture_bytes
+
+    with pytest.raises(hub.UnknownModelError, match="ESC_DFLIP_X3"):
+        _run_models_cli(["models", "--download", "ESC_DFLIP_X33"])
