@@ -227,7 +227,7 @@ def resolve_model(
     """Return a local checkpoint file for a path or an official registry name.
 
     Args:
-        name_or_path: an existing file (returned unchanged), or a registry name such as
+        name_or_path: an existing file (returned as is, ``~`` expanded), or a registry name such as
             ``"ESC_DIV2K_X4"`` (case-insensitive; ``.pth`` optional).
         progress: show a download progress bar (tqdm) on stderr; default: when stderr is
             a terminal.
@@ -244,7 +244,7 @@ def resolve_model(
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return Path(name_or_path)
+        return path
 
     asset = lookup(str(name_or_path))
     if asset is None:
@@ -289,7 +289,11 @@ def _exclusive_lock(target: Path) -> Iterator[None]:
         yield
         return
     lock_path = target.with_name(target.name + ".lock")
-    with open(lock_path, "a+b") as lock_file:
+    try:
+        lock_file = open(lock_path, "a+b")
+    except OSError as exc:
+        raise DownloadError(f"cannot write to the weights cache folder {target.parent}: {exc.strerror or exc}") from exc
+    with lock_file:
         fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
         try:
             yield
