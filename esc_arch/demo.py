@@ -327,8 +327,13 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def demo_command(args: argparse.Namespace) -> int:
     """Run ``esc-sr demo`` from parsed arguments; print the result; return the exit code."""
-    result = run_demo(args.out, model=args.model, image=args.image, device=args.device,
-                      progress=sys.stderr.isatty())
+    try:
+        result = run_demo(args.out, model=args.model, image=args.image, device=args.device,
+                          progress=sys.stderr.isatty())
+    except DemoError as exc:
+        from .cli import EXIT_FAILED, CliError  # the dispatcher prints CliError as one line
+
+        raise CliError(str(exc), code=EXIT_FAILED) from exc
     p = result.psnr
     print(f"ESC demo x{result.scale}, model: {result.model_label}")
     print(

@@ -197,3 +197,20 @@ def test_psnr_y_matches_basicsr_calculate_psnr():
 def test_nearest_upscale_replicates_pixels():
     lr = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     assert np.array_equal(demo.nearest_upscale(lr, 4), lr.repeat(4, axis=0).repeat(4, axis=1))
+
+
+def test_esc_sr_main_runs_the_demo_and_reports_errors_in_one_line(tiny_x4, tmp_path, capsys):
+    from esc_arch.cli import main
+
+    out = tmp_path / "via-main"
+    assert main(["demo", "--out", str(out), "-m", str(tiny_x4)]) == 0
+    assert f"wrote comparison: {(out / 'comparison.png').resolve()}" in capsys.readouterr().out
+
+    source = out / "comparison.png"
+    assert main(["demo", "--out", str(out), "-m", str(tiny_x4), "--image", str(source)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"esc-sr demo: error: {source}: the demo would overwrite its own input; choose another --out folder"]
+
+    assert main(["demo", "--out", str(out), "-m", "ESC_DIV2K_X5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("esc-sr demo: error: unknown model name: ESC_DIV2K_X5")

@@ -342,3 +342,26 @@ def test_models_download_prefetches_into_the_cache(release, fixture_bytes, tmp_p
 
     with pytest.raises(hub.UnknownModelError, match="ESC_DFLIP_X3"):
         _run_models_cli(["models", "--download", "ESC_DFLIP_X33"])
+
+
+def test_esc_sr_upscale_with_an_official_name_downloads_once(release, tmp_path, capsys):
+    from PIL import Image
+
+    from esc_arch.cli import main
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", (12, 10), (120, 80, 40)).save(image)
+    assert main(["upscale", str(image), "-o", str(tmp_path / "out"), "-m", "ESC_light_X2"]) == 0
+    assert main(["upscale", str(image), "-o", str(tmp_path / "out2"), "-m", "esc_light_x2"]) == 0
+    assert len(release.requests) == 1  # the second run used the cache
+    with Image.open(next((tmp_path / "out").iterdir())) as result:
+        assert result.size == (24, 20)
+
+
+def test_esc_sr_models_via_main(release, capsys):
+    from esc_arch.cli import main
+
+    assert main(["models"]) == 0
+    assert "ESC_XL_DF2K_X4_FT" in capsys.readouterr().out
+    assert main(["models", "--download", "nonsense"]) != 0
+    assert capsys.readouterr().err.strip().startswith("esc-sr models: error: unknown model name: nonsense")
