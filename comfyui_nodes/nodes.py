@@ -1,0 +1,285 @@
+"""The ESC nodes (ComfyUI's V1 node API, so they run on ComfyUI before and after the V3 schema).
+
+Every node is a thin adapter: checkpoints load through :func:`esc_arch.load_model`, images go
+through :func:`esc_arch.upscale` (the one tiling engine), and the device, memory, progress and
+interrupts come from ComfyUI via :mod:`comfyui_nodes.comfy_bridge`.
+
+ComfyUI tensors: ``IMAGE`` is ``[B, H, W, C]`` float in 0..1 (C = 3, or 4 with alpha);
+``MASK`` is ``[B, H, W]`` with 1 = masked, i.e. ``1 - alpha`` (what LoadImage produces).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+import esc_arch
+from esc_arch import engine
+
+from . import comfy_bridge as bridge
+from .model_handle import PRECISION_ATTRIBUTE, esc_network, is_arbitrary_scale, precision_preference
+from .spandrel_bridge import describe
+
+CATEGORY = "image/upscaling"
+PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
+ATTENTION_BACKENDS = ["auto", "sdpa", "flex", "naive"]
+ALPHA_MODES = ["model", "resize"]
+MAX_TILE = 4096
+MAX_FACTOR = 16.0
+
+_TILE_INPUT = ("INT", {"default": 0, "min": 0, "max": MAX_TILE, "step": 8,
+                       "tooltip": "Tile side in input pixels; 0 = automatic (the largest tile that fits in free memory)."})
+_OVERLAP_INPUT = ("INT", {"default": engine.DEFAULT_OVERLAP, "min": 0, "max": 256, "step": 8,
+                          "tooltip": "Input pixels of context around each tile; the default gives seamless results."})
+_PRECISION_INPUT = (PRECISIONS, {"default": "auto",
+                                 "tooltip": "auto = the loader's choice, else what ComfyUI considers safe on this device."})
+_ALPHA_INPUT = (ALPHA_MODES, {"default": "model",
+                              "tooltip": "How alpha is upscaled: through the model as a gray image, or with a Lanczos resize."})
+_MASK_INPUT = ("MASK", {"tooltip": "Alpha for an RGB image, as ComfyUI masks it (1 = transparent), e.g. LoadImage's mask."})
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _resolve_precision(choice: str, upscale_model: Any, device: torch.device) -> str:
+    """The engine precision for this run: explicit > the loader's preference > ComfyUI's advice."""
+    if choice == "auto":
+        choice = precision_preference(upscale_model)
+    if choice != "auto":
+        return choice
+    if device.type == "cpu":
+        return "fp32"
+    # ComfyUI knows which GPUs run half precision badly and honours --force-fp32 / --fp16-* flags.
+    if bridge.supports_dtype(device, torch.float16):
+        return "fp16"
+    if bridge.supports_dtype(device, torch.bfloat16):
+        return "bf16"
+    return "fp32"
+
+
+def _memory_estimate(network: torch.nn.Module, image: torch.Tensor, tile: int, scale: float) -> float:
+    """Bytes to ask ComfyUI to make room for: the weights plus a generous per-tile working set.
+
+    The per-pixel factor is of the same order as ComfyUI's stock upscale node estimate; if it
+    is too small, the engine halves the tile on out-of-memory anyway.
+    """
+    h, w = image.shape[1:3]
+    side = min(max(h, w), tile if tile > 0 else 512)
+    weights = sum(p.numel() * p.element_size() for p in network.parameters())
+    return float(weights + side * side * 3 * 4 * max(scale, 1.0) * 384)
+
+
+def _alpha_from_inputs(image: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split an IMAGE into RGB and alpha (``[B,1,H,W]``), taking alpha from the image or a MASK."""
+    rgb = image[..., :3].movedim(-1, 1)
+    if image.shape[-1] == 4:
+        return rgb, image[..., 3:4].movedim(-1, 1)
+    if mask is None or not bool(mask.any()):
+        # No mask, or LoadImage's all-zero placeholder for an image without alpha: fully opaque.
+        return rgb, None
+    alpha = 1.0 - (mask if mask.ndim == 3 else mask.unsqueeze(0)).to(rgb).unsqueeze(1)
+    if alpha.shape[-2:] != rgb.shape[-2:]:
+        alpha = torch.nn.functional.interpolate(alpha, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        alpha = alpha.clamp(0.0, 1.0)
+    if alpha.shape[0] != rgb.shape[0]:
+        alpha = alpha[:1].expand(rgb.shape[0], -1, -1, -1) if alpha.shape[0] == 1 else alpha[: rgb.shape[0]]
+    return rgb, alpha
+
+
+class _ComfyProgress:
+    """Engine progress callback -> ComfyUI ProgressBar, checking for Cancel after every tile."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        bridge.check_interrupted()
+        if self.bar is None:
+            self.bar = bridge.progress_bar(max(total, 1))
+        self.bar.update_absolute(done, max(total, 1))
+
+
+def upscale_image(upscale_model: Any, image: torch.Tensor, *, outscale: float | None, tile_size: int, overlap: int,
+                  precision: str, alpha_mode: str, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the engine on a ComfyUI IMAGE (+ optional MASK); returns ``(IMAGE, MASK)``.
+
+    The IMAGE keeps its channel count (RGBA stays RGBA).  The MASK is the upscaled ``1 - alpha``
+    (alpha from the image's 4th channel or from ``mask``), or all zeros when there is no alpha.
+    """
+    network = esc_network(upscale_model)
+    device = bridge.torch_device()
+    run_precision = _resolve_precision(precision, upscale_model, device)
+    rgb, alpha = _alpha_from_inputs(image, mask)
+    planes = rgb if alpha is None else torch.cat([rgb, alpha], 1)
+    scale = outscale if outscale else float(getattr(network, "scale", 1))
+    tile: int | str = tile_size if tile_size > 0 else "auto"
+
+    bridge.check_interrupted()
+    bridge.free_memory_for(_memory_estimate(network, image, tile_size, scale), device)
+
+    def run() -> torch.Tensor:
+        # The engine copies the network to the device/dtype it needs and leaves ours where it was
+        # (ComfyUI's offload device), so nothing has to be moved back afterwards.  That copy must
+        # not be made under ComfyUI's inference_mode (see LoadESCModel.load); the engine enters
+        # inference mode itself for the actual computation.
+        with torch.inference_mode(False):
+            return esc_arch.upscale(network, planes, outscale=outscale, tile=tile, overlap=overlap, device=device,
+                                    precision=run_precision, alpha=alpha_mode, progress=_ComfyProgress())
+
+    try:
+        out = run()
+    except Exception as exc:
+        if not (isinstance(exc, engine.OutOfMemory) or bridge.is_out_of_memory(exc)):
+            raise
+        # The engine already halved the tile down to one window. Last resort: have ComfyUI unload
+        # every other model it holds on this device, then try once more.
+        warnings.warn(f"ESC upscale ran out of memory on {device}; unloading other models and retrying", RuntimeWarning)
+        bridge.free_memory_for(1e30, device)
+        bridge.empty_cache()
+        out = run()
+    finally:
+        bridge.empty_cache()
+
+    out = out.clamp(0.0, 1.0)
+    color = out[:, :3].movedim(1, -1)
+    if alpha is None:
+        mask_out = torch.zeros(color.shape[:3], dtype=color.dtype, device=color.device)
+        return color, mask_out
+    alpha_out = out[:, 3:4].movedim(1, -1)
+    mask_out = 1.0 - alpha_out[..., 0]
+    image_out = torch.cat([color, alpha_out], -1) if image.shape[-1] == 4 else color
+    return image_out, mask_out
+
+
+# ------------------------------------------------------------------------------------------ nodes
+
+
+class LoadESCModel:
+    """Load an ESC checkpoint from ``models/upscale_models`` as an ``UPSCALE_MODEL``."""
+
+    DESCRIPTION = ("Loads an ESC super-resolution checkpoint (.safetensors/.pth, any ESC variant incl. the "
+                   "arbitrary-scale ESC-LTE). The output also works with the stock 'Upscale Image (using Model)'.")
+    RETURN_TYPES = ("UPSCALE_MODEL",)
+    RETURN_NAMES = ("upscale_model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model_name": (bridge.upscale_model_names(), {"tooltip": "A file in ComfyUI/models/upscale_models."}),
+            "attention": (ATTENTION_BACKENDS, {"default": "auto",
+                                               "tooltip": "Window-attention kernel; auto keeps the model's default (sdpa)."}),
+            "precision": (PRECISIONS, {"default": "auto",
+                                       "tooltip": "Compute precision the ESC upscale nodes use when theirs is 'auto'."}),
+        }}
+
+    def load(self, model_name: str, attention: str = "auto", precision: str = "auto") -> tuple[Any]:
+        path = bridge.upscale_model_path(model_name)
+        # ComfyUI executes every node inside torch.inference_mode(); weights created there would
+        # be inference tensors, which have no version counter (esc_arch keys its inference caches
+        # on it) and cannot be copied or changed in place later.  Build the model as a normal one.
+        with torch.inference_mode(False):
+            try:
+                network = esc_arch.load_model(path)  # weights_only loading; CheckpointError names the file
+            except esc_arch.CheckpointError:
+                raise
+            except Exception as exc:  # a reader failure esc_arch did not classify: still name the file
+                raise esc_arch.CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+            if attention != "auto":
+                esc_arch.set_attention_backend(network, attention)
+            network.to(bridge.offload_device())
+            descriptor = describe(network)
+        setattr(descriptor, PRECISION_ATTRIBUTE, precision)
+        bridge.attach_patcher(descriptor)
+        return (descriptor,)
+
+
+class UpscaleImageESC:
+    """Tiled ESC upscaling with ComfyUI progress, Cancel and out-of-memory handling."""
+
+    DESCRIPTION = ("Upscales an image with an ESC model in seamless tiles. output_scale 0 keeps the model's scale; "
+                   "another value resizes the result (Lanczos). RGBA images and an optional MASK keep their alpha.")
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    FUNCTION = "upscale"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "upscale_model": ("UPSCALE_MODEL",),
+                "image": ("IMAGE",),
+                "tile_size": _TILE_INPUT,
+                "overlap": _OVERLAP_INPUT,
+                "precision": _PRECISION_INPUT,
+                "output_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": MAX_FACTOR, "step": 0.05,
+                                           "tooltip": "Output size / input size; 0 = the model's own scale."}),
+                "alpha_upscale": _ALPHA_INPUT,
+            },
+            "optional": {"mask": _MASK_INPUT},
+        }
+
+    def upscale(self, upscale_model: Any, image: torch.Tensor, tile_size: int = 0, overlap: int = engine.DEFAULT_OVERLAP,
+                precision: str = "auto", output_scale: float = 0.0, alpha_upscale: str = "model",
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        network = esc_network(upscale_model)
+        if is_arbitrary_scale(network) and not output_scale:
+            # The scale its spandrel descriptor declares (x4), as the stock upscale node would run it.
+            output_scale = float(getattr(upscale_model, "scale", 4))
+        return upscale_image(upscale_model, image, outscale=output_scale or None, tile_size=tile_size,
+                             overlap=overlap, precision=precision, alpha_mode=alpha_upscale, mask=mask)
+
+
+class UpscaleImageByFactorESC:
+    """The arbitrary-scale ESC-LTE model at any real factor (2.5x, 3.2x, ...)."""
+
+    DESCRIPTION = "Upscales by any factor with the arbitrary-scale ESC-LTE model (no resize step: the model renders it)."
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    FUNCTION = "upscale"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "upscale_model": ("UPSCALE_MODEL",),
+                "image": ("IMAGE",),
+                "factor": ("FLOAT", {"default": 2.0, "min": 0.25, "max": MAX_FACTOR, "step": 0.05,
+                                     "tooltip": "Output size / input size (rounded to whole pixels)."}),
+                "tile_size": _TILE_INPUT,
+                "overlap": _OVERLAP_INPUT,
+                "precision": _PRECISION_INPUT,
+                "alpha_upscale": _ALPHA_INPUT,
+            },
+            "optional": {"mask": _MASK_INPUT},
+        }
+
+    def upscale(self, upscale_model: Any, image: torch.Tensor, factor: float = 2.0, tile_size: int = 0,
+                overlap: int = engine.DEFAULT_OVERLAP, precision: str = "auto", alpha_upscale: str = "model",
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        network = esc_network(upscale_model)
+        if not is_arbitrary_scale(network):
+            raise ValueError(f"'Upscale Image by Factor (ESC arbitrary-scale)' needs an ESC-LTE model, got a fixed "
+                             f"x{network.scale} {network.arch_name}; use 'Upscale Image (ESC)' with output_scale")
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        return upscale_image(upscale_model, image, outscale=float(factor), tile_size=tile_size, overlap=overlap,
+                             precision=precision, alpha_mode=alpha_upscale, mask=mask)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ESCModelLoader": LoadESCModel,
+    "ESCUpscaleImage": UpscaleImageESC,
+    "ESCUpscaleImageByFactor": UpscaleImageByFactorESC,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ESCModelLoader": "Load ESC Model",
+    "ESCUpscaleImage": "Upscale Image (ESC)",
+    "ESCUpscaleImageByFactor": "Upscale Image by Factor (ESC arbitrary-scale)",
+}

