@@ -32,6 +32,8 @@ class ESCModelBase(nn.Module):
 
     def _record(self, arguments: dict[str, Any]) -> None:
         self.hyperparameters = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+        if "attn_type" in self.hyperparameters:
+            self.hyperparameters["attn_type"] = normalize_backend(self.hyperparameters["attn_type"])
 
     # -- attention ------------------------------------------------------------------------------
     @property

@@ -17,11 +17,6 @@ def checkpoint_path(case: dict) -> Path:
     return GOLDEN_DIR / case["checkpoint"]["file"]
 
 
-def converted_checkpoint_path(case: dict) -> Path:
-    """The same weights converted to a bare safetensors state dict (``<id>.safetensors`` holds tensors)."""
-    return GOLDEN_DIR / case["checkpoint"]["file"].replace(".ckpt.pth", ".ckpt.safetensors")
-
-
 def tensors(case: dict) -> dict:
     from safetensors.torch import load_file
 
