@@ -1,0 +1,21 @@
+"""BasicSR plugin for ESC: registers the ESC architectures, datasets and models into BasicSR's registries.
+
+Importing this package
+
+1. makes ``import torchvision`` work on CPU-only installs (:mod:`esc_arch._compat.torchvision_shim`),
+2. registers the archs ``ESC``, ``ESCFP``, ``ESCReal``, ``ESCRealM``, ``ESCLTE`` (the classes live in
+   :mod:`esc_arch`; nothing is copied), the datasets and the models,
+3. applies the narrow CPU / multi-process fixes to BasicSR (:mod:`basicsr_plugin.patches`).
+
+Then BasicSR's own pipelines do the rest: see :mod:`basicsr_plugin.entry` (``esc-train`` / ``esc-test``).
+"""
+
+from esc_arch._compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()
+
+from basicsr_plugin import archs, data, models, patches  # noqa: E402  (registration side effects)
+
+patches.apply()
+
+__all__ = ["archs", "data", "models", "patches"]

@@ -1,0 +1,36 @@
+"""Console entry points ``esc-train`` / ``esc-test`` (also used by the repo's ``train.py`` / ``test.py``).
+
+They register the plugin and hand over to BasicSR's own pipelines with ``root_path`` = the current directory, so
+``experiments/``, ``results/`` and ``tb_logger/`` are created where the command runs, the same place BasicSR
+resolves the YAML's relative dataset paths from. Arguments are BasicSR's: ``-opt FILE [--launcher pytorch]
+[--auto_resume] [--debug] [--force_yml key:sub=value ...]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _set_argv(argv: Sequence[str] | None) -> None:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+
+
+def train_main(argv: Sequence[str] | None = None) -> None:
+    """Train with a BasicSR option file: ``esc-train -opt options/ESC_x4.yml``."""
+    _set_argv(argv)
+    import basicsr_plugin  # noqa: F401  (registers archs/datasets/models, applies the CPU/DDP fixes)
+    from basicsr.train import train_pipeline
+
+    train_pipeline(os.getcwd())
+
+
+def test_main(argv: Sequence[str] | None = None) -> None:
+    """Test with a BasicSR option file: ``esc-test -opt options/test/ESC_x4.yml``."""
+    _set_argv(argv)
+    import basicsr_plugin  # noqa: F401
+    from basicsr.test import test_pipeline
+
+    test_pipeline(os.getcwd())

@@ -1,0 +1,71 @@
+"""Device-aware Real-ESRGAN models for ESC-Real: ``ESCRealMSEModel`` (L1 stage) and ``ESCRealGANModel``.
+
+They are BasicSR's ``RealESRNetModel`` / ``RealESRGANModel`` (second-order degradation synthesised per batch, the
+training-pair queue, USM-sharpened targets, GAN + perceptual losses) with what stops those from running on CPU removed:
+stock ``__init__`` moves DiffJPEG and USMSharp with ``.cuda()`` and the queue is allocated with ``.cuda()``; here both
+follow ``self.device``. Plus the plugin's window-padded ``test()``, atomic checkpoints and attention default.
+
+``RealHATMSEModel`` / ``RealHATGANModel`` are aliases under the names the official ESC option files use.
+"""
+
+from __future__ import annotations
+
+import torch
+from basicsr.models.realesrgan_model import RealESRGANModel
+from basicsr.models.realesrnet_model import RealESRNetModel
+from basicsr.models.sr_model import SRModel
+from basicsr.models.srgan_model import SRGANModel
+from basicsr.utils import DiffJPEG, USMSharp
+from basicsr.utils.registry import MODEL_REGISTRY
+
+from basicsr_plugin.models.mixins import AtomicCheckpointMixin, WindowPaddedTestMixin, fill_default_attention
+
+
+class _DeviceAwareDegradationMixin:
+    """Builds the degradation helpers on ``self.device`` and pre-allocates the pair queue there."""
+
+    def _init_degradation(self, opt: dict) -> None:
+        self.jpeger = DiffJPEG(differentiable=False).to(self.device)
+        self.usm_sharpener = USMSharp().to(self.device)
+        self.queue_size = opt.get("queue_size", 180)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self) -> None:
+        if not hasattr(self, "queue_lr"):
+            b = self.lq.size(0)
+            if self.queue_size % b:
+                raise ValueError(f"queue_size {self.queue_size} is not divisible by the batch size {b}")
+            self.queue_lr = torch.zeros(self.queue_size, *self.lq.shape[1:], device=self.device)
+            self.queue_gt = torch.zeros(self.queue_size, *self.gt.shape[1:], device=self.device)
+            self.queue_ptr = 0
+        super()._dequeue_and_enqueue()  # stock logic; its .cuda() allocation is skipped because the queue exists
+
+
+@MODEL_REGISTRY.register()
+class ESCRealMSEModel(AtomicCheckpointMixin, WindowPaddedTestMixin, _DeviceAwareDegradationMixin, RealESRNetModel):
+    """Real-ESRGAN "Net" stage (pixel loss only) on any device."""
+
+    def __init__(self, opt: dict) -> None:
+        fill_default_attention(opt)
+        SRModel.__init__(self, opt)  # skip RealESRNetModel.__init__, whose only extra work is the .cuda() calls
+        self._init_degradation(opt)
+
+
+@MODEL_REGISTRY.register()
+class ESCRealGANModel(AtomicCheckpointMixin, WindowPaddedTestMixin, _DeviceAwareDegradationMixin, RealESRGANModel):
+    """Real-ESRGAN GAN stage (pixel + perceptual + GAN losses, UNet discriminator) on any device."""
+
+    def __init__(self, opt: dict) -> None:
+        fill_default_attention(opt)
+        SRGANModel.__init__(self, opt)  # skip RealESRGANModel.__init__ (.cuda() calls only)
+        self._init_degradation(opt)
+
+
+@MODEL_REGISTRY.register()
+class RealHATMSEModel(ESCRealMSEModel):
+    """Alias of :class:`ESCRealMSEModel` under the official ESC option-file name."""
+
+
+@MODEL_REGISTRY.register()
+class RealHATGANModel(ESCRealGANModel):
+    """Alias of :class:`ESCRealGANModel` under the official ESC option-file name."""
