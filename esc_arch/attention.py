@@ -62,15 +62,28 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=True)
 
 
+# Shapes (device, dtype, heads, tokens, head_dim) for which the compiler failed; they run eagerly.
+_FLEX_COMPILE_FAILED: set[tuple] = set()
+
+
 def _flex_attention(q, k, v, bias):
     import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
 
     def add_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h, q_idx, kv_idx]
 
+    signature = (q.device.type, q.dtype, *q.shape[1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _compiled_flex_attention()(q, k, v, score_mod=add_bias)
+        if signature not in _FLEX_COMPILE_FAILED:
+            try:
+                return _compiled_flex_attention()(q, k, v, score_mod=add_bias)
+            except Exception as error:  # inductor has CPU code-generation bugs for some shapes
+                _FLEX_COMPILE_FAILED.add(signature)
+                warnings.warn(f"compiled flex_attention failed ({type(error).__name__}); running it eagerly", stacklevel=2)
+        return flex_attention(q, k, v, score_mod=add_bias)
 
 
 class WindowAttention(nn.Module):
