@@ -66,7 +66,7 @@ class ComfyServer:
 
     def __init__(self, base_dir: Path, env: ComfyEnv | None = None, *, pack_dir: Path = REPO_ROOT,
                  startup_timeout: float = 180.0) -> None:
-        self.env = env or ensure_env()
+        self.env = env  # built (or found in the cache) by start() when not given
         self.base_dir = Path(base_dir).resolve()
         self.pack_dir = Path(pack_dir).resolve()
         self.startup_timeout = startup_timeout
@@ -105,6 +105,8 @@ class ComfyServer:
 
     # -------------------------------------------------------------- lifecycle
     def start(self) -> "ComfyServer":
+        if self.env is None:
+            self.env = ensure_env()
         self.prepare()
         self.port = free_port()
         cmd = [str(self.env.python), str(self.env.main_py), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),

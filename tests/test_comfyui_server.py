@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "scripts"))
 
 from comfyui_env import ensure_env  # noqa: E402
-from comfyui_server import ComfyServer  # noqa: E402
+from comfyui_server import ComfyServer, ComfyServerError  # noqa: E402
 
 import esc_arch  # noqa: E402
 
@@ -334,6 +334,23 @@ def test_cancel_stops_a_running_esc_upscale_between_tiles(server):
 
 
 # --------------------------------------------------------------------------- environment builder
+
+
+def test_harness_tells_a_failed_import_of_the_pack_from_comfyuis_own_optional_extras(tmp_path):
+    """The log lines are ComfyUI 0.3.75's own (nodes.py); only a custom node's failure counts."""
+    harmless = (
+        "Cannot import /opt/ComfyUI/comfy_extras/nodes_audio.py module for custom nodes: No module named 'torchaudio'\n"
+        "IMPORT FAILED: nodes_audio.py\n"
+        "   0.2 seconds: /tmp/base/custom_nodes/ComfyUI-ESC-SR\n")
+    server = ComfyServer(tmp_path)  # never started: only its log is read
+    server.log_path.write_text(harmless)
+    server.check_log_for_import_failures()
+    for failure in ("Cannot import /tmp/base/custom_nodes/ComfyUI-ESC-SR module for custom nodes: boom\n",
+                    "   0.0 seconds (IMPORT FAILED): /tmp/base/custom_nodes/ComfyUI-ESC-SR\n"):
+        server.log_path.write_text(harmless + failure)
+        with pytest.raises(ComfyServerError, match="custom node import failed"):
+            server.check_log_for_import_failures()
+
 
 
 def test_env_builder_extracts_only_the_bundled_comfyui_and_drops_hordelibs_yaml(tmp_path):
