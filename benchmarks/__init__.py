@@ -1,0 +1,1 @@
+"""Benchmark scripts of ESC-SR (see benchmarks/README.md); not part of the installed package."""

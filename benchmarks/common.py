@@ -1,0 +1,277 @@
+"""Shared plumbing of the benchmark scripts: device choice, timing, memory probes, machine description.
+
+Timing follows the paper's ``scripts/test_direct_metrics.py`` where it can: batch 1, fp32, inputs uniform in
+[0, 1], ``torch.inference_mode()``, warm-up runs first, then the median of the timed runs.  On CUDA each run
+is timed between CUDA events; on CPU with ``time.perf_counter``.
+
+Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over the timed runs (what the paper reports);
+on CPU the peak resident set size (VmHWM) of a fresh process, which ``peak_memory.py`` arranges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------------------------- devices
+def pick_device(name: str | None = "auto") -> torch.device:
+    """'auto' means CUDA when a GPU is visible, else CPU; anything else is passed to ``torch.device``."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is visible to torch {torch.__version__}")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'180x320' -> (180, 320): height x width of the low-resolution input."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 180x320")
+    return int(match.group(1)), int(match.group(2))
+
+
+def format_size(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+# ----------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    """Latencies of repeated runs of one callable, in milliseconds."""
+
+    times_ms: list[float]
+    warmup: int
+    first_call_ms: float  # the first warm-up call: includes compilation, allocator growth, lazy init
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.times_ms)
+
+    def as_dict(self) -> dict[str, Any]:
+        times = sorted(self.times_ms)
+        return {
+            "median_ms": round(self.median_ms, 3),
+            "mean_ms": round(self.mean_ms, 3),
+            "min_ms": round(times[0], 3),
+            "max_ms": round(times[-1], 3),
+            "runs": len(times),
+            "warmup": self.warmup,
+            "first_call_ms": round(self.first_call_ms, 3),
+            "times_ms": [round(t, 3) for t in self.times_ms],
+        }
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int,
+    runs: int,
+    after_warmup: Callable[[], Any] | None = None,
+) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed (at least once), call ``after_warmup`` (e.g. to reset the
+    peak-memory counters, as the paper does), then run ``fn`` ``runs`` times timed."""
+    if runs < 1:
+        raise ValueError("runs must be >= 1")
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    first = (time.perf_counter() - start) * 1e3
+    for _ in range(max(warmup, 1) - 1):
+        fn()
+    synchronize(device)
+    if after_warmup is not None:
+        after_warmup()
+    times = [time_once(fn, device) for _ in range(runs)]
+    return Timing(times_ms=times, warmup=max(warmup, 1), first_call_ms=first)
+
+
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn`` (CUDA events on a GPU), with no warm-up."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return begin.elapsed_time(end)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+# ----------------------------------------------------------------------------------------------- memory
+def _proc_status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int | None:
+    """Resident set size now (Linux /proc), or None where /proc is unavailable."""
+    kib = _proc_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of the resident set size of this process since start or the last reset."""
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    import resource  # no /proc (macOS): ru_maxrss is in bytes there, KiB on Linux
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs).
+
+    This lets a process measure the peak of its timed runs only, like ``reset_peak_memory_stats`` on CUDA,
+    instead of a peak set by start-up work (imports, compilation).  Returns False where unsupported.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- machine
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _total_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages: the benchmarks share this machine, so every result records it."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on (stored in every results file)."""
+    info: dict[str, Any] = {
+        "device": device.type,
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_total_gib": None if _total_memory_bytes() is None else round(_total_memory_bytes() / 2**30, 1),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_at_start": load_average(),
+        "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+    return info
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    """A file-name-safe name of the machine kind, e.g. 'cpu-intel-xeon-processor-2-50ghz-2c'."""
+    if info.get("device") == "cuda":
+        base = f"cuda-{info.get('gpu', 'gpu')}"
+    else:
+        base = f"cpu-{info.get('cpu', 'cpu')}-{info.get('logical_cpus', '?')}c"
+    slug = re.sub(r"\(r\)|\(tm\)|@", "", base.lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", slug).strip("-")
+    return slug[:80]
+
+
+# ----------------------------------------------------------------------------------------------- files
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file in the same folder, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=False)
+            handle.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by everyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def log(message: str) -> None:
+    """Progress to stderr, so stdout stays machine-readable for the subprocess protocol."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

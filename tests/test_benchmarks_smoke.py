@@ -1,0 +1,128 @@
+"""Smoke test of the benchmark scripts: the quick path runs end to end on tiny sizes and writes a results
+file, a plot and a README section of the expected shape.
+
+It checks structure, never timings (those belong to ``python -m benchmarks.run_all``, not to tests).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of scripts at the repo root, not an installed package
+    sys.path.insert(0, str(REPO))
+
+pytest.importorskip("matplotlib", reason="the benchmark report needs matplotlib (pip install esc-sr[bench])")
+
+from benchmarks import report, run_all  # noqa: E402
+from benchmarks.common import parse_size, peak_rss_bytes, reset_peak_rss  # noqa: E402
+from benchmarks.peak_memory import run_case  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"
+    readme.write_text("# Benchmarks\n\nHand-written text that must survive.\n", encoding="utf-8")
+    assert run_all.main(["--smoke", "--out", str(out), "--readme", str(readme)]) == 0
+    [json_path] = list(out.glob("*-smoke.json"))
+    return out, readme, json.loads(json_path.read_text(encoding="utf-8"))
+
+
+def test_results_file_describes_the_machine_and_the_load(smoke_run):
+    _, _, results = smoke_run
+    assert results["profile"] == "smoke"
+    machine = results["machine"]
+    for key in ("device", "cpu", "logical_cpus", "torch", "torch_threads", "load_average_at_start"):
+        assert key in machine
+    assert results["threads"]["used"] >= 1 and results["threads"]["reason"]
+    assert len(results["load_average_at_end"]) == 3
+    assert results["wall_s"] > 0
+
+
+def test_model_table_rows_have_latency_memory_and_ratios(smoke_run):
+    _, _, results = smoke_run
+    rows = results["model_table"]["rows"]
+    assert {r["model"] for r in rows} == {"ESC-light", "SAFMN"}
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["runs"] == 1 and row["median_ms"] > 0
+        assert len(row["times_ms"]) == row["runs"]
+        assert row["params"] > 0
+        assert row["output_shape"] == [1, 3, 128, 128]  # x4 of the 32x32 input
+        assert "peak_mb" in row and "latency_vs_esc" in row and "memory_vs_esc" in row
+    esc = next(r for r in rows if r["model"] == "ESC-light")
+    assert esc["family"] == "ours" and esc["default_backend"] and esc["paper"]["urban100_psnr"] == 26.76
+
+
+def test_window_attention_compares_backends_against_naive(smoke_run):
+    _, _, results = smoke_run
+    attention = results["window_attention"]
+    assert attention["paper"] == {"latency_ratio": 16.0, "memory_ratio": 12.2, "note": attention["paper"]["note"]}
+    by_backend = {r["backend"]: r for r in attention["rows"]}
+    assert set(by_backend) == {"naive", "sdpa"}
+    assert by_backend["naive"]["speedup_vs_naive"] == 1.0
+    assert by_backend["sdpa"]["sdpa_kernel"]
+
+
+def test_scaling_covers_tiled_and_untiled_with_linear_fits(smoke_run):
+    _, _, results = smoke_run
+    scaling = results["scaling"]
+    modes = {r["mode"] for r in scaling["rows"]}
+    assert modes == {"untiled", "tile 16"}
+    assert all("error" not in r and r["median_ms"] > 0 for r in scaling["rows"])
+    assert set(scaling["fits"]) == modes
+    assert scaling["fits"]["untiled"]["latency_ms"]["slope_per_pixel"] is not None
+
+
+def test_training_step_runs_in_a_fresh_process(smoke_run):
+    _, _, results = smoke_run
+    [row] = results["training"]["rows"]
+    assert "error" not in row, row.get("error")
+    assert row["backend"] == "sdpa" and row["batch"] == 1 and row["s_per_iter"] > 0
+    assert row["peak_rss_mb"] > row["peak_mb"] > 0  # a real child process: RSS includes the libraries
+
+
+def test_flops_are_counted_and_compared_with_matmul(smoke_run):
+    _, _, results = smoke_run
+    flops = results["flops"]
+    assert flops["forward_gflop"] > 0 and flops["matmul_gflops"] > 0
+    assert set(flops["forward_gflop_by_op"]) >= {"convolution", "bmm"}
+    assert 0 < flops["fraction_of_matmul"] == pytest.approx(flops["achieved_gflops"] / flops["matmul_gflops"], rel=0.01)
+
+
+def test_targets_plot_and_readme_are_generated_from_the_results(smoke_run):
+    out, readme, results = smoke_run
+    names = [t["target"] for t in results["targets"]]
+    assert any("window attention >= 5x faster" in n for n in names)
+    assert all(set(t) == {"target", "value", "threshold", "met", "detail"} for t in results["targets"])
+    png = out / results["plot"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
+    text = readme.read_text(encoding="utf-8")
+    assert "Hand-written text that must survive." in text
+    assert text.count(report.README_BEGIN) == 1 and text.count(report.README_END) == 1
+    assert "| ESC-light | sdpa (default) |" in text or "| ESC-light |" in text
+
+
+def test_a_failing_case_is_reported_not_raised():
+    result = run_case({"workload": "benchmarks.no_such_module:workload", "device": "cpu"})
+    assert "error" in result and "no_such_module" in result["error"]
+
+
+def test_peak_rss_can_be_reset_to_measure_only_the_timed_runs():
+    before = peak_rss_bytes()
+    blob = bytearray(64 * 2**20)  # touch 64 MiB, then free it
+    del blob
+    assert peak_rss_bytes() >= before
+    if reset_peak_rss():  # Linux: VmHWM drops back to the current RSS
+        assert peak_rss_bytes() < before + 64 * 2**20
+
+
+def test_sizes_parse_as_height_by_width():
+    assert parse_size("180x320") == (180, 320)
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        parse_size("180")
