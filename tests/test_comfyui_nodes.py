@@ -256,9 +256,9 @@ def test_loader_reports_a_broken_file_by_name(nodes, comfy):
 
 def test_upscale_node_equals_the_engine_and_reports_progress(nodes, comfy, esc_x2):
     (descriptor,) = nodes.LoadESCModel().load(esc_x2)
-    image = comfy_image(30, 20, batch=2)
+    image = comfy_image(14, 30, batch=2)  # two 16 px tiles per image
     out, mask = nodes.UpscaleImageESC().upscale(descriptor, image, tile_size=16, overlap=8)
-    assert out.shape == (2, 60, 40, 3) and mask.shape == (2, 60, 40)
+    assert out.shape == (2, 28, 60, 3) and mask.shape == (2, 28, 60)
     assert not mask.any()  # no alpha: an all-opaque mask
     torch.testing.assert_close(out, direct(descriptor.model, image, tile=16, overlap=8), atol=1e-6, rtol=0)
     assert comfy.progress[-1][0] == comfy.progress[-1][1] > 1  # one bar step per tile, ending full

@@ -221,11 +221,11 @@ def test_esc_upscale_node_tiles_like_the_engine(server, models):
     """Our loader + Upscale Image (ESC) with small tiles: identical to a direct tiled engine run."""
     entry = server.run_prompt(example("esc_upscale_tiled.json", **{
         "1": {"image": ODD_INPUT}, "2": {"model_name": RANDOM_ESC},
-        "3": {"tile_size": 16, "overlap": 8}, "4": {"filename_prefix": "tiled"}}))
+        "3": {"tile_size": 32, "overlap": 8}, "4": {"filename_prefix": "tiled"}}))  # 2 tiles
     assert_success(entry)
     lr = load_input(server, ODD_INPUT)
     model = esc_arch.load_model(models[RANDOM_ESC])
-    direct = esc_arch.upscale(model, lr, tile=16, overlap=8, device="cpu", precision="fp32")
+    direct = esc_arch.upscale(model, lr, tile=32, overlap=8, device="cpu", precision="fp32")
     png = saved_png(server, entry, "4")
     assert png.shape == (60, 88, 3)
     assert_same_png(png, as_saved(direct))
