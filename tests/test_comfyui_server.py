@@ -32,7 +32,6 @@ from comfyui_server import ComfyServer, ComfyServerError  # noqa: E402
 
 import esc_arch  # noqa: E402
 
-PIL = pytest.importorskip("PIL.Image", reason="Pillow is needed to read the server's PNGs")
 from PIL import Image  # noqa: E402
 
 GOLDEN_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "golden"
