@@ -111,7 +111,8 @@ class WindowAttention(nn.Module):
         """The (heads, ws^2, ws^2) additive bias; cached at inference until the table changes."""
         table = self.relative_position_bias
         caching = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing())
-        key = (table._version, table.data_ptr(), table.device, dtype) if caching else None
+        version = -1 if table.is_inference() else table._version  # inference tensors have no counter
+        key = (version, table.data_ptr(), table.device, dtype) if caching else None
         if caching and self._bias_cache is not None and self._bias_cache[0] == key:
             return self._bias_cache[1]
         index = relative_position_index(self.window_size, table.device)

@@ -15,6 +15,12 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def _version_of(tensor: torch.Tensor) -> int:
+    """In-place modification counter; inference tensors (ComfyUI builds models under
+    ``torch.inference_mode``) have none and cannot be modified outside it, so they count as -1."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 class ESCModelBase(nn.Module):
     """Base class of the ESC models.
 
@@ -55,7 +61,7 @@ class ESCModelBase(nn.Module):
         """``compute()`` once per version of ``source`` at inference; every call while training."""
         if self.training or torch.is_grad_enabled() or _tracing():
             return compute()
-        key = (source._version, source.data_ptr(), source.device, source.dtype)
+        key = (_version_of(source), source.data_ptr(), source.device, source.dtype)
         caches = self.__dict__.setdefault("_inference_cache", {})
         hit = caches.get(name)
         if hit is None or hit[0] != key:

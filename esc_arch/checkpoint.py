@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -65,11 +64,12 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True), {}
     except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
-            f"{path}: refused: the pickle asks to run code or build objects a weights-only load forbids "
-            f"({_first_line(e).removeprefix('Weights only load failed. ')[:160]})"
+            f"{path}: refused by the safe (weights-only) loader: {detail or _first_line(e)[:120]}; "
+            "the file is corrupt or asks to run code, and was not executed"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch's unpickler raises anything from EOFError to IndexError on garbage
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)[:160]})") from None
 
 

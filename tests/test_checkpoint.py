@@ -73,7 +73,7 @@ def test_malicious_pickle_is_refused_and_runs_no_code(tmp_path, monkeypatch):
         pickle.dump({"params": _RunsCode()}, f)
     torch.save({"params": _RunsCode()}, tmp_path / "evil_zip.pth")
     for bad in (path, tmp_path / "evil_zip.pth"):
-        with pytest.raises(CheckpointError, match=r"refused") as info:
+        with pytest.raises(CheckpointError, match=r"refused by the safe \(weights-only\) loader.*not executed") as info:
             esc_arch.load_model(bad)
         assert str(bad) in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "pwned").exists()
@@ -107,6 +107,7 @@ def _write_truncated_safetensors(tmp_path: Path) -> Path:
     (_write_truncated, "corrupt or truncated"),
     (_write_truncated_safetensors, "corrupt or truncated"),
     (lambda d: _write(d / "junk.pth", b"PK\x03\x04 this zip ends here"), "corrupt or truncated"),
+    (lambda d: _write(d / "garbage.pth", bytes(range(256)) * 4), "corrupt"),
 ])
 def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, make, reason):
     path = make(tmp_path)
@@ -114,6 +115,17 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, make, reason):
         esc_arch.load_model(path)
     message = str(info.value)
     assert str(path) in message and reason in message and "\n" not in message
+
+
+def test_model_built_under_inference_mode_runs(tmp_path):
+    """ComfyUI builds and runs models inside torch.inference_mode (inference tensors have no version counter)."""
+    path = esc_arch.save_model(tiny(), tmp_path / "m.safetensors")
+    with torch.inference_mode():
+        model = esc_arch.load_model(path)
+        first = model(torch.rand(1, 3, 9, 9))
+        assert model(torch.rand(1, 3, 9, 9)).shape == first.shape
+    with torch.no_grad():
+        model(torch.rand(1, 3, 9, 9))
 
 
 def test_not_a_state_dict(tmp_path):
