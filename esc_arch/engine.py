@@ -282,34 +282,163 @@ def _context_pixels(overlap: int, window: int) -> int:
     return int(math.ceil(max(0, overlap) / window) * window)
 
 
+# ------------------------------------------------------------------------------ global pooling
+
+
+class _StatisticsCollected(Exception):
+    """Raised from a hook to stop a statistics pass once the last global pool has been seen."""
+
+
+class _GlobalPooling:
+    """Makes every tile see the whole image's global average pools.
+
+    ESC's convolutional attention predicts its dynamic 3x3 kernel from a global average pool of
+    the features (``AdaptiveAvgPool2d(1)``). Run per tile, each tile would get its own kernel and
+    the tiles would disagree at their borders whatever the overlap. So, when there is more than
+    one tile, a first pass over the tiles accumulates each pool's input summed over the tile
+    *cores* (which partition the image) into whole-image means, and the output pass replaces each
+    pool's per-tile result by that mean: every tile then uses the same dynamic kernels, as the
+    untiled run does. (In the first pass the pools of later layers see features computed with
+    per-tile kernels of earlier layers, a second-order effect: measured < 1/255 on 8-bit output.)
+
+    Pools are found by module name, so the hooks also apply to a copy of the model (the fp32
+    fallback of a half-precision run). Pools whose predictor ends in an all-zero layer (untrained
+    ESC: the upstream zero-init) cannot change the output and are ignored.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.names = [name for name in _global_pool_names(model) if not _pool_is_inert(model, name)]
+        self.mode: str | None = None  # None | "collect" | "apply"
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self.means: dict[str, torch.Tensor] = {}
+
+    @property
+    def relevant(self) -> bool:
+        return bool(self.names)
+
+    @contextmanager
+    def hooks(self, model: nn.Module, core: tuple[int, int, int, int], tile_size: tuple[int, int]) -> Iterator[None]:
+        """Install the hooks of the current mode on ``model`` for one tile.
+
+        ``core`` is the kept box inside the tile (tile pixel coordinates), ``tile_size`` the tile's
+        ``(height, width)``; feature maps at other resolutions (pixel-unshuffled trunks) are scaled.
+        """
+        if self.mode is None or not self.names:
+            yield
+            return
+        handles = []
+        pending: dict[str, tuple[torch.Tensor, int]] = {}
+        last = self.names[-1]
+
+        def collect(name: str):
+            def hook(_module, args):
+                x = args[0]
+                fy, fx = x.shape[-2] / tile_size[0], x.shape[-1] / tile_size[1]
+                y0, y1, x0, x1 = core
+                box = x[..., round(y0 * fy) : round(y1 * fy), round(x0 * fx) : round(x1 * fx)]
+                pending[name] = (box.double().sum(dim=(-2, -1)).cpu(), box.shape[-2] * box.shape[-1])
+                if name == last:
+                    raise _StatisticsCollected
+            return hook
+
+        def apply(name: str):
+            def hook(_module, _args, output):
+                return self.means[name].to(device=output.device, dtype=output.dtype).view_as(output)
+            return hook
+
+        try:
+            for name in self.names:
+                module = model.get_submodule(name)
+                if self.mode == "collect":
+                    handles.append(module.register_forward_pre_hook(collect(name)))
+                else:
+                    handles.append(module.register_forward_hook(apply(name)))
+            try:
+                yield
+            except _StatisticsCollected:
+                pass
+            # Commit a tile's sums only once it has finished (an OOM mid-tile must not count twice).
+            for name, (total, count) in pending.items():
+                self._sums[name] = self._sums.get(name, 0) + total
+                self._counts[name] = self._counts.get(name, 0) + count
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def finish_collecting(self) -> None:
+        self.means = {name: (self._sums[name] / self._counts[name]).float() for name in self.names if name in self._sums}
+        missing = [n for n in self.names if n not in self.means]
+        if missing:  # a pool that never ran (unusual control flow): leave it per-tile
+            self.names = [n for n in self.names if n in self.means]
+        self.mode = "apply"
+
+
+def _global_pool_names(model: nn.Module) -> list[str]:
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
+    ]
+
+
+def _pool_is_inert(model: nn.Module, pool_name: str) -> bool:
+    """True if the pool feeds an ``nn.Sequential`` whose last layer is all zeros (output constant)."""
+    parent_name, _, index = pool_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential) or index != "0":
+        return False
+    last = parent[-1]
+    if not isinstance(last, (nn.Conv2d, nn.Linear)):
+        return False
+    bias_zero = last.bias is None or not bool(last.bias.detach().any())
+    return bias_zero and not bool(last.weight.detach().any())
+
+
 # ------------------------------------------------------------------------------------------ running
 
 
 @dataclass
 class _Runner:
-    """Runs the model on one LR tile and guards half precision against overflow."""
+    """Runs the model on one LR tile; guards half precision against overflow; applies global pools."""
 
     model: nn.Module
     device: torch.device
     dtype: torch.dtype
+    pooling: _GlobalPooling | None = None
     _fp32_model: nn.Module | None = field(default=None, repr=False)
     _warned_overflow: bool = False
 
-    def __call__(self, tile: torch.Tensor) -> torch.Tensor:
-        out = self._forward(self.model, tile, self.dtype)
-        if self.dtype != torch.float32 and not torch.isfinite(out).all():
+    def __post_init__(self) -> None:
+        if self.pooling is None:
+            self.pooling = _GlobalPooling(self.model)
+
+    def __call__(self, tile: torch.Tensor, core: tuple[int, int, int, int] | None = None) -> torch.Tensor | None:
+        """Model output for ``tile`` (float32, CPU); ``core``: the box of the tile that will be kept.
+
+        In the statistics pass of :class:`_GlobalPooling` this returns None (no output needed).
+        """
+        core = core or (0, tile.shape[-2], 0, tile.shape[-1])
+        out = self._forward(self.model, tile, self.dtype, core)
+        if out is not None and self.dtype != torch.float32 and not torch.isfinite(out).all():
             # fp16 can overflow inside the network on unusual content; redo this tile in fp32.
             if not self._warned_overflow:
                 warnings.warn("half-precision overflow in a tile; recomputing it in fp32", RuntimeWarning, stacklevel=3)
                 self._warned_overflow = True
             if self._fp32_model is None:
                 self._fp32_model = copy.deepcopy(self.model).float()
-            out = self._forward(self._fp32_model, tile, torch.float32)
+            out = self._forward(self._fp32_model, tile, torch.float32, core)
         return out
 
-    def _forward(self, model: nn.Module, tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def call(self, model: nn.Module, fn: Callable[[], torch.Tensor], core, tile_size) -> torch.Tensor | None:
+        """Run ``fn()`` (which calls ``model``) with the global-pool hooks for one tile."""
+        result = None
+        with self.pooling.hooks(model, core, tile_size):
+            result = fn()
+        return result if self.pooling.mode != "collect" else None
+
+    def _forward(self, model: nn.Module, tile: torch.Tensor, dtype: torch.dtype, core) -> torch.Tensor | None:
         try:
-            out = model(tile.to(device=self.device, dtype=dtype))
+            out = self.call(model, lambda: model(tile.to(device=self.device, dtype=dtype)), core, tuple(tile.shape[-2:]))
         except RuntimeError as exc:
             text = str(exc)
             if dtype != torch.float32 and ("not implemented for" in text and ("Half" in text or "BFloat16" in text)):
@@ -319,7 +448,7 @@ class _Runner:
                     "use precision fp32"
                 ) from exc
             raise
-        return out.float().cpu()
+        return None if out is None else out.float().cpu()
 
 
 @contextmanager
@@ -404,15 +533,16 @@ def _tile_loop(
     tile: TileSpec,
     overlap: int,
     progress: _TileProgress,
+    core: int,
     process: Callable[[tuple[int, int, int, int]], None],
-) -> None:
-    """Call ``process(core)`` for every core of a ``height x width`` grid, halving on out-of-memory.
+) -> int:
+    """Call ``process(box)`` for every ``core``-sized box of a ``height x width`` grid; returns the
+    core size finally used (smaller than asked after out-of-memory halving).
 
     Cores are ``(y0, y1, x0, x1)`` LR boxes on the window grid. After an OOM the tile is halved
     and only the cores not inside an already finished core are redone (halving a multiple of
     the window refines the grid, so finished work is kept).
     """
-    core = _initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
     done: list[tuple[int, int, int, int]] = []
     while True:
         grid = [c for c in _tile_grid(height, width, core) if not _covered(c, done)]
@@ -422,7 +552,7 @@ def _tile_loop(
                 process(box)
                 done.append(box)
                 progress.advance()
-            return
+            return core
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -440,6 +570,29 @@ def _tile_loop(
         core = smaller
 
 
+def _run_tiles(
+    runner: _Runner,
+    *,
+    height: int,
+    width: int,
+    window: int,
+    tile: TileSpec,
+    overlap: int,
+    progress: _TileProgress,
+    process: Callable[[tuple[int, int, int, int]], None],
+) -> None:
+    """Tile an image: a statistics pass first when global pools matter (see :class:`_GlobalPooling`)."""
+    core = _initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
+    runner.pooling = _GlobalPooling(runner.model)  # statistics belong to one image
+    if runner.pooling.relevant and len(_tile_grid(height, width, core)) > 1:
+        runner.pooling.mode = "collect"
+        core = _tile_loop(runner, height=height, width=width, window=window, tile=tile, overlap=overlap,
+                          progress=progress, core=core, process=process)
+        runner.pooling.finish_collecting()
+    _tile_loop(runner, height=height, width=width, window=window, tile=tile, overlap=overlap,
+               progress=progress, core=core, process=process)
+
+
 def _run_fixed_scale(
     runner: _Runner, lr: torch.Tensor, *, scale: int, window: int, tile: TileSpec, overlap: int,
     progress: _TileProgress,
@@ -455,7 +608,9 @@ def _run_fixed_scale(
         y0, y1, x0, x1 = box
         iy0, iy1 = max(0, y0 - context), min(ph, y1 + context)
         ix0, ix1 = max(0, x0 - context), min(pw, x1 + context)
-        result = runner(padded[..., iy0:iy1, ix0:ix1])
+        result = runner(padded[..., iy0:iy1, ix0:ix1], (y0 - iy0, y1 - iy0, x0 - ix0, x1 - ix0))
+        if result is None:  # statistics pass
+            return
         # Keep the core, cropped to the real (unpadded) image.
         oy1, ox1 = min(y1, h), min(x1, w)
         if oy1 > y0 and ox1 > x0:
@@ -463,7 +618,7 @@ def _run_fixed_scale(
                 ..., (y0 - iy0) * scale : (oy1 - iy0) * scale, (x0 - ix0) * scale : (ox1 - ix0) * scale
             ]
 
-    _tile_loop(runner, height=ph, width=pw, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
+    _run_tiles(runner, height=ph, width=pw, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
     return out
 
 
@@ -504,7 +659,8 @@ def _run_arbitrary_scale(
         y0, y1, x0, x1 = box
         ry = np.searchsorted(centre_y, [y0, y1], side="left")
         rx = np.searchsorted(centre_x, [x0, x1], side="left")
-        if ry[1] <= ry[0] or rx[1] <= rx[0]:
+        empty = ry[1] <= ry[0] or rx[1] <= rx[0]  # possible when factor < 1
+        if empty and runner.pooling.mode != "collect":
             return
         iy0, iy1 = max(0, y0 - context), min(h, y1 + context)
         ix0, ix1 = max(0, x0 - context), min(w, x1 + context)
@@ -514,7 +670,11 @@ def _run_arbitrary_scale(
         grid = np.stack(np.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)
         coord = torch.from_numpy(grid).to(runner.device, runner.dtype)[None]
         tile_cell = torch.tensor([cell[0] * h / th, cell[1] * w / tw], device=runner.device, dtype=runner.dtype)
-        encoded = model.encode(lr[..., iy0:iy1, ix0:ix1].to(runner.device, runner.dtype))
+        tile_lr = lr[..., iy0:iy1, ix0:ix1].to(runner.device, runner.dtype)
+        core_in_tile = (y0 - iy0, y1 - iy0, x0 - ix0, x1 - ix0)
+        encoded = runner.call(model, lambda: model.encode(tile_lr), core_in_tile, (th, tw))
+        if encoded is None or empty:  # statistics pass, or nothing to decode here
+            return
         rgb = torch.cat(
             [
                 model.query(encoded, coord[:, s : s + max_queries], tile_cell.expand(1, min(max_queries, coord.shape[1] - s), 2))
@@ -525,7 +685,7 @@ def _run_arbitrary_scale(
         rows, cols = ry[1] - ry[0], rx[1] - rx[0]
         out[..., ry[0] : ry[1], rx[0] : rx[1]] = rgb.float().cpu().transpose(1, 2).reshape(1, 3, rows, cols)
 
-    _tile_loop(runner, height=h, width=w, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
+    _run_tiles(runner, height=h, width=w, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
     return out
 
 
