@@ -1,0 +1,330 @@
+"""Export ESC models to ONNX the way chaiNNer's own PyTorch->ONNX converter does, and check them.
+
+The graph: input ``input`` (N, 3, H, W) RGB in [0, 1], output ``output`` (N, 3, H*s, W*s), the
+clamp to [0, 1] inside the graph, dynamic batch/height/width, opset 17, fp32 or fp16.  One graph
+serves every size: it is verified with onnxruntime against PyTorch at several odd sizes.
+
+Two parts of ESC do not trace into a shape-generic ONNX graph as written, so during export only
+(inside :func:`_export_friendly`) they are expressed differently, with identical results:
+
+* the per-sample dynamic depthwise kernel is a grouped convolution with ``batch x channels``
+  groups in PyTorch; an ONNX Conv's group count is a constant, so it is written as a sum of
+  shifted, per-sample-weighted copies of the input (``k*k`` multiply-adds), which works for any
+  batch;
+* the geometric ensemble of the large kernel uses ``rot90``, which the exporter lacks; a symbolic
+  (transpose + flip) is registered, and constant folding then bakes the ensembled kernel.
+
+The window attention's reflect padding traces to shape-computed ``Pad`` amounts, so it stays
+dynamic; inputs must be larger than half the window on each side (one reflection), which the
+exported wrapper guarantees by replicate-padding smaller inputs (and cropping the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "OPSET",
+    "CHECK_SIZES",
+    "OnnxExportError",
+    "ExportReport",
+    "ClampedForExport",
+    "export_onnx",
+    "verify_onnx",
+    "add_export_onnx_parser",
+]
+
+OPSET = 17
+CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 37, 53), (1, 61, 29), (2, 45, 47), (1, 97, 131))
+"""(batch, height, width) the exported graph is checked at: odd, non-square, a batch of 2."""
+
+
+class OnnxExportError(ValueError):
+    """The model cannot be exported or the exported graph disagrees with PyTorch (one line)."""
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    half: bool
+    scale: int
+    max_abs_diff: dict[tuple[int, int, int], float] = field(default_factory=dict)
+
+
+# -- export-time formulations ---------------------------------------------------------------------
+
+
+def _per_sample_depthwise_conv_taps(x: torch.Tensor, kernels: torch.Tensor, padding: int) -> torch.Tensor:
+    """Depthwise conv of each sample with its own (k x k) kernels, as k*k shifted multiply-adds.
+
+    Same result as esc_arch.layers.per_sample_depthwise_conv (zero padding), but every shape in it
+    stays symbolic, so the ONNX graph accepts any batch size.
+    """
+    h, w = x.shape[-2:]
+    k = kernels.shape[-1]
+    padded = F.pad(x, (padding, padding, padding, padding))
+    out = None
+    for i in range(k):
+        for j in range(k):
+            tap = padded[:, :, i : i + h, j : j + w] * kernels[:, :, i, j, None, None]
+            out = tap if out is None else out + tap
+    return out
+
+
+def _rot90_symbolic(g, input, k, dims):
+    """ONNX for ``torch.rot90`` (constant k and dims): a transpose and/or reversed slices."""
+    from torch.onnx import symbolic_helper
+
+    k = symbolic_helper._get_const(k, "i", "k") % 4
+    a, b = symbolic_helper._get_const(dims, "is", "dims")
+    rank = symbolic_helper._get_tensor_rank(input)
+    a, b = a % rank, b % rank
+
+    def flip(value, axis):
+        const = lambda v: g.op("Constant", value_t=torch.tensor([v], dtype=torch.int64))  # noqa: E731
+        return g.op("Slice", value, const(-1), const(-(2**63) + 1), const(axis), const(-1))
+
+    def transpose(value):
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+        return g.op("Transpose", value, perm_i=perm)
+
+    if k == 0:
+        return input
+    if k == 1:
+        return flip(transpose(input), a)
+    if k == 2:
+        return flip(flip(input, a), b)
+    return flip(transpose(input), b)
+
+
+_NO_CROP = 2**20
+
+
+@contextlib.contextmanager
+def _export_friendly(model: nn.Module) -> Iterator[None]:
+    """Swap in the export formulations (see the module docstring) for the duration of an export.
+
+    ESCRealM also crops its output to ``int(h * scale)``; ``int()`` would freeze the example's size
+    into the graph, so while tracing its ``scale`` is set so large that this crop keeps everything,
+    and :class:`ClampedForExport` does the (same) crop with symbolic sizes instead.
+    """
+    from . import blocks
+    from .esc_real import ESCRealM
+
+    original = blocks.per_sample_depthwise_conv
+    blocks.per_sample_depthwise_conv = _per_sample_depthwise_conv_taps
+    torch.onnx.register_custom_op_symbolic("aten::rot90", _rot90_symbolic, OPSET)
+    cropping = [m for m in model.modules() if isinstance(m, ESCRealM)]
+    scales = [m.scale for m in cropping]
+    for m in cropping:
+        m.scale = _NO_CROP
+    try:
+        yield
+    finally:
+        blocks.per_sample_depthwise_conv = original
+        torch.onnx.unregister_custom_op_symbolic("aten::rot90", OPSET)
+        for m, scale in zip(cropping, scales):
+            m.scale = scale
+
+
+class ClampedForExport(nn.Module):
+    """What the exported graph computes: the model, then the clamp to [0, 1] (as chaiNNer's own
+    exporter, which wraps the spandrel descriptor).  Inputs with a side of at most half the window
+    are first replicate-padded to ``min_size`` (the window attention reflects once) and the output
+    is cropped back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.scale = int(model.scale)
+        self.min_size = int(model.window_size) // 2 + 1
+        unshuffle = int(getattr(model, "unshuffle", 1))
+        self.min_size *= unshuffle  # the trunk of ESCRealM runs at 1/unshuffle resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        # Both pads are shape expressions, so they stay symbolic in the graph (0 for large inputs).
+        pad_h = torch.clamp(self.min_size - torch.as_tensor(h), min=0)
+        pad_w = torch.clamp(self.min_size - torch.as_tensor(w), min=0)
+        x = F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
+        out = self.model(x).clamp(0, 1)
+        return out[:, :, : h * self.scale, : w * self.scale]
+
+
+# -- export and verification ----------------------------------------------------------------------
+
+
+def _prepare(model: nn.Module, half: bool) -> nn.Module:
+    arch = getattr(model, "arch_name", type(model).__name__)
+    upsampler = getattr(model, "hyperparameters", {}).get("upsampler")
+    if upsampler == "dysample":
+        # DySample builds its coordinate normaliser with torch.tensor([w, h]), which the tracer
+        # freezes to the example's size (the graph then samples wrong positions at other sizes),
+        # and computes positions in the model's dtype (ONNX Range has no fp16).
+        raise OnnxExportError(
+            f"{arch} with the DySample head does not export to a size-independent ONNX graph yet "
+            "(its sampling grid is built from Python numbers); use the PyTorch route in chaiNNer"
+        )
+    if arch == "ESCLTE":
+        raise OnnxExportError(
+            "ESCLTE is an arbitrary-scale model (queries of coordinates and cells); it has no fixed-scale "
+            "image->image graph to export. Use `esc-sr upscale --outscale` instead"
+        )
+    scale = getattr(model, "scale", None)
+    if scale is None or scale != int(scale) or scale < 1:
+        raise OnnxExportError(f"{arch} changes the image size by {scale}x; only integer scales >= 1 export")
+    return model
+
+
+def _example_size(model: nn.Module) -> tuple[int, int]:
+    """A traced example that needs window padding and (ESCRealM) unshuffle padding on both sides."""
+    ws = int(model.window_size)
+    f = int(getattr(model, "unshuffle", 1))
+    return (ws + ws // 2 + 1) * f + 1, (ws + ws // 2 + 3) * f + 1
+
+
+def export_onnx(
+    model: nn.Module,
+    out: str | os.PathLike[str],
+    *,
+    half: bool = False,
+    verify: bool = True,
+    check_sizes: Sequence[tuple[int, int, int]] = CHECK_SIZES,
+    tolerance: float | None = None,
+) -> ExportReport:
+    """Export an ESC model (an ``esc_arch`` module) to ``out`` (written atomically) and, with
+    ``verify``, compare onnxruntime with PyTorch at ``check_sizes``.
+
+    ``tolerance`` (max |difference| of the clamped outputs from the fp32 PyTorch model) defaults
+    to 1e-3 for an fp32 graph and 5e-2 for an fp16 graph.  ``model`` itself is not modified.
+    Raises :class:`OnnxExportError`.
+    """
+    model = _prepare(model, half)
+    out = Path(out)
+    reference = ClampedForExport(copy.deepcopy(model)).float().eval()
+    dtype = torch.float16 if half else torch.float32
+    wrapper = ClampedForExport(copy.deepcopy(model)).to(dtype).eval()
+    model = wrapper.model
+    example = torch.rand(1, 3, *_example_size(model), dtype=dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        with _export_friendly(model), warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic are expected here
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                tmp,
+                input_names=["input"],
+                output_names=["output"],
+                opset_version=OPSET,
+                dynamic_axes={
+                    "input": {0: "batch_size", 2: "height", 3: "width"},
+                    "output": {0: "batch_size", 2: "height", 3: "width"},
+                },
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        report = ExportReport(out, half, wrapper.scale)
+        if verify:
+            limit = tolerance if tolerance is not None else (5e-2 if half else 1e-3)
+            report.max_abs_diff = verify_onnx(tmp, reference, check_sizes, tolerance=limit)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    report.path = out
+    return report
+
+
+def verify_onnx(
+    onnx_path: str | os.PathLike[str],
+    reference: nn.Module,
+    sizes: Sequence[tuple[int, int, int]] = CHECK_SIZES,
+    *,
+    tolerance: float = 1e-3,
+    seed: int = 0,
+) -> dict[tuple[int, int, int], float]:
+    """Run the graph with onnxruntime (CPU) at each (batch, height, width) and compare it with
+    ``reference`` (a :class:`ClampedForExport`); returns max |difference| per size."""
+    import numpy as np
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OnnxExportError("verification needs onnxruntime (pip install onnxruntime), or pass --no-verify") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: fp16 graphs log harmless constant-folding notices
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    input_type = session.get_inputs()[0].type
+    generator = torch.Generator().manual_seed(seed)
+    diffs: dict[tuple[int, int, int], float] = {}
+    for batch, height, width in sizes:
+        x = torch.rand(batch, 3, height, width, generator=generator)
+        with torch.no_grad():
+            expected = reference(x.to(next(reference.parameters()).dtype)).float().numpy()
+        feed = x.numpy().astype(np.float16 if "float16" in input_type else np.float32)
+        got = session.run(["output"], {"input": feed})[0].astype(np.float32)
+        if got.shape != expected.shape:
+            raise OnnxExportError(f"onnxruntime output shape {got.shape} != PyTorch {expected.shape} at {batch}x3x{height}x{width}")
+        diff = float(np.abs(got - expected).max())
+        diffs[(batch, height, width)] = diff
+        if not diff <= tolerance:
+            raise OnnxExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance:g}) at {batch}x3x{height}x{width}")
+    return diffs
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def add_export_onnx_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """The ``esc-sr export-onnx`` subcommand (see :mod:`esc_arch.cli`)."""
+    parser = subparsers.add_parser(
+        "export-onnx",
+        help="export an ESC model to ONNX for chaiNNer / onnxruntime (fp32 or fp16)",
+        description=(
+            "Export MODEL to ONNX: input 'input' (N,3,H,W) RGB in [0,1], output 'output', clamp inside the "
+            f"graph, dynamic batch/height/width, opset {OPSET} -- what chaiNNer's own converter produces. "
+            "The graph is checked with onnxruntime against PyTorch at several odd sizes."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="checkpoint file or official model name")
+    parser.add_argument("out", metavar="OUT.onnx", help="file to write")
+    parser.add_argument("--half", action="store_true", help="fp16 weights and input/output (for GPUs)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .cli import CliError, load_cli_model
+
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".onnx":
+        raise CliError(f"{out}: the output must be a .onnx file")
+    if out.exists() and not args.overwrite:
+        raise CliError(f"{out}: exists (use --overwrite to replace it)")
+    model = load_cli_model(args.model)
+    try:
+        report = export_onnx(model, out, half=args.half, verify=not args.no_verify)
+    except OnnxExportError as error:
+        raise CliError(str(error), code=1) from None
+    print(f"wrote {out}: {model.arch_name} x{report.scale}, {'fp16' if args.half else 'fp32'}, opset {OPSET}, "
+          f"{out.stat().st_size / 1e6:.2f} MB")
+    for (batch, height, width), diff in report.max_abs_diff.items():
+        print(f"  onnxruntime vs PyTorch at {batch}x3x{height}x{width}: max |diff| {diff:.2e}")
+    return 0
