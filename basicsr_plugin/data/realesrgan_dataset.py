@@ -9,7 +9,9 @@ functions and the option names of the Real-ESRGAN / official ESC recipes (``blur
 Differences from BasicSR's ``RealESRGANDataset``:
 
 * no ``meta_info`` file needed: ``dataroot_gt`` (one folder or a list) is scanned; ``meta_info`` still works;
-* the GT crop/pad size is ``crop_pad_size`` (stock hard-codes 400, about 6 s/iteration on a 2-core CPU);
+* the GT crop/pad size is ``crop_pad_size`` (stock hard-codes 400, about 6 s/iteration on a 2-core CPU); with the
+  official resize ranges it must be at least 74 (the first-order downscale to 0.15 must leave more than 10 pixels for
+  the 21x21 blur of the second order; the models check this with a clear error);
 * unreadable images raise an error naming the file instead of retrying random other files.
 
 ``RealESRGANDataset`` is registered as an alias so the official ESC option files (which use that name without

@@ -29,6 +29,22 @@ class _DeviceAwareDegradationMixin:
         self.usm_sharpener = USMSharp().to(self.device)
         self.queue_size = opt.get("queue_size", 180)
 
+    def feed_data(self, data: dict) -> None:
+        if self.is_train and "kernel1" in data:
+            self._check_crop_size(tuple(data["gt"].shape[-2:]), int(data["kernel1"].shape[-1]))
+        super().feed_data(data)
+
+    def _check_crop_size(self, size: tuple[int, int], kernel: int) -> None:
+        """The first-order downscale can shrink the GT to resize_range[0] of its size, and the 21-tap blurs then
+        need more than kernel // 2 pixels (reflect padding): refuse crops that are too small with a clear message."""
+        smallest = int(min(size) * min(1.0, float(self.opt.get("resize_range", [0.15, 1.5])[0])))
+        if smallest <= kernel // 2:
+            needed = int((kernel // 2 + 1) / min(1.0, float(self.opt.get("resize_range", [0.15, 1.5])[0]))) + 1
+            raise ValueError(
+                f"GT crop {size[0]}x{size[1]} is too small for the Real-ESRGAN degradation: resize_range starts at "
+                f"{self.opt.get('resize_range', [0.15])[0]}, leaving {smallest} px for a {kernel}x{kernel} blur; "
+                f"set the dataset's crop_pad_size to at least {needed}")
+
     @torch.no_grad()
     def _dequeue_and_enqueue(self) -> None:
         if not hasattr(self, "queue_lr"):
