@@ -238,6 +238,7 @@ def plot_teaser(results: dict[str, Any], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     table = results.get("paper_protocol") if results.get("machine", {}).get("device") == "cuda" else None
     table = table or results.get("model_table") or {}
@@ -262,6 +263,8 @@ def plot_teaser(results: dict[str, Any], path: Path) -> Path | None:
             ax.scatter(latency, psnr, s=60 + 2400 * memory / biggest, alpha=0.45, color=colour, edgecolors="k")
             ax.annotate(f"{name}\n{memory:.0f} MB", (latency, psnr), fontsize=8, ha="center", va="center")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("latency (ms, log scale)")
         ax.set_ylabel("Urban100 ×4 PSNR (dB, paper Table 2)")
         ax.set_title(title, fontsize=10)

@@ -5,7 +5,7 @@ Expected shape: latency linear in pixels (all of ESC's operators are local: conv
 windows), memory linear without tiling and bounded by the tile with it.  Each case runs in a fresh
 process; the least-squares fit ``latency = a + b * pixels`` and its R^2 are reported per mode.
 
-    python -m benchmarks.scaling --sizes 64 96 128 160 --tile 64
+    python -m benchmarks.scaling --sizes 64 128 192 256 --tile 128
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128, 160], help="LR sides")
-    parser.add_argument("--tile", type=int, default=64)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 192, 256], help="LR sides")
+    parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--preset", default="esc")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=1)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .common import log, pick_device
 from .models import SCALE
 from .peak_memory import run_case
+from .window_attention import sdpa_kernel
 
 LR_PATCH = 64
 
@@ -54,9 +55,7 @@ def workload(case: dict[str, Any], device: torch.device):
         return loss
 
     info = {"preset": case.get("preset", "esc"), "backend": case["backend"], "batch": batch,
-            "lr_patch": patch, "scale": SCALE,
-            "sdpa_kernel": esc_arch.sdpa_kernel_name(device=device, training=True) if case["backend"] == "sdpa"
-            else None}
+            "lr_patch": patch, "scale": SCALE}
     return step, info
 
 
@@ -75,6 +74,8 @@ def run(
                 "threads": torch.get_num_threads()}
         result = run_case(case, in_process=in_process)
         result.setdefault("backend", backend)
+        if backend == "sdpa":
+            result["sdpa_kernel"] = sdpa_kernel(device, dim=64, heads=4, window=32, training=True)
         if "error" in result:
             log(f"  FAILED: {result['error']}")
         else:
