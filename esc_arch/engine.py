@@ -63,10 +63,11 @@ TileSpec = Union[Literal["auto"], int, None]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 ProgressSpec = Union[bool, Callable[[int, int], None]]
 
-# LR pixels of context kept around each tile (rounded up to the window). Measured (benchmarks/
-# bench_seams.py): with 32 px the tiled output of a 1024x768 photo differs from the untiled one
-# by less than 1/255 on every pixel for the ESC presets; the context costs ~(1 + 2*32/tile)^2 work.
-DEFAULT_OVERLAP = 32
+# LR pixels of context kept around each tile (rounded up to the window). Measured with the trained
+# upstream ESC x4 weights on a photo with 64 px tiles (benchmarks/bench_seams.py): 32 px of
+# context leave errors up to 5/255 at tile borders, 64 px at most 1/255. The context costs
+# about (1 + 2*64/tile)^2 more work: 1.56x at 512 px tiles.
+DEFAULT_OVERLAP = 64
 
 # Upper bounds for tile='auto'. On CPU a tile bigger than this is not faster, only hungrier.
 _AUTO_MAX_TILE_CPU = 512
@@ -405,6 +406,7 @@ class _Runner:
     device: torch.device
     dtype: torch.dtype
     pooling: _GlobalPooling | None = None
+    original: nn.Module | None = field(default=None, repr=False)  # the caller's model (fp32 source)
     _fp32_model: nn.Module | None = field(default=None, repr=False)
     _warned_overflow: bool = False
 
@@ -424,8 +426,9 @@ class _Runner:
             if not self._warned_overflow:
                 warnings.warn("half-precision overflow in a tile; recomputing it in fp32", RuntimeWarning, stacklevel=3)
                 self._warned_overflow = True
-            if self._fp32_model is None:
-                self._fp32_model = copy.deepcopy(self.model).float()
+            if self._fp32_model is None:  # from the caller's weights, not a round trip through fp16
+                source = self.original if self.original is not None else self.model
+                self._fp32_model = copy.deepcopy(source).to(device=self.device, dtype=torch.float32).eval()
             out = self._forward(self._fp32_model, tile, torch.float32, core)
         return out
 
@@ -823,7 +826,7 @@ def upscale(
     if arbitrary and precision == "auto":
         precision = "fp32"  # LTE query coordinates need more than fp16's 11 bits of mantissa
     prepared, run_device, dtype = prepare_model(model, device, precision)
-    runner = _Runner(prepared, run_device, dtype)
+    runner = _Runner(prepared, run_device, dtype, original=model)
     window = _window_of(prepared)
     bar = _TileProgress(progress)
 
@@ -831,7 +834,9 @@ def upscale(
         if arbitrary:
             return _run_arbitrary_scale(runner, rgb, factor=outscale, window=window, tile=tile, overlap=overlap, progress=bar)
         out = _run_fixed_scale(runner, rgb, scale=native, window=window, tile=tile, overlap=overlap, progress=bar)
-        return _resize_planes(out, _target_size(rgb, outscale)) if outscale != native else out
+        if outscale == native:
+            return out
+        return _resize_planes(out.clamp_(0.0, 1.0), _target_size(rgb, outscale))  # resize the image, not overshoot
 
     def run_gray(gray: torch.Tensor) -> torch.Tensor:
         return run_rgb(gray.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
