@@ -368,7 +368,9 @@ def test_non_native_outscale_resizes_the_model_output(model):
 @pytest.fixture(scope="module")
 def lte():
     torch.manual_seed(0)
-    return with_dynamic_kernels(esc_arch.esc_lte(dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1, window_size=16).eval())
+    return with_dynamic_kernels(esc_arch.esc_lte(
+        dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1, window_size=16, hidden_dim=32, mlp_hidden=(32,)
+    ).eval())
 
 
 def test_arbitrary_scale_model_takes_the_factor(lte):
@@ -381,10 +383,10 @@ def test_arbitrary_scale_model_takes_the_factor(lte):
         upscale(lte, x)
 
 
-@pytest.mark.parametrize("factor", [1.7, 3.0, 0.5])
+@pytest.mark.parametrize("factor", [1.7, 0.5])
 def test_arbitrary_scale_tiles_decode_the_same_image(lte, factor):
-    x = torch.rand(1, 3, 50, 41)
+    x = torch.rand(1, 3, 90, 75)
     whole = upscale(lte, x, outscale=factor, tile=None)
-    tiled = upscale(lte, x, outscale=factor, tile=16, overlap=16)  # 12 tiles, each at most 48x48
-    assert tiled.shape == whole.shape == (1, 3, round(50 * factor), round(41 * factor))
+    tiled = upscale(lte, x, outscale=factor, tile=32, overlap=32)  # 3x3 tiles, corners see 64x64
+    assert tiled.shape == whole.shape == (1, 3, round(90 * factor), round(75 * factor))
     assert float((tiled - whole).abs().max()) < 1 / 255
