@@ -93,12 +93,11 @@ def _add_subcommand(subparsers: Any, name: str, target: str) -> None:
     except Exception as exc:  # a broken or optional module must not take the whole CLI down
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         sub = subparsers.add_parser(name, help=f"(unavailable: {reason})", add_help=False)
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
 
         def unavailable(_args: argparse.Namespace, reason: str = reason) -> int:
             raise CliError(f"this command is unavailable in this installation ({reason})")
 
-        sub.set_defaults(func=unavailable)
+        sub.set_defaults(func=unavailable, accepts_any_arguments=True)
         return
     add_parser(subparsers)
 
@@ -107,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``esc-sr`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "accepts_any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command = f"{PROG} {args.command}"
     try:
         return int(args.func(args) or 0)
@@ -151,20 +152,27 @@ def load_cli_model(name: str, *, attention: str | None = None):
     """Load ``-m/--model``: ``default``, a checkpoint path, or an official name (via ``esc_arch.hub``)."""
     import esc_arch
 
-    source: Any = name
-    if name != "default":
-        try:
-            from . import hub
-        except ImportError:
-            hub = None
-        if hub is not None:
-            source = hub.resolve_model(name)
-        elif not Path(name).expanduser().exists():
-            raise CliError(f"model file not found: {name}")
-        source = str(Path(source).expanduser())
-        if Path(source).is_dir():
-            raise CliError(f"{source}: is a directory, not a checkpoint file")
-    model = esc_arch.load_model(source)
+    # A model that cannot be had is a usage error (exit 2), reported in one line.
+    try:
+        hub_errors: tuple[type[BaseException], ...] = ()
+        source: Any = name
+        if name != "default":
+            try:
+                from . import hub
+
+                hub_errors = (hub.HubError,)
+            except ImportError:
+                hub = None
+            if hub is not None:
+                source = hub.resolve_model(name)
+            elif not Path(name).expanduser().exists():
+                raise CliError(f"model file not found: {name}")
+            source = str(Path(source).expanduser())
+            if Path(source).is_dir():
+                raise CliError(f"{source}: is a directory, not a checkpoint file")
+        model = esc_arch.load_model(source)
+    except (esc_arch.CheckpointError, *hub_errors) as exc:
+        raise CliError(_one_line(exc)) from exc
     if attention:
         esc_arch.set_attention_backend(model, attention)
     return model
@@ -352,8 +360,7 @@ def upscale_command(args: argparse.Namespace) -> int:
     for argument, reason in input_errors:
         _report(f"{argument}: {reason}")
     if not inputs:
-        _print_summary(summary)
-        return EXIT_FAILED
+        raise CliError("no input images (see above)")
 
     model = load_cli_model(args.model, attention=args.attention)
     arbitrary = engine._is_arbitrary_scale(model)

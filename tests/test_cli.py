@@ -1,0 +1,260 @@
+"""The ``esc-sr`` command line, run in-process through ``main(argv)`` and once as a real subprocess.
+
+Exit statuses: 0 all written (or skipped because the output exists), 1 some image failed,
+2 usage errors (bad arguments, a model that cannot be loaded, no input at all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+from safetensors import safe_open
+
+import esc_arch
+from esc_arch import cli, images
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = REPO_ROOT.parent / "shared" / "fixtures" / "golden"
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "tiny_x2.safetensors"
+    esc_arch.save_model(esc_arch.esc_tiny(2, dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1), path)
+    return path
+
+
+def _photo(h: int = 12, w: int = 16, channels: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(h * w + channels)
+    shape = (h, w) if channels == 1 else (h, w, channels)
+    return (rng.random(shape) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """A folder as users have it: good images of several kinds, and three bad files."""
+    src = tmp_path / "in"
+    src.mkdir()
+    PILImage.fromarray(_photo()).save(src / "photo.png")
+    PILImage.fromarray(_photo(channels=1)).save(src / "scan.png")
+    PILImage.fromarray(_photo(channels=3)).save(src / "shot.jpg", quality=95)
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.png").write_text("not an image")
+    data = (src / "photo.png").read_bytes()
+    (src / "cut.png").write_bytes(data[: len(data) // 2])
+    (src / "readme.txt").write_text("ignored: not an image extension")
+    return src
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# ------------------------------------------------------------------------------------ upscale
+
+
+def test_bad_files_in_a_folder_do_not_stop_the_rest(folder, model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["upscale", folder, "-o", out, "-m", model_file], capsys)
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["photo_x2.png", "scan_x2.png", "shot_x2.jpg"]
+    with PILImage.open(out / "scan_x2.png") as scan:
+        assert scan.mode == "L" and scan.size == (32, 24)
+    assert "3 written, 3 failed" in err
+    for name, reason in (("empty.png", "empty file"), ("notes.png", "not a recognised image"),
+                         ("cut.png", "corrupt or truncated")):
+        lines = [line for line in err.splitlines() if name in line]
+        assert lines and all(reason in line for line in lines), (name, err)
+    assert "Traceback" not in err and "readme" not in err
+
+
+def test_single_file_to_an_explicit_output_name(folder, model_file, tmp_path, capsys):
+    target = tmp_path / "big.webp"
+    code, _, err = run(["upscale", folder / "photo.png", "-o", target, "-m", model_file, "--tile", "0"], capsys)
+    assert code == 0, err
+    assert images.read_image(target).pixels.shape == (24, 32, 3)
+    assert "1 written, 0 failed" in err
+
+
+def test_globs_suffix_extension_and_outscale(folder, model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    pattern = str(folder / "*.png")  # photo.png, scan.png and the three bad files, not shot.jpg
+    code, _, err = run(["upscale", pattern, "-o", out, "-m", model_file, "--suffix=-big", "--ext", "tif",
+                        "--outscale", "1.5", "--tile", "16", "--overlap", "16", "-q"], capsys)
+    assert code == 1 and "2 written, 3 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["photo-big.tif", "scan-big.tif"]
+    assert images.read_image(out / "photo-big.tif").pixels.shape == (18, 24, 3)
+
+
+def test_existing_outputs_are_kept_unless_overwrite(folder, model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "photo_x2.png").write_bytes(b"keep me")
+    code, _, err = run(["upscale", folder / "photo.png", "-o", out, "-m", model_file], capsys)
+    assert code == 0 and (out / "photo_x2.png").read_bytes() == b"keep me"
+    assert "skipped, output exists (use --overwrite" in err
+    code, _, _ = run(["upscale", folder / "photo.png", "-o", out, "-m", model_file, "--overwrite"], capsys)
+    assert code == 0 and images.read_image(out / "photo_x2.png").pixels.shape == (24, 32, 3)
+
+
+def test_an_input_is_never_overwritten_unless_asked(folder, model_file, capsys):
+    before = (folder / "photo.png").read_bytes()
+    code, _, err = run(["upscale", folder / "photo.png", "-o", folder, "-m", model_file, "--suffix", ""], capsys)
+    assert code == 0 and (folder / "photo.png").read_bytes() == before
+    assert "output is the input file" in err
+
+
+def test_two_inputs_cannot_claim_one_output(tmp_path, model_file, capsys):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        PILImage.fromarray(_photo()).save(tmp_path / sub / "same.png")
+    out = tmp_path / "out"
+    code, _, err = run(["upscale", tmp_path / "a" / "same.png", tmp_path / "b" / "same.png", "-o", out,
+                        "-m", model_file], capsys)
+    assert code == 1 and "would also be written" in err
+    assert [p.name for p in out.iterdir()] == ["same_x2.png"]
+
+
+def test_recursive_folders_keep_their_structure(tmp_path, model_file, capsys):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    PILImage.fromarray(_photo()).save(tmp_path / "in" / "top.png")
+    PILImage.fromarray(_photo()).save(tmp_path / "in" / "sub" / "deep.png")
+    code, _, _ = run(["upscale", tmp_path / "in", "-r", "-o", tmp_path / "out", "-m", model_file], capsys)
+    assert code == 0
+    assert (tmp_path / "out" / "top_x2.png").is_file() and (tmp_path / "out" / "sub" / "deep_x2.png").is_file()
+
+
+def test_usage_errors_are_one_line_with_status_2(folder, model_file, tmp_path, capsys):
+    cases = [
+        (["upscale", folder / "photo.png", "-o", tmp_path, "-m", tmp_path / "missing.pth"], "missing.pth"),
+        (["upscale", folder / "photo.png", "-o", tmp_path, "-m", folder / "notes.png"], "notes.png"),
+        (["upscale", tmp_path / "nothing*.png", "-o", tmp_path, "-m", model_file], "no input images"),
+    ]
+    for argv, needle in cases:
+        code, _, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and needle in errors[0], err
+        assert "Traceback" not in err
+
+
+def test_bad_option_values_are_argparse_errors(folder, model_file, tmp_path, capsys):
+    for bad in (["--tile", "big"], ["--outscale", "-2"], ["--precision", "fp8"], ["--overlap", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["upscale", str(folder), "-o", str(tmp_path), "-m", str(model_file), *bad])
+        assert info.value.code == 2
+        assert "error:" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(folder, tmp_path, capsys):
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"\x80\x02garbage")
+    code, _, err = run(["upscale", folder / "photo.png", "-o", tmp_path, "-m", broken], capsys)
+    assert code == 2 and "Traceback" not in err and "broken.pth" in err
+    code, _, err = run(["--debug", "upscale", folder / "photo.png", "-o", tmp_path, "-m", broken], capsys)
+    assert code == 2 and "Traceback" in err
+    code, _, err = run(["upscale", folder / "photo.png", "-o", tmp_path, "-m", broken, "--debug"], capsys)
+    assert "Traceback" in err
+
+
+def test_arbitrary_scale_model_needs_outscale(tmp_path, folder, capsys):
+    path = tmp_path / "lte.safetensors"
+    esc_arch.save_model(esc_arch.esc_lte(dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1, window_size=16,
+                                         hidden_dim=32, mlp_hidden=(32,)), path)
+    code, _, err = run(["upscale", folder / "photo.png", "-o", tmp_path / "o", "-m", path], capsys)
+    assert code == 2 and "needs --outscale" in err
+    code, _, err = run(["upscale", folder / "photo.png", "-o", tmp_path / "o", "-m", path, "-s", "2.5"], capsys)
+    assert code == 0, err
+    assert images.read_image(tmp_path / "o" / "photo_x2.5.png").pixels.shape == (30, 40, 3)
+
+
+# --------------------------------------------------------------------------------- info, convert
+
+
+def test_info_describes_the_model(model_file, capsys):
+    code, out, _ = run(["info", model_file], capsys)
+    assert code == 0
+    assert "variant:          ESC (custom configuration)" in out
+    assert "scale:            x2" in out and "parameters:       " in out
+    assert "attention:        sdpa -> " in out
+    code, out, _ = run(["info", model_file, "--json", "--attention", "naive"], capsys)
+    facts = json.loads(out)
+    model = esc_arch.load_model(model_file)
+    assert facts["parameters"] == sum(p.numel() for p in model.parameters())
+    assert facts["hyperparameters"]["dim"] == 16 and facts["attention_kernel"].startswith("naive")
+
+
+def test_info_names_a_preset(tmp_path, capsys):
+    path = tmp_path / "light.safetensors"
+    esc_arch.save_model(esc_arch.esc_tiny(4), path)
+    code, out, _ = run(["info", path], capsys)
+    assert code == 0 and "variant:          ESC (preset esc_tiny)" in out
+
+
+def test_convert_an_upstream_checkpoint_to_safetensors(tmp_path, capsys):
+    source = GOLDEN / "esc_light_x2.ckpt.pth"
+    out = tmp_path / "light.safetensors"
+    code, printed, err = run(["convert", source, out], capsys)
+    assert code == 0, err
+    assert f"wrote {out}: ESC x2, 603,600 parameters, fp32" in printed
+    original, converted = esc_arch.load_model(source), esc_arch.load_model(out)
+    x = torch.rand(1, 3, 20, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), original(x), atol=0, rtol=0)
+
+    half = tmp_path / "light_fp16.safetensors"
+    assert run(["convert", out, half, "--half"], capsys)[0] == 0
+    with safe_open(str(half), "pt") as handle:
+        assert all(handle.get_tensor(k).dtype == torch.float16 for k in handle.keys())
+    assert half.stat().st_size < 0.6 * out.stat().st_size
+
+    code, _, err = run(["convert", source, out], capsys)  # exists
+    assert code == 2 and "use --overwrite" in err
+    code, _, err = run(["convert", source, tmp_path / "x.pth"], capsys)
+    assert code == 2 and "must be a .safetensors file" in err
+
+
+# ------------------------------------------------------------------------------ dispatcher
+
+
+def test_other_modules_register_subcommands(tmp_path, monkeypatch, capsys):
+    (tmp_path / "esc_test_plugin.py").write_text(
+        "def add_hello_parser(subparsers):\n"
+        "    p = subparsers.add_parser('hello', help='say hello')\n"
+        "    p.add_argument('name')\n"
+        "    p.set_defaults(func=lambda args: print(f'hello {args.name}') or 0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
+    cli.register_subcommand("hello", "esc_test_plugin:add_hello_parser")
+    cli.register_subcommand("broken", "esc_no_such_module:add_parser")
+    assert run(["hello", "world"], capsys)[:2] == (0, "hello world\n")
+    code, _, err = run(["broken", "--anything"], capsys)
+    assert code == 2 and "unavailable in this installation" in err and "esc_no_such_module" in err
+    with pytest.raises(ValueError):
+        cli.register_subcommand("bad", "no_colon")
+
+
+def test_console_entry_point_as_a_subprocess(folder, model_file, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "esc_arch.cli", "upscale", str(folder), "-o", str(tmp_path / "out"),
+         "-m", str(model_file), "--tile", "16", "--overlap", "16"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "3 written, 3 failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(list((tmp_path / "out").iterdir())) == 3
+    proc = subprocess.run([sys.executable, "-m", "esc_arch.cli", "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and all(name in proc.stdout for name in ("upscale", "info", "convert"))
