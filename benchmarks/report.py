@@ -111,7 +111,7 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = None) -> st
         f"took {results.get('wall_s', 0) / 60:.1f} min.",
         f"- torch threads: {threads.get('used')} ({threads.get('reason', '')}).",
         f"- Load average (1/5/15 min) at start {machine.get('load_average_at_start')}, at end "
-        f"{results.get('load_average_at_end')}: "
+        f"{results.get('load_average_at_end')} (the end value includes this benchmark's own threads): "
         + ("**the machine was shared with other jobs; absolute times are inflated and noisy, the ratios "
            "(interleaved runs) are the meaningful part.**" if results.get("shared_load") else "the machine was idle."),
         "- Memory: " + ("CUDA `max_memory_allocated` over the timed runs." if machine.get("device") == "cuda" else
