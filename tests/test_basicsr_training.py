@@ -136,3 +136,18 @@ def test_kill_9_then_auto_resume_continues_from_the_last_saved_iteration(tmp_pat
     assert (models / f"net_g_{last + 2}.pth").exists() and (models / "net_g_latest.pth").exists()
     resumed = torch.load(states / f"{last + 2}.state", map_location="cpu", weights_only=True)
     assert resumed["iter"] == last + 2
+
+
+def test_checkpoint_loads_unchanged_in_spandrel(x2_run):
+    import spandrel
+
+    import esc_arch.spandrel
+
+    esc_arch.spandrel.install()
+    path = x2_run / "experiments" / "tiny_x2" / "models" / "net_g_latest.pth"
+    descriptor = spandrel.ModelLoader().load_from_file(str(path))
+    assert descriptor.architecture.id == "ESC" and descriptor.scale == 2
+    reference = esc_arch.load_model(str(path))
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(descriptor.model.eval()(x), reference(x), rtol=0, atol=0)
