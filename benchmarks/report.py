@@ -79,8 +79,8 @@ def _ratio(value: float | None) -> str:
 
 def model_table_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | attention | params (K) | latency (ms) | vs ESC | peak mem (MB) | vs ESC | paper GPU lat (ms) | paper mem (MB) | Urban100 ×4 (paper) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | attention | params (K) | latency (ms) | vs ESC | peak mem (MB) | vs ESC | first call (ms) | paper GPU lat (ms) | paper mem (MB) | Urban100 ×4 (paper) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         paper = row.get("paper") or {}
@@ -88,12 +88,12 @@ def model_table_markdown(rows: list[dict[str, Any]]) -> str:
         if row.get("default_backend"):
             backend += " (default)"
         if "error" in row:
-            lines.append(f"| {row['model']} | {backend} | — | failed: {row['error'][:80]} | | | | | | |")
+            lines.append(f"| {row['model']} | {backend} | — | failed: {row['error'][:80]} | | | | | | | |")
             continue
         lines.append(
             f"| {row['model']} | {backend} | {_fmt(row.get('params', 0) / 1e3)} | {_fmt(row.get('median_ms'))} | "
             f"{_ratio(row.get('latency_vs_esc'))} | {_fmt(row.get('peak_mb'), 0)} | {_ratio(row.get('memory_vs_esc'))} | "
-            f"{_fmt(paper.get('latency_ms'))} | {_fmt(paper.get('memory_mb'), 0)} | {_fmt(paper.get('urban100_psnr'), 2)} |"
+            f"{_fmt(row.get('first_call_ms'), 0)} | {_fmt(paper.get('latency_ms'))} | {_fmt(paper.get('memory_mb'), 0)} | {_fmt(paper.get('urban100_psnr'), 2)} |"
         )
     return "\n".join(lines)
 
