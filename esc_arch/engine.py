@@ -737,10 +737,10 @@ def _from_numpy(image: np.ndarray) -> _Planes:
     planes = [torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None]]
 
     def restore(outs: list[torch.Tensor]) -> np.ndarray:
-        result = outs[0][0].numpy().transpose(1, 2, 0)
+        result = outs[0][0].numpy().transpose(1, 2, 0)  # a view of the engine's own output canvas
         if layout_2d:
             result = result[:, :, 0]
-        return images.from_float(result, dtype)
+        return np.ascontiguousarray(images.from_float(result, dtype, inplace=True))
 
     return _Planes(planes, restore)
 

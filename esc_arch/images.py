@@ -399,14 +399,19 @@ def to_float(pixels: np.ndarray) -> np.ndarray:
     raise TypeError(f"unsupported pixel dtype {pixels.dtype} (expected uint8, uint16 or float)")
 
 
-def from_float(values: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
-    """float pixels in [0, 1] -> ``dtype`` (clamped; integers rounded to nearest)."""
+def from_float(values: np.ndarray, dtype: np.dtype | type, *, inplace: bool = False) -> np.ndarray:
+    """float pixels in [0, 1] -> ``dtype`` (clamped; integers rounded to nearest).
+
+    ``inplace=True`` lets the conversion overwrite ``values`` (a float32 array the caller no
+    longer needs), so a large image needs no second float copy.
+    """
     dtype = np.dtype(dtype)
+    work = values if inplace and values.dtype == np.float32 else values.astype(np.float32)
+    np.clip(work, 0.0, 1.0, out=work)
     if dtype == np.uint8 or dtype == np.uint16:
-        top = 255.0 if dtype == np.uint8 else 65535.0
-        out = np.clip(values, 0.0, 1.0) * top
-        return np.rint(out, out=out).astype(dtype)
-    return np.clip(values, 0.0, 1.0).astype(dtype, copy=False)
+        work *= 255.0 if dtype == np.uint8 else 65535.0
+        return np.rint(work, out=work).astype(dtype)
+    return work.astype(dtype, copy=False)
 
 
 def _to_uint8(pixels: np.ndarray) -> np.ndarray:
