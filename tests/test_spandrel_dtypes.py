@@ -1,0 +1,89 @@
+"""`supports_half` / `supports_bfloat16` are measured, not assumed: each descriptor that claims a
+reduced precision gives finite outputs close to fp32 in it (CPU), and each that refuses one has a
+measured reason to (documented in esc_arch/spandrel and docs/spandrel_chainner.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import esc_arch.spandrel  # noqa: F401  (makes spandrel importable next to CPU torch)
+from esc_arch.spandrel import install
+from spandrel import ModelLoader, UnsupportedDtypeError
+
+from golden import GOLDEN_DIR
+
+# Observed on the golden weights (max |Δ| of clamped outputs vs fp32): fp16 <= 0.006, bf16 <= 0.045
+# (bf16 keeps 8 bits of mantissa; mean |Δ| ~0.002).
+FP16_MAX, BF16_MAX, BF16_MEAN = 0.02, 0.1, 0.005
+
+# One checkpoint per architecture and head that claims both precisions.
+SAFE = [
+    "esc_xl_shaped_x4",
+    "esc_fp_x4",
+    "escrealm_pixelshuffle_x3",
+    "escrealm_nearestconv_x2_unshuffle",
+    "trainner_escrealm_x4",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _installed():
+    install()
+
+
+def _load(case_id: str):
+    return ModelLoader().load_from_file(next(GOLDEN_DIR.glob(f"{case_id}.ckpt.*")))
+
+
+def _differences(model, x: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float, float]:
+    """(finite, max |Δ|, mean |Δ|) of ``model`` (a descriptor or its module) in ``dtype`` vs fp32."""
+    reference = model(x)
+    low = model.to(dtype)(x.to(dtype)).float()
+    model.to(torch.float32)
+    diff = (low - reference).abs()
+    return bool(torch.isfinite(low).all()), diff.max().item(), diff.mean().item()
+
+
+@pytest.mark.parametrize("case_id", SAFE)
+def test_claimed_precisions_hold(case_id) -> None:
+    descriptor = _load(case_id)
+    x = torch.rand(1, 3, 17, 19, generator=torch.Generator().manual_seed(3))
+    assert descriptor.supports_half and descriptor.supports_bfloat16
+
+    finite, worst, _ = _differences(descriptor, x, torch.float16)
+    assert finite and worst <= FP16_MAX
+
+    finite, worst, mean = _differences(descriptor, x, torch.bfloat16)
+    assert finite and worst <= BF16_MAX and mean <= BF16_MEAN
+
+
+def test_dysample_head_refuses_reduced_precision_for_a_measured_reason() -> None:
+    descriptor = _load("neosr_esc_real_dysample_x4")
+    assert not descriptor.supports_half and not descriptor.supports_bfloat16
+    with pytest.raises(UnsupportedDtypeError):
+        descriptor.half()
+
+    # Run the module directly (the descriptor refuses): at this size fp16 gives NaN (torch's CPU
+    # grid_sample on non-contiguous fp16 features) and bf16 misplaces the sampling positions.
+    x = torch.rand(1, 3, 24, 28, generator=torch.Generator().manual_seed(0))
+    module = descriptor.model.eval()
+    with torch.no_grad():
+        reference = module(x).clamp(0, 1)
+        half = module.half()(x.half()).float().clamp(0, 1)
+        bf16 = module.bfloat16()(x.bfloat16()).float().clamp(0, 1)
+    module.float()
+    assert not bool(torch.isfinite(half).all())
+    assert (bf16 - reference).abs().max().item() > BF16_MAX
+
+
+def test_lte_refuses_reduced_precision_for_a_measured_reason() -> None:
+    descriptor = _load("lte_esc")
+    assert not descriptor.supports_half and not descriptor.supports_bfloat16
+    module = descriptor.model.eval()
+    x = torch.rand(1, 3, 10, 11, generator=torch.Generator().manual_seed(3))
+    reference = module.upscale_by(x, 4).clamp(0, 1)
+    half = module.half().upscale_by(x.half(), 4).float().clamp(0, 1)
+    module.float()
+    # NaN, or far off: the decoder's coordinates and areas need fp32.
+    assert not bool(torch.isfinite(half).all()) or (half - reference).abs().max().item() > FP16_MAX
