@@ -614,6 +614,12 @@ def _run_fixed_scale(
         result = runner(padded[..., iy0:iy1, ix0:ix1], (y0 - iy0, y1 - iy0, x0 - ix0, x1 - ix0))
         if result is None:  # statistics pass
             return
+        expected = ((iy1 - iy0) * scale, (ix1 - ix0) * scale)
+        if tuple(result.shape[-2:]) != expected:
+            raise EngineError(
+                f"the model returned {tuple(result.shape[-2:])} for a {(iy1 - iy0, ix1 - ix0)} input, "
+                f"not x{scale} as its .scale says"
+            )
         # Keep the core, cropped to the real (unpadded) image.
         oy1, ox1 = min(y1, h), min(x1, w)
         if oy1 > y0 and ox1 > x0:

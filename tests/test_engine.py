@@ -390,3 +390,10 @@ def test_arbitrary_scale_tiles_decode_the_same_image(lte, factor):
     tiled = upscale(lte, x, outscale=factor, tile=32, overlap=32)  # 3x3 tiles, corners see 64x64
     assert tiled.shape == whole.shape == (1, 3, round(90 * factor), round(75 * factor))
     assert float((tiled - whole).abs().max()) < 1 / 255
+
+
+def test_a_model_whose_output_does_not_match_its_scale_is_a_clear_error(model):
+    liar = Recording(model, [])
+    liar.scale = 3  # the network really upscales x2
+    with pytest.raises(EngineError, match=r"not x3 as its \.scale says"):
+        upscale(liar, torch.rand(1, 3, 16, 16))
