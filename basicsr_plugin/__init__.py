@@ -2,7 +2,9 @@
 
 Importing this package
 
-1. makes ``import torchvision`` work on CPU-only installs (:mod:`esc_arch._compat.torchvision_shim`),
+1. makes ``import torchvision`` work on CPU-only installs (:mod:`esc_arch._compat.torchvision_shim`) and, for the
+   original ``basicsr`` 1.4.2, provides the torchvision module it imports that no longer exists
+   (:mod:`basicsr_plugin.compat`),
 2. registers the archs ``ESC``, ``ESCFP``, ``ESCReal``, ``ESCRealM``, ``ESCLTE`` (the classes live in
    :mod:`esc_arch`; nothing is copied), the datasets and the models,
 3. applies the narrow CPU / multi-process fixes to BasicSR (:mod:`basicsr_plugin.patches`).
@@ -13,6 +15,10 @@ Then BasicSR's own pipelines do the rest: see :mod:`basicsr_plugin.entry` (``esc
 from esc_arch._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
+
+from basicsr_plugin.compat import alias_removed_functional_tensor  # noqa: E402
+
+alias_removed_functional_tensor()
 
 from basicsr_plugin import archs, data, models, patches  # noqa: E402  (registration side effects)
 

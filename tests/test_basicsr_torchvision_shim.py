@@ -75,3 +75,37 @@ def test_basicsr_and_the_plugin_import_here():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+# basicsr_plugin.compat is loaded from its file: importing the package would import the real basicsr.
+ALIAS_PROBE = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("compat", {str(REPO / "basicsr_plugin" / "compat.py")!r})
+compat = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compat)
+print("aliased", compat.alias_removed_functional_tensor())
+import torchvision.transforms.functional_tensor as ft, torchvision.transforms.functional as f
+print("same", ft is f)
+"""
+
+
+def _run_alias_probe(tmp_path: Path, with_functional_tensor: bool) -> str:
+    transforms = tmp_path / "torchvision" / "transforms"
+    transforms.mkdir(parents=True)
+    (tmp_path / "torchvision" / "__init__.py").write_text("")
+    (transforms / "__init__.py").write_text("")
+    (transforms / "functional.py").write_text("def rgb_to_grayscale(img):\n    return img\n")
+    if with_functional_tensor:
+        (transforms / "functional_tensor.py").write_text("OWN = True\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", ALIAS_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_original_basicsr_gets_the_removed_torchvision_module_as_an_alias(tmp_path):
+    assert _run_alias_probe(tmp_path, with_functional_tensor=False).split() == ["aliased", "True", "same", "True"]
+
+
+def test_an_existing_functional_tensor_module_is_never_replaced(tmp_path):
+    assert _run_alias_probe(tmp_path, with_functional_tensor=True).split() == ["aliased", "False", "same", "False"]
