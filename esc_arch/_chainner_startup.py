@@ -17,10 +17,10 @@ is printed as one line on stderr and never propagates into the importing program
 Standalone on purpose: this module must not import esc_arch (that imports torch) at start.
 """
 
-from __future__ import annotations
-
 import sys
-from importlib.abc import Loader, MetaPathFinder
+
+# No importlib.abc here: importing it pulls in typing and importlib.resources (~90 ms at every
+# interpreter start, measured); the import system only needs the duck-typed methods below.
 
 MARKER = "esc-sr chainner hook"  # the uninstaller only removes files that carry this text
 _TARGET = "spandrel"
@@ -58,10 +58,10 @@ def register() -> None:
         _warn(f"ESC models will not load: registering with spandrel failed ({type(error).__name__}: {error})")
 
 
-class _RegisterAfterImport(Loader):
+class _RegisterAfterImport:
     """Wraps spandrel's loader: runs it, then registers ESC, then steps out of the way."""
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader) -> None:
         self._loader = loader
 
     def create_module(self, spec):
@@ -79,7 +79,7 @@ class _RegisterAfterImport(Loader):
         return getattr(self._loader, name)
 
 
-class SpandrelImportWatcher(MetaPathFinder):
+class SpandrelImportWatcher:
     """A ``sys.meta_path`` finder that only ever answers for ``spandrel``, once."""
 
     def find_spec(self, fullname, path=None, target=None):

@@ -135,10 +135,23 @@ def install_hook(python: str | os.PathLike[str] | None = None, *, require_esc_ar
         where.site_packages.mkdir(parents=True, exist_ok=True)
         # Module first, .pth last: a .pth that names a missing module would print an error at every start.
         _write_atomic(where.module_file, _HOOK_SOURCE.read_text(encoding="utf-8"))
+        _compile(where)
         _write_atomic(where.pth_file, _PTH_TEXT)
     except OSError as error:
         raise HookError(f"{where.site_packages}: cannot write the hook ({error.strerror or error})") from None
     return where
+
+
+def _compile(where: HookLocation) -> None:
+    """Byte-compile the hook with the target interpreter (its own .pyc magic number).
+
+    Where PYTHONDONTWRITEBYTECODE is set, nothing would ever cache it, and compiling the source at
+    every start costs milliseconds; a .pyc written now is still read.
+    """
+    subprocess.run(
+        [where.python, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], doraise=True)", str(where.module_file)],
+        capture_output=True, timeout=120, check=False,
+    )
 
 
 def uninstall_hook(python: str | os.PathLike[str] | None = None) -> tuple[HookLocation, list[Path]]:
