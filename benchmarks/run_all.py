@@ -95,7 +95,7 @@ def make_profile(name: str, device: torch.device) -> Profile:
         )
     return Profile(
         table_sizes=[(64, 64)], table_warmup=1, table_runs=10, table_models=None,
-        paper_models=["ESC", "ESC[naive]", "SwinIR-light"], paper_warmup=1, paper_runs=2,
+        paper_models=["ESC", "SwinIR-light"], paper_warmup=1, paper_runs=2,
         attention_size=(256, 256), attention_window=32, attention_dim=64, attention_heads=4,
         attention_backends=window_attention.BACKENDS, attention_warmup=1, attention_runs=10,
         scaling_sides=[64, 128, 192, 256], scaling_tile=128, scaling_preset="esc", scaling_runs=1,
