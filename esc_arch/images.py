@@ -130,6 +130,18 @@ def read_image(path: PathLike) -> Image:
         raise ImageReadError(path, "empty file (0 bytes)")
 
     from PIL import Image as PILImage
+
+    # Pillow refuses images above ~179 megapixels as "decompression bombs"; a file the user asked
+    # to upscale is decoded whatever its size (the engine tiles it), so lift the limit meanwhile.
+    limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, None
+    try:
+        return _decode(path, data)
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = limit
+
+
+def _decode(path: Path, data: bytes) -> Image:
+    from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
     try:

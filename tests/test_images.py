@@ -353,3 +353,10 @@ def test_pil_round_trip_of_modes():
     buffer = io.BytesIO()
     PILImage.new("1", (4, 4)).save(buffer, format="PNG")
     assert images.pil_to_array(PILImage.open(buffer)).dtype == np.uint8
+
+
+def test_images_above_pillows_decompression_bomb_limit_are_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # as if the file had ~180 megapixels
+    PILImage.fromarray(_gradient(20, 30, 3)).save(tmp_path / "large.png")
+    assert images.read_image(tmp_path / "large.png").pixels.shape == (20, 30, 3)
+    assert PILImage.MAX_IMAGE_PIXELS == 100  # the caller's setting is restored
