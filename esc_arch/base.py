@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .attention import WindowAttention, normalize_backend
+from .layers import geometric_ensemble
 
 
 def _tracing() -> bool:
@@ -91,3 +92,20 @@ class ESCModelBase(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
+
+
+class SharedKernelTrunk(ESCModelBase):
+    """Models whose blocks share one raw ``plk_filter``, used through its geometric ensemble."""
+
+    plk_filter: nn.Parameter
+    blocks: nn.ModuleList
+
+    def large_kernel(self) -> torch.Tensor:
+        """The geometric-ensembled shared kernel (computed once per weight version at inference)."""
+        return self._cached("large_kernel", self.plk_filter, lambda: geometric_ensemble(self.plk_filter))
+
+    def run_blocks(self, feat: torch.Tensor) -> torch.Tensor:
+        lk = self.large_kernel()
+        for block in self.blocks:
+            feat = block(feat, lk)
+        return feat

@@ -117,3 +117,35 @@ class ESCBlock(nn.Module):
         for ln, pconv, ffn in zip(self.lns, self.pconvs, self.convffns):
             x = x + pconv(ffn(ln(x)), large_kernel)
         return self.conv_out(self.ln_out(x)) + skip
+
+
+def make_blocks(
+    *,
+    n_blocks: int,
+    dim: int,
+    pdim: int,
+    conv_blocks: int,
+    window_size: int,
+    num_heads: int,
+    exp_ratio: float,
+    attn_type: str,
+    use_ln: bool,
+    proj_ratio: float = 2.0,
+    conv_attention: Callable[[int], nn.Module] = ConvolutionalAttention,
+) -> nn.ModuleList:
+    """The ``blocks`` trunk shared by every variant: ``n_blocks`` identical :class:`ESCBlock`."""
+    return nn.ModuleList(
+        ESCBlock(
+            dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size, num_heads=num_heads,
+            exp_ratio=exp_ratio, proj_ratio=proj_ratio, use_ln=use_ln, attn_type=attn_type,
+            conv_attention=conv_attention,
+        )
+        for _ in range(n_blocks)
+    )
+
+
+def shared_large_kernel(pdim: int, kernel_size: int) -> nn.Parameter:
+    """The raw large kernel shared by all blocks; orthogonal rows stabilise early training (upstream)."""
+    kernel = nn.Parameter(torch.empty(pdim, pdim, kernel_size, kernel_size))
+    nn.init.orthogonal_(kernel)
+    return kernel

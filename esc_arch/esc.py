@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ESCModelBase
-from .blocks import ConvolutionalAttention, DecomposedConvolutionalAttention, ESCBlock
-from .layers import LayerNorm2d, geometric_ensemble
+from .base import ESCModelBase, SharedKernelTrunk
+from .blocks import DecomposedConvolutionalAttention, make_blocks, shared_large_kernel
+from .layers import LayerNorm2d
 
 
 def resize_subpixel_head(weight: torch.Tensor, bias: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +37,7 @@ class _PixelShuffleHeadMixin:
         return state_dict
 
 
-class ESC(_PixelShuffleHeadMixin, ESCModelBase):
+class ESC(_PixelShuffleHeadMixin, SharedKernelTrunk):
     """ESC: window attention plus stacks of large-kernel convolutional attention.
 
     Output = pixel_shuffle(to_img(features)) + nearest-neighbour upsampling of the input.
@@ -66,32 +66,18 @@ class ESC(_PixelShuffleHeadMixin, ESCModelBase):
         self._record(locals())
         self.scale = upscaling_factor
         self.window_size = window_size
-        self.plk_filter = nn.Parameter(torch.randn(pdim, pdim, kernel_size, kernel_size))
-        # Orthogonal rows stabilise early training (upstream).
-        nn.init.orthogonal_(self.plk_filter)
+        self.plk_filter = shared_large_kernel(pdim, kernel_size)
         self.proj = nn.Conv2d(3, dim, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            ESCBlock(
-                dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size, num_heads=num_heads,
-                exp_ratio=exp_ratio, proj_ratio=2.0, use_ln=use_ln, attn_type=attn_type,
-                conv_attention=ConvolutionalAttention,
-            )
-            for _ in range(n_blocks)
+        self.blocks = make_blocks(
+            n_blocks=n_blocks, dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size,
+            num_heads=num_heads, exp_ratio=exp_ratio, use_ln=use_ln, attn_type=attn_type,
         )
         self.last = nn.Conv2d(dim, dim, 3, padding=1)
         self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
 
-    def large_kernel(self) -> torch.Tensor:
-        """The geometric-ensembled shared kernel (computed once per weight version at inference)."""
-        return self._cached("large_kernel", self.plk_filter, lambda: geometric_ensemble(self.plk_filter))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.proj(x)
-        skip = feat
-        lk = self.large_kernel()
-        for block in self.blocks:
-            feat = block(feat, lk)
-        feat = self.last(feat) + skip
+        feat = self.last(self.run_blocks(feat)) + feat
         return F.pixel_shuffle(self.to_img(feat), self.scale) + F.interpolate(x, scale_factor=self.scale, mode="nearest")
 
 
@@ -123,13 +109,10 @@ class ESCFP(_PixelShuffleHeadMixin, ESCModelBase):
         self.lk_spatial = nn.Parameter(torch.empty(pdim, 1, kernel_size, kernel_size))
         nn.init.orthogonal_(self.lk_spatial)
         self.proj = nn.Conv2d(3, dim, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            ESCBlock(
-                dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size, num_heads=num_heads,
-                exp_ratio=exp_ratio, proj_ratio=1.5, use_ln=True, attn_type=attn_type,
-                conv_attention=DecomposedConvolutionalAttention,
-            )
-            for _ in range(n_blocks)
+        self.blocks = make_blocks(
+            n_blocks=n_blocks, dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size,
+            num_heads=num_heads, exp_ratio=exp_ratio, use_ln=True, attn_type=attn_type,
+            proj_ratio=1.5, conv_attention=DecomposedConvolutionalAttention,
         )
         self.ln_last = LayerNorm2d(dim)
         self.last = nn.Conv2d(dim, dim, 3, padding=1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ESCModelBase
-from .blocks import ConvolutionalAttention, ESCBlock
-from .layers import ReflectConv2d, geometric_ensemble, pad_to_multiple
+from .base import SharedKernelTrunk
+from .blocks import make_blocks, shared_large_kernel
+from .layers import ReflectConv2d, pad_to_multiple
 from .upsamplers import DySample, UniUpsample, esc_real_nearest_conv_head, neosr_nearest_conv_head
 
 ESC_REAL_HEADS = ("nearest+conv", "dysample", "nearest+conv-neosr")
@@ -25,31 +25,22 @@ def _input_skip(dim: int, unshuffle: int = 1) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _trunk(*, dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, attn_type):
-    return nn.ModuleList(
-        ESCBlock(
-            dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size, num_heads=num_heads,
-            exp_ratio=exp_ratio, proj_ratio=2.0, use_ln=True, attn_type=attn_type,
-            conv_attention=ConvolutionalAttention,
+class _RealTrunk(SharedKernelTrunk):
+    """The ESC-Real trunk: features = last(blocks(proj(x))) + proj(x) + skip(x)."""
+
+    def _init_trunk(self, *, dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, attn_type):
+        self.blocks = make_blocks(
+            n_blocks=n_blocks, dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size,
+            num_heads=num_heads, exp_ratio=exp_ratio, use_ln=True, attn_type=attn_type,
         )
-        for _ in range(n_blocks)
-    )
-
-
-class _RealTrunkMixin:
-    def large_kernel(self) -> torch.Tensor:
-        return self._cached("large_kernel", self.plk_filter, lambda: geometric_ensemble(self.plk_filter))
+        self.last = nn.Conv2d(dim, dim, 3, padding=1)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.proj(x)
-        skip = feat
-        lk = self.large_kernel()
-        for block in self.blocks:
-            feat = block(feat, lk)
-        return self.last(feat) + skip + self.skip(x)
+        return self.last(self.run_blocks(feat)) + feat + self.skip(x)
 
 
-class ESCReal(_RealTrunkMixin, ESCModelBase):
+class ESCReal(_RealTrunk):
     """ESC-Real: the ESC trunk (LayerNorm before every conv-stage FFN) with an input skip branch and
     no image residual.
 
@@ -89,14 +80,12 @@ class ESCReal(_RealTrunkMixin, ESCModelBase):
         self._record(arguments)
         self.scale = upscaling_factor
         self.window_size = window_size
-        self.plk_filter = nn.Parameter(torch.randn(pdim, pdim, kernel_size, kernel_size))
-        nn.init.orthogonal_(self.plk_filter)
+        self.plk_filter = shared_large_kernel(pdim, kernel_size)
         self.proj = nn.Conv2d(3, dim, 3, padding=1)
-        self.blocks = _trunk(
+        self._init_trunk(
             dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks, conv_blocks=conv_blocks,
             window_size=window_size, num_heads=num_heads, exp_ratio=exp_ratio, attn_type=attn_type,
         )
-        self.last = nn.Conv2d(dim, dim, 3, padding=1)
         if upsampler == "dysample":
             self.to_img = DySample(dim, 3, upscaling_factor, groups=4)
         elif upsampler == "nearest+conv":
@@ -109,7 +98,7 @@ class ESCReal(_RealTrunkMixin, ESCModelBase):
         return self.to_img(self._features(x))
 
 
-class ESCRealM(_RealTrunkMixin, ESCModelBase):
+class ESCRealM(_RealTrunk):
     """ESCRealM: ESC-Real with a selectable upsampler (``UniUpsample``) and any scale from x1.
 
     With ``unshuffle_mod`` and a scale below 3, the input is reflect-padded to a multiple of
@@ -146,18 +135,16 @@ class ESCRealM(_RealTrunkMixin, ESCModelBase):
             self.scale = 1 / self.unshuffle if self.unshuffle > 1 else 1
         else:
             self.scale = upscaling_factor
-        self.plk_filter = nn.Parameter(torch.randn(pdim, pdim, kernel_size, kernel_size))
-        nn.init.orthogonal_(self.plk_filter)
+        self.plk_filter = shared_large_kernel(pdim, kernel_size)
         if self.unshuffle > 1:
             self.proj = nn.Sequential(nn.PixelUnshuffle(self.unshuffle), nn.Conv2d(3 * self.unshuffle**2, dim, 3, padding=1))
         else:
             self.proj = nn.Conv2d(3, dim, 3, padding=1)
         self.skip = _input_skip(dim, self.unshuffle)
-        self.blocks = _trunk(
+        self._init_trunk(
             dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks, conv_blocks=conv_blocks,
             window_size=window_size, num_heads=num_heads, exp_ratio=exp_ratio, attn_type=attn_type,
         )
-        self.last = nn.Conv2d(dim, dim, 3, padding=1)
         self.to_img = UniUpsample(upsampler, head_scale, dim, 3, mid_dim, 4)
 
     def adapt_state_dict(self, state_dict):

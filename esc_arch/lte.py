@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ESCModelBase
-from .blocks import ConvolutionalAttention, ESCBlock
-from .layers import geometric_ensemble
+from .base import ESCModelBase, SharedKernelTrunk
+from .blocks import make_blocks, shared_large_kernel
 
 
 def make_coord(height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -24,7 +23,7 @@ def make_coord(height: int, width: int, *, device=None, dtype=torch.float32) -> 
     return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).view(-1, 2)
 
 
-class ESCEncoder(ESCModelBase):
+class ESCEncoder(SharedKernelTrunk):
     """The ESC trunk without an upsampler or image residual (esc_arb's encoder): image -> features."""
 
     arch_name = "ESCEncoder"
@@ -47,29 +46,17 @@ class ESCEncoder(ESCModelBase):
         self.scale = 1
         self.window_size = window_size
         self.out_dim = dim
-        self.plk_filter = nn.Parameter(torch.randn(pdim, pdim, kernel_size, kernel_size))
-        nn.init.orthogonal_(self.plk_filter)
+        self.plk_filter = shared_large_kernel(pdim, kernel_size)
         self.proj = nn.Conv2d(3, dim, 3, padding=1)
-        self.blocks = nn.ModuleList(
-            ESCBlock(
-                dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size, num_heads=num_heads,
-                exp_ratio=exp_ratio, proj_ratio=2.0, use_ln=False, attn_type=attn_type,
-                conv_attention=ConvolutionalAttention,
-            )
-            for _ in range(n_blocks)
+        self.blocks = make_blocks(
+            n_blocks=n_blocks, dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size,
+            num_heads=num_heads, exp_ratio=exp_ratio, use_ln=False, attn_type=attn_type,
         )
         self.last = nn.Conv2d(dim, dim, 3, padding=1)
 
-    def large_kernel(self) -> torch.Tensor:
-        return self._cached("large_kernel", self.plk_filter, lambda: geometric_ensemble(self.plk_filter))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.proj(x)
-        skip = feat
-        lk = self.large_kernel()
-        for block in self.blocks:
-            feat = block(feat, lk)
-        return self.last(feat) + skip
+        return self.last(self.run_blocks(feat)) + feat
 
 
 class MLP(nn.Module):

@@ -91,13 +91,13 @@ def test_fuse_bakes_constants_once_and_keeps_outputs():
     esc_arch.fuse(model)
     calls = []
     original = esc_arch.layers.geometric_ensemble
-    esc_arch.esc.geometric_ensemble = lambda k: calls.append(1) or original(k)
+    esc_arch.base.geometric_ensemble = lambda k: calls.append(1) or original(k)
     try:
         with torch.no_grad():
             after = model(x)
             model(x)
     finally:
-        esc_arch.esc.geometric_ensemble = original
+        esc_arch.base.geometric_ensemble = original
     assert calls == []  # nothing recomputed after fuse()
     assert (before - after).abs().max() <= 1e-6
     # new weights invalidate the baked tensors
