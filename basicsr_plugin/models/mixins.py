@@ -13,9 +13,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
+
+from esc_arch import pad_to_multiple  # reflect, right/bottom; repeated reflection for tiny inputs
 
 from basicsr_plugin.attention import default_attention_backend
 from basicsr_plugin.checkpoint_io import atomic_torch_save
@@ -32,16 +33,6 @@ def fill_default_attention(opt: dict, key: str = "network_g") -> None:
     device = "cuda" if opt.get("num_gpu", 0) != 0 and torch.cuda.is_available() else "cpu"
     net_opt["attn_type"] = default_attention_backend(device, training=bool(opt.get("is_train")))
     get_root_logger().info(f"{key}.attn_type not set: using '{net_opt['attn_type']}' (fastest correct on {device})")
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Pad NCHW on the right/bottom to a multiple: reflect (the official protocol), replicate when too small to reflect."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
 class WindowPaddedTestMixin:
