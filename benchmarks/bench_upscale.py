@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,7 +23,7 @@ from .common import RESULTS_DIR, log, machine_info, pick_device, write_json_atom
 from .peak_memory import run_case
 
 PRESETS = ("esc", "esc_light", "esc_fp")
-BACKENDS = ("sdpa", "flex", "naive")
+BACKENDS = ("sdpa", "naive", "flex")
 
 
 def workload(case: dict[str, Any], device: torch.device):
@@ -51,12 +51,16 @@ def workload(case: dict[str, Any], device: torch.device):
     return call, info
 
 
-def run(presets, backends, *, device: str, runs: int, warmup: int, size=(320, 180), scale=4) -> list[dict[str, Any]]:
+def run(
+    presets, backends, *, device: str, runs: int, warmup: int, size=(320, 180), scale=4,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every (backend, preset) case, backend by backend; ``on_row`` gets the rows so far."""
     import esc_arch
 
     rows = []
-    for preset in presets:
-        for backend in backends:
+    for backend in backends:
+        for preset in presets:
             log(f"{preset} / {backend}")
             case = {"workload": "benchmarks.bench_upscale:workload", "preset": preset, "backend": backend,
                     "size": list(size), "scale": scale, "device": device, "runs": runs, "warmup": warmup}
@@ -67,6 +71,8 @@ def run(presets, backends, *, device: str, runs: int, warmup: int, size=(320, 18
             result.setdefault("backend", backend)
             result["kernel"] = esc_arch.attention_kernel(model, pick_device(device), torch.float32)
             rows.append(result)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -97,9 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     machine = machine_info(pick_device(args.device))
-    rows = run(args.presets, args.backends, device=args.device, runs=args.runs, warmup=args.warmup)
-    write_json_atomic(args.out, {"protocol": "x4, 320x180 -> 1280x720, batch 1, fp32, tile=None",
-                                 "machine": machine, "rows": rows})
+
+    def save(rows: list[dict[str, Any]]) -> None:  # after every case, so a long run keeps what it measured
+        write_json_atomic(args.out, {"protocol": "x4, 320x180 -> 1280x720, batch 1, fp32, tile=None",
+                                     "runs": args.runs, "warmup": args.warmup, "machine": machine, "rows": rows})
+
+    rows = run(args.presets, args.backends, device=args.device, runs=args.runs, warmup=args.warmup, on_row=save)
+    save(rows)
     cpu = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('logical_cpus')} logical CPUs)"
     print(f"esc_arch.upscale, x4, 320x180 -> 1280x720, batch 1, fp32, {args.runs} runs after {args.warmup} warm-up, "
           f"on {cpu}, torch {machine['torch']}, load average at start {machine.get('load_average_at_start')}\n")
