@@ -45,6 +45,11 @@ def _differences(model, x: torch.Tensor, dtype: torch.dtype) -> tuple[bool, floa
     return bool(torch.isfinite(low).all()), diff.max().item(), diff.mean().item()
 
 
+def _far_off(low: torch.Tensor, reference: torch.Tensor, limit: float) -> bool:
+    """Not finite, or further than ``limit`` from the fp32 reference somewhere."""
+    return not bool(torch.isfinite(low).all()) or (low - reference).abs().max().item() > limit
+
+
 @pytest.mark.parametrize("case_id", SAFE)
 def test_claimed_precisions_hold(case_id) -> None:
     descriptor = _load(case_id)
@@ -64,8 +69,8 @@ def test_dysample_head_refuses_reduced_precision_for_a_measured_reason() -> None
     with pytest.raises(UnsupportedDtypeError):
         descriptor.half()
 
-    # Run the module directly (the descriptor refuses): at this size fp16 gives NaN (torch's CPU
-    # grid_sample on non-contiguous fp16 features) and bf16 misplaces the sampling positions.
+    # Run the module directly (the descriptor refuses): torch's CPU grid_sample returns NaN on the
+    # non-contiguous low-precision features (not every run), and bf16 misplaces sampling positions.
     x = torch.rand(1, 3, 24, 28, generator=torch.Generator().manual_seed(0))
     module = descriptor.model.eval()
     with torch.no_grad():
@@ -73,8 +78,8 @@ def test_dysample_head_refuses_reduced_precision_for_a_measured_reason() -> None
         half = module.half()(x.half()).float().clamp(0, 1)
         bf16 = module.bfloat16()(x.bfloat16()).float().clamp(0, 1)
     module.float()
-    assert not bool(torch.isfinite(half).all())
-    assert (bf16 - reference).abs().max().item() > BF16_MAX
+    assert _far_off(half, reference, FP16_MAX)
+    assert _far_off(bf16, reference, BF16_MAX)
 
 
 def test_lte_refuses_reduced_precision_for_a_measured_reason() -> None:
@@ -86,4 +91,4 @@ def test_lte_refuses_reduced_precision_for_a_measured_reason() -> None:
     half = module.half().upscale_by(x.half(), 4).float().clamp(0, 1)
     module.float()
     # NaN, or far off: the decoder's coordinates and areas need fp32.
-    assert not bool(torch.isfinite(half).all()) or (half - reference).abs().max().item() > FP16_MAX
+    assert _far_off(half, reference, FP16_MAX)
