@@ -143,12 +143,14 @@ def run(
             if measure_memory and "error" not in row:
                 case = {"workload": "benchmarks.model_table:workload", "model": key, "size": list(size),
                         "device": str(device), "warmup": 1, "runs": 1, "threads": torch.get_num_threads()}
-                memory = run_case(case, in_process=in_process)
+                memory = run_case(case, in_process=in_process, fixed_allocator=True)
                 if "error" in memory:
                     row["memory_error"] = memory["error"]
                 else:
                     row.update({k: memory[k] for k in ("peak_mb", "peak_rss_mb", "rss_after_import_mb",
                                                         "memory_kind", "output_shape") if k in memory})
+                    if device.type == "cpu":
+                        row["memory_kind"] = row.get("memory_kind", "") + "; glibc mmap threshold fixed"
             if entry.paper:
                 row["paper"] = vars(entry.paper)
             if "error" not in row:

@@ -95,10 +95,22 @@ def _mb(value: int | None) -> float | None:
     return None if value is None else round(value / MIB, 1)
 
 
-def run_case(case: dict[str, Any], *, timeout_s: float = 900, in_process: bool = False) -> dict[str, Any]:
+# glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which tensors of
+# 128 KiB..32 MiB come from the heap and freed space may stay resident: peak RSS then varied by 20-40% between
+# identical runs (179-251 MB for the sdpa window attention).  A fixed threshold keeps every tensor-sized block
+# mmapped, so RSS follows live memory (179.3 / 179.4 MB in two runs).  It costs page faults on every large
+# allocation, so latency is measured without it (see ``measure_case``).
+FIXED_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_case(
+    case: dict[str, Any], *, timeout_s: float = 900, in_process: bool = False, fixed_allocator: bool = False
+) -> dict[str, Any]:
     """Measure ``case`` in a fresh subprocess (or here, if ``in_process``) and return its result dict.
 
-    Never raises for a failing workload: the result then holds ``error`` (one line) and ``stderr_tail``.
+    ``fixed_allocator`` runs the child with glibc's mmap threshold fixed (``FIXED_ALLOCATOR_ENV``): use it for
+    memory measurements on CPU.  Never raises for a failing workload: the result then holds ``error`` (one
+    line) and ``stderr_tail``.
     """
     if in_process:
         try:
@@ -107,6 +119,8 @@ def run_case(case: dict[str, Any], *, timeout_s: float = 900, in_process: bool =
             return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    if fixed_allocator:
+        env.update(FIXED_ALLOCATOR_ENV)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.peak_memory", json.dumps(case)],
@@ -120,6 +134,31 @@ def run_case(case: dict[str, Any], *, timeout_s: float = 900, in_process: bool =
     tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     reason = tail[-1] if tail else f"exit status {proc.returncode}, no output"
     return {"error": reason[:500], "stderr_tail": "\n".join(tail[-15:])[-3000:]}
+
+
+MEMORY_FIELDS = ("peak_mb", "peak_rss_mb", "peak_reserved_mb", "rss_after_import_mb", "rss_after_build_mb",
+                 "rss_before_runs_mb", "allocated_before_runs_mb", "memory_kind", "peak_reset")
+
+
+def measure_case(case: dict[str, Any], *, in_process: bool = False, split: bool = True) -> dict[str, Any]:
+    """Latency and memory of ``case``: on CPU from two fresh processes (latency with the default allocator,
+    memory with the fixed one, one warm-up and one run); on CUDA (or in-process) from one.  ``split=False``
+    takes both from one fixed-allocator process (cheaper; latency then includes its page faults)."""
+    if not split and not in_process:
+        result = run_case(case, fixed_allocator=True)
+        if "memory_kind" in result:
+            result["memory_kind"] += "; glibc mmap threshold fixed (latency from the same process)"
+        return result
+    result = run_case(case, in_process=in_process)
+    if in_process or "error" in result or result.get("device") != "cpu":
+        return result
+    memory = run_case({**case, "warmup": 1, "runs": 1}, fixed_allocator=True)
+    if "error" in memory:
+        result["memory_error"] = memory["error"]
+        return result
+    result.update({k: memory[k] for k in MEMORY_FIELDS if k in memory})
+    result["memory_kind"] = f"{memory.get('memory_kind')}; separate process, glibc mmap threshold fixed"
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,9 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             naive = _row(at_size, key="ESC[naive]")
             for peer in ("SwinIR-light", "ATD-light"):
                 other = _row(at_size, name=peer)
-                value = other["median_ms"] / esc["median_ms"] if esc and other else None
+                if other is None:  # not measured at this size (CPU paper-protocol table)
+                    continue
+                value = other["median_ms"] / esc["median_ms"] if esc else None
                 add(f"ESC x4 faster than {peer} x4 ({size})", value, 1.0,
                     f"{peer} latency / ESC[{esc['backend'] if esc else '?'}] latency")
             if esc and naive and esc is not naive:

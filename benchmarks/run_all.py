@@ -98,7 +98,7 @@ def make_profile(name: str, device: torch.device) -> Profile:
         paper_models=["ESC", "SwinIR-light"], paper_warmup=1, paper_runs=2,
         attention_size=(256, 256), attention_window=32, attention_dim=64, attention_heads=4,
         attention_backends=window_attention.BACKENDS, attention_warmup=1, attention_runs=10,
-        scaling_sides=[64, 128, 192, 256], scaling_tile=128, scaling_preset="esc", scaling_runs=1,
+        scaling_sides=[64, 128, 160, 192], scaling_tile=128, scaling_preset="esc", scaling_runs=1,
         train_batch=2, train_runs=3, train_preset="esc", flops_size=(64, 64), flops_runs=5,
     )
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .common import log, pick_device
 from .models import SCALE
-from .peak_memory import run_case
+from .peak_memory import measure_case
 from .window_attention import sdpa_kernel
 
 LR_PATCH = 64
@@ -72,7 +72,7 @@ def run(
                 "lr_patch": lr_patch,
                 "device": str(device), "warmup": warmup, "runs": runs, "grad": True,
                 "threads": torch.get_num_threads()}
-        result = run_case(case, in_process=in_process)
+        result = measure_case(case, in_process=in_process)
         result.setdefault("backend", backend)
         if backend == "sdpa":
             result["sdpa_kernel"] = sdpa_kernel(device, dim=64, heads=4, window=32, training=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .common import log, pick_device
-from .peak_memory import run_case
+from .peak_memory import measure_case
 
 PAPER_LATENCY_RATIO = 16.0
 PAPER_MEMORY_RATIO = 12.2
@@ -71,7 +71,7 @@ def run(
         case = {"workload": "benchmarks.window_attention:workload", "backend": backend, "dim": dim, "heads": heads,
                 "window": window, "size": list(size), "device": str(device), "warmup": warmup, "runs": runs,
                 "threads": torch.get_num_threads()}
-        result = run_case(case, in_process=in_process)
+        result = measure_case(case, in_process=in_process)
         result.setdefault("backend", backend)
         if backend == "sdpa":
             result["sdpa_kernel"] = sdpa_kernel(device, dim=dim, heads=heads, window=window)
