@@ -48,8 +48,14 @@ def _relative_index_cpu(window_size: int) -> torch.Tensor:
     return (row[None, :] - row[:, None] + window_size - 1) * span + (col[None, :] - col[:, None] + window_size - 1)
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def relative_position_index(window_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(ws^2, ws^2) LongTensor mapping (query token, key token) to a column of the bias table."""
+    if _tracing():  # never let a traced/fake tensor into the cache
+        return _relative_index_cpu.__wrapped__(window_size).to(device)
     return _relative_index_cpu(window_size).to(device)
 
 
@@ -110,7 +116,7 @@ class WindowAttention(nn.Module):
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The (heads, ws^2, ws^2) additive bias; cached at inference until the table changes."""
         table = self.relative_position_bias
-        caching = not (self.training or torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing())
+        caching = not (self.training or torch.is_grad_enabled() or _tracing())
         version = -1 if table.is_inference() else table._version  # inference tensors have no counter
         key = (version, table.data_ptr(), table.device, dtype) if caching else None
         if caching and self._bias_cache is not None and self._bias_cache[0] == key:

@@ -13,7 +13,7 @@ from .layers import geometric_ensemble
 
 def _tracing() -> bool:
     """True under torch.compile / torch.export / jit tracing, where tensors must not be cached."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _version_of(tensor: torch.Tensor) -> int:

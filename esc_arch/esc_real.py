@@ -158,4 +158,6 @@ class ESCRealM(_RealTrunk):
         if self.unshuffle > 1:
             x = pad_to_multiple(x, self.unshuffle)
         out = self.to_img(self._features(x))
-        return out[:, :, : int(h * self.scale), : int(w * self.scale)] if self.scale >= 1 else out
+        if self.scale < 1:  # the 'conv' head after unshuffling: nothing to crop
+            return out
+        return out[:, :, : h * self.scale, : w * self.scale]  # integer arithmetic stays symbolic in exports

@@ -52,18 +52,20 @@ class DySample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         s, g = self.scale, self.groups
-        offset = self.offset(x) * self.scope(x).sigmoid() * 0.5 + self.init_pos
+        # Sampling positions are computed and used in fp32: in fp16 they lose sub-pixel precision
+        # on large images, and torch's CPU half grid_sample can return NaN.
+        offset = (self.offset(x) * self.scope(x).sigmoid() * 0.5 + self.init_pos).float()
         offset = offset.view(b, 2, g * s * s, h, w)
-        ys = torch.arange(h, device=x.device, dtype=x.dtype) + 0.5
-        xs = torch.arange(w, device=x.device, dtype=x.dtype) + 0.5
+        ys = torch.arange(h, device=x.device, dtype=torch.float32) + 0.5
+        xs = torch.arange(w, device=x.device, dtype=torch.float32) + 0.5
         base = torch.stack(torch.meshgrid(xs, ys, indexing="ij")).transpose(1, 2).view(1, 2, 1, h, w)
-        size = torch.tensor([w, h], device=x.device, dtype=x.dtype).view(1, 2, 1, 1, 1)
+        size = torch.stack([xs[-1] + 0.5, ys[-1] + 0.5]).view(1, 2, 1, 1, 1)  # (w, h), traced from shapes
         coords = 2 * (base + offset) / size - 1
         coords = F.pixel_shuffle(coords.reshape(b, -1, h, w), s).view(b, 2, g, s * h, s * w)
         coords = coords.permute(0, 2, 3, 4, 1).reshape(b * g, s * h, s * w, 2)
-        out = F.grid_sample(
-            x.reshape(b * g, c // g, h, w), coords, mode="bilinear", padding_mode="border", align_corners=False
-        ).view(b, c, s * h, s * w)
+        source = x.float().reshape(b * g, c // g, h, w).contiguous()
+        out = F.grid_sample(source, coords, mode="bilinear", padding_mode="border", align_corners=False)
+        out = out.view(b, c, s * h, s * w).to(x.dtype)
         return self.end_conv(out) if self.end_conv is not None else out
 
 

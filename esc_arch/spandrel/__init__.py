@@ -67,11 +67,16 @@ __all__ = [
 
 # supports_half / supports_bfloat16 are measured, not assumed: tests/test_spandrel_dtypes.py runs
 # every golden checkpoint in fp16 and bf16 and compares with fp32 (numbers: docs/spandrel_chainner.md).
-# The trunk and the convolutional heads hold up in both.  Heads that compute sampling coordinates
-# in the model's dtype do not: DySample (grid_sample positions lose whole pixels in bf16 on large
-# images, and torch's CPU fp16 grid_sample returns NaN on the non-contiguous features ESC-Real
-# feeds it) and the LTE decoder (fp16 max error 0.35, bf16 0.83 on the golden case).
-_LOW_PRECISION_UNSAFE_UPSAMPLERS = frozenset({"dysample"})
+# The trunk and the convolutional heads hold up in both, and so does DySample, which computes its
+# sampling positions in fp32 whatever the model's dtype.  The LTE decoder does not (fp16 max error
+# 0.35, bf16 0.83 on the golden case): its coordinates and areas need fp32.
+_LOW_PRECISION_UNSAFE_UPSAMPLERS: frozenset[str] = frozenset()
+
+
+def _pad_multiple(model: torch.nn.Module) -> int:
+    if isinstance(model, ESCLTE):
+        return 1
+    return model.window_size  # as BasicSR's ESRModel.test pads (network_g.window_size)
 
 
 LTE_SCALE = 4
@@ -170,8 +175,11 @@ def _descriptor(
         scale=scale,
         input_channels=3,
         output_channels=3,
-        # The model pads internally (by repeated reflection), so any size >= 1x1 works.
-        size_requirements=SizeRequirements(),
+        # Any size >= 1x1 works (the model pads internally), but padding the *image* to the window
+        # by reflection is the official evaluation protocol and what esc_arch.upscale does, so
+        # spandrel hosts (chaiNNer, ComfyUI's stock nodes) give the same pixels at the borders.
+        # (The arbitrary-scale model is evaluated unpadded upstream: its encoder pads internally.)
+        size_requirements=SizeRequirements(multiple_of=_pad_multiple(model)),
         # Window attention and large kernels are local: tiles only lose context at their borders.
         tiling=ModelTiling.SUPPORTED,
         call_fn=call_fn,
