@@ -47,7 +47,9 @@ def test_training_writes_params_and_ema_and_validates(x2_run):
     # EMA (decay 0.9) lags the trained weights, so the two copies differ.
     assert any(not torch.equal(ckpt["params"][k], ckpt["params_ema"][k]) for k in ckpt["params"])
     log = experiment_log(x2_run, "tiny_x2")
-    assert "network_g.attn_type not set: using 'sdpa'" in log
+    # No attn_type in the YAML: the fastest correct CPU back ends, naive to train, sdpa (flash) for the EMA copy.
+    assert "network_g.attn_type not set: using 'naive' (fastest correct on cpu)" in log
+    assert "net_g_ema (inference only) uses attn_type 'sdpa'" in log
     psnrs = validation_values(log, "tinyval")
     assert len(psnrs) == 2 and all(10 < v < 60 for v in psnrs)
     assert not list(models.glob(".*tmp")), "temporary checkpoint files left behind"

@@ -16,7 +16,7 @@ import torch
 from basicsr.models.sr_model import SRModel
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from basicsr_plugin.models.mixins import AtomicCheckpointMixin, fill_default_attention
+from basicsr_plugin.models.mixins import AtomicCheckpointMixin, fill_default_attention, use_inference_attention
 
 
 @MODEL_REGISTRY.register()
@@ -24,8 +24,9 @@ class ArbitraryScaleModel(AtomicCheckpointMixin, SRModel):
     """Arbitrary-scale SR model for ESCLTE (see the module docstring)."""
 
     def __init__(self, opt: dict) -> None:
-        fill_default_attention(opt)
+        defaulted = fill_default_attention(opt)
         super().__init__(opt)
+        use_inference_attention(self, defaulted)
 
     def feed_data(self, data: dict) -> None:
         self.lq = data["lq"].to(self.device)

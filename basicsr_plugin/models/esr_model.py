@@ -17,7 +17,7 @@ import torch
 from basicsr.models.sr_model import SRModel
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from basicsr_plugin.models.mixins import AtomicCheckpointMixin, WindowPaddedTestMixin, fill_default_attention
+from basicsr_plugin.models.mixins import AtomicCheckpointMixin, WindowPaddedTestMixin, fill_default_attention, use_inference_attention
 
 
 @MODEL_REGISTRY.register()
@@ -25,8 +25,9 @@ class ESRModel(AtomicCheckpointMixin, WindowPaddedTestMixin, SRModel):
     """Single-image SR model for the ESC family (see the module docstring)."""
 
     def __init__(self, opt: dict) -> None:
-        fill_default_attention(opt)
+        defaulted = fill_default_attention(opt)
         super().__init__(opt)
+        use_inference_attention(self, defaulted)
 
     def optimize_parameters(self, current_iter: int) -> None:
         self.optimizer_g.zero_grad(set_to_none=True)

@@ -25,14 +25,31 @@ from basicsr_plugin.checkpoint_io import atomic_torch_save
 ARCHS_WITH_ATTENTION = {"ESC", "ESCFP", "ESCReal", "ESCRealM", "ESCLTE"}
 
 
-def fill_default_attention(opt: dict, key: str = "network_g") -> None:
-    """Set ``opt[key]['attn_type']`` to the fastest correct back end for the device if the YAML leaves it out."""
+def _device_type(opt: dict) -> str:
+    return "cuda" if opt.get("num_gpu", 0) != 0 and torch.cuda.is_available() else "cpu"
+
+
+def fill_default_attention(opt: dict, key: str = "network_g") -> bool:
+    """Set ``opt[key]['attn_type']`` to the fastest correct back end if the YAML leaves it out; True if it did.
+
+    The trained network gets the best training back end; :func:`use_inference_attention` later switches the EMA copy
+    (which only ever runs inference) to the best inference back end.
+    """
     net_opt = opt.get(key)
     if not net_opt or net_opt.get("type") not in ARCHS_WITH_ATTENTION or net_opt.get("attn_type"):
-        return
-    device = "cuda" if opt.get("num_gpu", 0) != 0 and torch.cuda.is_available() else "cpu"
+        return False
+    device = _device_type(opt)
     net_opt["attn_type"] = default_attention_backend(device, training=bool(opt.get("is_train")))
     get_root_logger().info(f"{key}.attn_type not set: using '{net_opt['attn_type']}' (fastest correct on {device})")
+    return True
+
+
+def use_inference_attention(model, defaulted: bool) -> None:
+    """After building: give the EMA network the fastest inference back end (only when the YAML chose none)."""
+    if defaulted and hasattr(model, "net_g_ema"):
+        backend = default_attention_backend(_device_type(model.opt), training=False)
+        model.net_g_ema.set_attention_backend(backend)
+        get_root_logger().info(f"net_g_ema (inference only) uses attn_type '{backend}'")
 
 
 class WindowPaddedTestMixin:

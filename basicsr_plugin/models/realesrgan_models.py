@@ -18,7 +18,7 @@ from basicsr.models.srgan_model import SRGANModel
 from basicsr.utils import DiffJPEG, USMSharp
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from basicsr_plugin.models.mixins import AtomicCheckpointMixin, WindowPaddedTestMixin, fill_default_attention
+from basicsr_plugin.models.mixins import AtomicCheckpointMixin, WindowPaddedTestMixin, fill_default_attention, use_inference_attention
 
 
 class _DeviceAwareDegradationMixin:
@@ -62,9 +62,10 @@ class ESCRealMSEModel(AtomicCheckpointMixin, WindowPaddedTestMixin, _DeviceAware
     """Real-ESRGAN "Net" stage (pixel loss only) on any device."""
 
     def __init__(self, opt: dict) -> None:
-        fill_default_attention(opt)
+        defaulted = fill_default_attention(opt)
         SRModel.__init__(self, opt)  # skip RealESRNetModel.__init__, whose only extra work is the .cuda() calls
         self._init_degradation(opt)
+        use_inference_attention(self, defaulted)
 
 
 @MODEL_REGISTRY.register()
@@ -72,9 +73,10 @@ class ESCRealGANModel(AtomicCheckpointMixin, WindowPaddedTestMixin, _DeviceAware
     """Real-ESRGAN GAN stage (pixel + perceptual + GAN losses, UNet discriminator) on any device."""
 
     def __init__(self, opt: dict) -> None:
-        fill_default_attention(opt)
+        defaulted = fill_default_attention(opt)
         SRGANModel.__init__(self, opt)  # skip RealESRGANModel.__init__ (.cuda() calls only)
         self._init_degradation(opt)
+        use_inference_attention(self, defaulted)
 
 
 @MODEL_REGISTRY.register()
