@@ -17,8 +17,11 @@ How an image goes through it
 4. **Tiling.** The padded image is cut on the window grid into ``tile x tile`` cores; each core
    is run with ``overlap`` pixels of real image context on every side (rounded up to a multiple
    of the window so that every attention window of a tile is a window of the whole image) and
-   only the core of the result is kept ("crop-overlap"). With the default overlap the tiled
-   output matches the untiled one to well under 1/255, so there are no seams to blend away.
+   only the core of the result is kept ("crop-overlap"). ESC's dynamic kernels come from a
+   *global* average of the features, so when a model that uses them is tiled, a first pass over
+   the tiles gathers whole-image averages and the output pass gives them to every tile
+   (:class:`_GlobalPooling`). With the default overlap the tiled output matches the untiled one
+   within 1/255 on 8-bit output, so there are no seams to blend away.
 5. **Memory.** ``tile='auto'`` picks the largest tile whose estimated working memory fits the
    device's free memory (capped on CPU, where bigger tiles are not faster). On out-of-memory
    (CUDA OOM, or a CPU allocation failure) the tile is halved and the remaining tiles are
