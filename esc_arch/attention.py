@@ -13,8 +13,10 @@ and shared by every block; upstream builds a Python-loop table per block (64 MiB
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import shutil
 from typing import Literal
 
@@ -165,6 +167,23 @@ class WindowAttention(nn.Module):
         return scores.softmax(dim=-1) @ v
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler backend's native start/stop lines (written to fd 2, not sys.stderr)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 _KERNEL_NAMES = {
     "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
     "_scaled_dot_product_flash_attention": "flash (CUDA)",
@@ -193,7 +212,7 @@ def sdpa_kernel_name(
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=training) for _ in range(3))
     bias = torch.zeros(1, num_heads, tokens, tokens, device=device, dtype=dtype, requires_grad=training)
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.set_grad_enabled(training), torch.profiler.profile(activities=activities) as prof:
+    with _quiet_stderr(), torch.set_grad_enabled(training), torch.profiler.profile(activities=activities) as prof:
         F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     names = [event.name.removeprefix("aten::") for event in prof.events()]
     for op, label in _KERNEL_NAMES.items():

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers import pad_to_multiple
+
 __all__ = [
     "DEFAULT_OVERLAP",
     "EngineError",
@@ -59,7 +61,6 @@ __all__ = [
     "resolve_precision",
     "auto_tile_size",
     "is_out_of_memory",
-    "reflect_pad",
 ]
 
 TileSpec = Union[Literal["auto"], int, None]
@@ -251,31 +252,6 @@ def auto_tile_size(model: nn.Module, device: torch.device, dtype: torch.dtype, *
 
 
 # ------------------------------------------------------------------------------------------ padding
-
-
-def _reflect_indices(size: int, padded: int, device: torch.device) -> torch.Tensor:
-    """Indices 0..padded-1 mapped into 0..size-1 by mirror reflection (no edge repeat).
-
-    For ``padded - size < size`` this is exactly ``F.pad(mode='reflect')`` on the right/bottom;
-    beyond that it keeps reflecting back and forth (a 1-pixel side repeats), so tiny images pad too.
-    """
-    idx = torch.arange(padded, device=device)
-    if size == 1:
-        return torch.zeros_like(idx)
-    period = 2 * (size - 1)
-    idx = idx % period
-    return torch.where(idx < size, idx, period - idx)
-
-
-def reflect_pad(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Reflect-pad ``NCHW`` on the right and bottom to multiples of ``multiple`` (official protocol)."""
-    h, w = x.shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    if ph == 0 and pw == 0:
-        return x
-    rows = _reflect_indices(h, h + ph, x.device)
-    cols = _reflect_indices(w, w + pw, x.device)
-    return x.index_select(-2, rows).index_select(-1, cols)
 
 
 def _window_of(model: nn.Module) -> int:
@@ -605,7 +581,7 @@ def _run_fixed_scale(
 ) -> torch.Tensor:
     """Upscale one ``(1, 3, h, w)`` float32 CPU image with a fixed-scale model; returns ``(1, 3, h*s, w*s)``."""
     h, w = lr.shape[-2:]
-    padded = reflect_pad(lr, window)
+    padded = pad_to_multiple(lr, window)
     ph, pw = padded.shape[-2:]
     context = _context_pixels(overlap, window)
     out = torch.empty((1, 3, h * scale, w * scale), dtype=torch.float32)

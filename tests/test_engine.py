@@ -66,10 +66,12 @@ def test_untiled_run_is_the_papers_protocol_reflect_pad_run_crop(model):
 
 
 def test_reflect_pad_matches_torch_and_handles_images_smaller_than_the_pad():
+    from esc_arch import pad_to_multiple
+
     x = torch.rand(1, 3, 20, 9)
-    torch.testing.assert_close(engine.reflect_pad(x, 8), F.pad(x, (0, 7, 0, 4), mode="reflect"))
+    torch.testing.assert_close(pad_to_multiple(x, 8), F.pad(x, (0, 7, 0, 4), mode="reflect"))
     tiny_image = torch.rand(1, 3, 3, 1)  # torch's reflect padding would refuse this
-    padded = engine.reflect_pad(tiny_image, 16)
+    padded = pad_to_multiple(tiny_image, 16)
     assert padded.shape == (1, 3, 16, 16)
     assert torch.equal(padded[..., :3, :1], tiny_image) and torch.equal(padded[..., 4, 0], tiny_image[..., 0, 0])
 
