@@ -118,7 +118,8 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = None) -> st
            "(interleaved runs) are the meaningful part.**" if results.get("shared_load") else "the machine was idle."),
         "- Memory: " + ("CUDA `max_memory_allocated` over the timed runs." if machine.get("device") == "cuda" else
                         "peak RSS of a fresh process over the timed runs, minus its RSS after the imports "
-                        "(weights + input + activations + caches + lazily loaded kernels)."),
+                        "(weights + input + activations + caches + lazily loaded kernels), glibc mmap threshold "
+                        "fixed so freed tensors leave the RSS."),
         "",
     ]
     targets = results.get("targets") or []
@@ -283,3 +284,27 @@ def plot_teaser(results: dict[str, Any], path: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Regenerate the README's results section from the full results files, without measuring anything:
+    ``python -m benchmarks.report [--results DIR] [--readme PATH]``."""
+    import argparse
+
+    from .common import RESULTS_DIR
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parent / "README.md")
+    args = parser.parse_args(argv)
+    found = load_results(args.results)
+    if not found:
+        print(f"no full results file in {args.results}; run python -m benchmarks.run_all first")
+        return 1
+    update_readme(args.readme, [render_markdown(data, data.get("plot")) for _, data in found])
+    print(f"updated {args.readme} from {len(found)} results file(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
