@@ -352,6 +352,7 @@ def save_model(model: ESCModelBase, path: PathLike, *, half: bool = False) -> Pa
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(metadata), "format": "pt"})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved model is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

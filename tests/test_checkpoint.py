@@ -179,12 +179,10 @@ def test_hyperparameters_are_inferred_from_tensors_alone(factory, arch):
     assert {k: v for k, v in kwargs.items()} == expected
 
 
-def test_load_default_model_when_embedded_weights_exist():
+def test_embedded_default_model_is_small_fp16_and_loads_by_name():
     from esc_arch.checkpoint import DEFAULT_MODEL_FILE
 
-    if not DEFAULT_MODEL_FILE.exists():
-        with pytest.raises(CheckpointError, match="embedded default model is missing"):
-            esc_arch.load_model("default")
-    else:
-        model = esc_arch.load_model("default")
-        assert model.scale == 4
+    assert DEFAULT_MODEL_FILE.stat().st_size < 2 * 2**20
+    assert esc_arch.read_state_dict(DEFAULT_MODEL_FILE)["plk_filter"].dtype == torch.float16
+    model = esc_arch.load_model("default")
+    assert (model.arch_name, model.scale, model.hyperparameters) == ("ESC", 4, esc_arch.esc_tiny(4).hyperparameters)

@@ -216,13 +216,6 @@ def test_esc_sr_main_runs_the_demo_and_reports_errors_in_one_line(tiny_x4, tmp_p
     assert len(err) == 1 and err[0].startswith("esc-sr demo: error: unknown model name: ESC_DIV2K_X5")
 
 
-from esc_arch.checkpoint import DEFAULT_MODEL_FILE  # noqa: E402
-
-
-@pytest.mark.skipif(
-    not DEFAULT_MODEL_FILE.is_file(),
-    reason=f"the embedded default model ({DEFAULT_MODEL_FILE.name}) is not shipped yet (issue 7, part 2)",
-)
 def test_demo_on_the_embedded_default_model_beats_bicubic(tmp_path):
     # The README's first command: no --model, no --image, no network.
     result = demo.run_demo(tmp_path)
