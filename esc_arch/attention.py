@@ -43,6 +43,13 @@ def normalize_backend(name: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _relative_index_cpu(window_size: int) -> torch.Tensor:
+    # Built outside inference mode: an inference tensor in this shared cache would break any later
+    # training forward in the same process ("Inference tensors cannot be saved for backward").
+    with torch.inference_mode(False), torch.no_grad():
+        return _build_relative_index(window_size)
+
+
+def _build_relative_index(window_size: int) -> torch.Tensor:
     coords = torch.arange(window_size * window_size)
     row, col = coords // window_size, coords % window_size
     span = 2 * window_size - 1
@@ -57,7 +64,7 @@ def _tracing() -> bool:
 def relative_position_index(window_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(ws^2, ws^2) LongTensor mapping (query token, key token) to a column of the bias table."""
     if _tracing():  # never let a traced/fake tensor into the cache
-        return _relative_index_cpu.__wrapped__(window_size).to(device)
+        return _build_relative_index(window_size).to(device)
     return _relative_index_cpu(window_size).to(device)
 
 
@@ -148,6 +155,7 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.reshape(3, b * nh * nw, heads, ws * ws, c).unbind(0)
 
         out = self._attend(q, k, v, self.attention_bias(q.dtype))
+        del qkv, q, k, v  # free the partitioned projections before un-partitioning (peak memory)
 
         out = out.view(b, nh, nw, heads, ws, ws, c).permute(0, 3, 6, 1, 4, 2, 5)
         out = out.reshape(b, self.dim, hp, wp).to(dtype)[:, :, :h, :w]

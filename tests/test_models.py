@@ -156,3 +156,11 @@ def test_model_exposes_host_facing_attributes():
     model = esc_arch.esc_light(3)
     assert (model.arch_name, model.scale, model.window_size) == ("ESC", 3, 32)
     assert esc_arch.ESC(**model.hyperparameters).hyperparameters == model.hyperparameters
+
+
+def test_training_works_after_an_inference_pass_in_the_same_process():
+    model = small_esc(window_size=4)  # a window size no other test has cached yet
+    with torch.inference_mode():
+        model.eval()(torch.rand(1, 3, 8, 8))
+    model.train()(torch.rand(1, 3, 8, 8)).mean().backward()
+    assert model.blocks[0].attn.relative_position_bias.grad is not None
