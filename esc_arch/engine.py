@@ -67,8 +67,8 @@ TileSpec = Union[Literal["auto"], int, None]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 ProgressSpec = Union[bool, Callable[[int, int], None]]
 
-# LR pixels of context kept around each tile (rounded up to the window). Measured with the trained
-# upstream ESC x4 weights on a photo with 64 px tiles (benchmarks/bench_seams.py): 32 px of
+# LR pixels of context kept around each tile (rounded up to the window). Measured with the golden
+# fixtures' ESC x4 weights (upstream format, random values with every path active) on a photo with 64 px tiles (benchmarks/bench_seams.py): 32 px of
 # context leave errors up to 5/255 at tile borders, 64 px at most 1/255. The context costs
 # about (1 + 2*64/tile)^2 more work: 1.56x at 512 px tiles.
 DEFAULT_OVERLAP = 64
