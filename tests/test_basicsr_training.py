@@ -32,9 +32,11 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def x2_run(tmp_path_factory, data) -> Path:
-    """One real 4-iteration x2 training run (checkpoints at 2 and 4, validation at 4), shared by several tests."""
+    """One real 4-iteration x2 training run (checkpoints and validation at 2 and 4), shared by several tests."""
     cwd = tmp_path_factory.mktemp("x2_run")
-    opt = write_options(cwd / "x2.yml", esr_options("tiny_x2", data["train"], data["val"]))
+    opt = esr_options("tiny_x2", data["train"], data["val"])
+    opt["val"]["val_freq"] = 2  # validating twice checks that the second one sees the updated EMA weights
+    opt = write_options(cwd / "x2.yml", opt)
     train(cwd, opt)
     return cwd
 
@@ -51,7 +53,7 @@ def test_training_writes_params_and_ema_and_validates(x2_run):
     assert "network_g.attn_type not set: using 'naive' (fastest correct on cpu)" in log
     assert "net_g_ema (inference only) uses attn_type 'sdpa'" in log
     psnrs = validation_values(log, "tinyval")
-    assert len(psnrs) == 2 and all(10 < v < 60 for v in psnrs)
+    assert len(psnrs) == 3 and all(10 < v < 60 for v in psnrs)  # at iter 2, iter 4, and after training
     assert not list(models.glob(".*tmp")), "temporary checkpoint files left behind"
 
 
@@ -67,7 +69,11 @@ def test_checkpoint_loads_unchanged_in_esc_arch(x2_run):
 
 
 def test_test_py_reproduces_the_training_validation(x2_run, data):
-    """test.py loads params_ema into the network and runs the padded protocol: the same PSNR as the last validation."""
+    """test.py loads params_ema into the network and runs the padded protocol: the same PSNR as the last validation.
+
+    The training-time validation at iter 4 follows one at iter 2: it must not reuse kernels cached from the EMA
+    weights of iter 2 (BasicSR's EMA update does not bump the parameters' version counters).
+    """
     opt = esr_options("tiny_x2", data["train"], data["val"])
     test_opt = {
         "name": "tiny_x2_test", "model_type": "ESRModel", "scale": 2, "num_gpu": 0, "manual_seed": 0,

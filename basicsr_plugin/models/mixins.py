@@ -52,6 +52,18 @@ def use_inference_attention(model, defaulted: bool) -> None:
         get_root_logger().info(f"net_g_ema (inference only) uses attn_type '{backend}'")
 
 
+def forget_stale_inference_caches(net: torch.nn.Module) -> None:
+    """Drop esc_arch's inference caches (ensembled kernel, attention bias) before a training-time validation.
+
+    They are keyed on the parameters' version counters, but BasicSR's EMA update writes through ``param.data``,
+    which does not bump them: without this, validation would reuse kernels computed from older EMA weights.
+    Called for every test image (``is_train`` is switched off during validation by the Real-ESRGAN models, so it
+    cannot tell a training-time validation apart); recomputing them is cheap next to the forward pass.
+    """
+    if hasattr(net, "clear_inference_cache"):
+        net.clear_inference_cache()
+
+
 class WindowPaddedTestMixin:
     """``test()`` as in the official ESRModel: pad to the window, run the bare (EMA) network, crop to h*s x w*s."""
 
@@ -63,6 +75,7 @@ class WindowPaddedTestMixin:
         multiple = int(getattr(net, "window_size", None) or self.opt.get("network_g", {}).get("window_size", 1))
         scale = int(getattr(net, "scale", None) or self.opt["scale"])
         h, w = self.lq.shape[-2:]
+        forget_stale_inference_caches(net)
         was_training = net.training
         net.eval()
         with torch.no_grad():
