@@ -77,6 +77,12 @@ class ESCModelBase(nn.Module):
             if isinstance(module, WindowAttention):
                 module.clear_cache()
 
+    def train(self, mode: bool = True):
+        # Training loops may rewrite weights through ``param.data`` (BasicSR's EMA does), which does
+        # not bump the version counters the caches are keyed on; every train()/eval() starts afresh.
+        self.clear_inference_cache()
+        return super().train(mode)
+
     def _apply(self, fn, recurse=True):  # .to()/.half()/.cuda() invalidate device/dtype-bound caches
         self.clear_inference_cache()
         return super()._apply(fn, recurse)

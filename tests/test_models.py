@@ -164,3 +164,16 @@ def test_training_works_after_an_inference_pass_in_the_same_process():
         model.eval()(torch.rand(1, 3, 8, 8))
     model.train()(torch.rand(1, 3, 8, 8)).mean().backward()
     assert model.blocks[0].attn.relative_position_bias.grad is not None
+
+
+def test_weights_rewritten_through_data_are_seen_after_eval():
+    """EMA updates write through ``param.data`` (no version bump); eval() must not serve stale kernels."""
+    model = _randomize(small_esc()).eval()
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        model.plk_filter.data.mul_(3)
+        model.blocks[0].attn.relative_position_bias.data.mul_(3)
+        model.eval()
+        after = model(x)
+    assert (after - before).abs().max() > 1e-4
