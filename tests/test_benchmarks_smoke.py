@@ -6,7 +6,6 @@ It checks structure, never timings (those belong to ``python -m benchmarks.run_a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,11 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of scripts at the repo root, not an installed package
     sys.path.insert(0, str(REPO))
 
-# Optional extras (pip install esc-sr[bench]): the plot needs matplotlib, the peer models spandrel.
-pytest.importorskip("matplotlib", reason="the benchmark report needs matplotlib (pip install esc-sr[bench])")
-if importlib.util.find_spec("spandrel") is None:  # found, not imported: importing needs the torchvision shim
-    pytest.skip("the peer models come from spandrel (pip install esc-sr[bench])", allow_module_level=True)
-
+# The plot needs matplotlib and the peer models spandrel: both come with esc-sr[bench] (in [all]).
 from benchmarks import report, run_all  # noqa: E402
 from benchmarks.common import parse_size, peak_rss_bytes, reset_peak_rss  # noqa: E402
 from benchmarks.peak_memory import run_case  # noqa: E402

@@ -170,22 +170,6 @@ def test_pack_is_loaded_as_custom_node_with_its_nodes(server):
     assert {RANDOM_ESC, GOLDEN_ESC, RANDOM_LTE} <= set(loader_files)
 
 
-def _esc_fails_on_inference_tensors() -> bool:
-    """Whether an ESC network built under torch.inference_mode() (as ComfyUI's stock loader
-    builds it) fails its forward: esc_arch's inference caches read ``tensor._version``, which
-    inference tensors do not have ("Inference tensors do not track version counter")."""
-    with torch.inference_mode():
-        network = esc_arch.esc_tiny(scale=2).eval()
-        try:
-            network(torch.rand(1, 3, 16, 16))
-        except RuntimeError as exc:
-            return "version counter" in str(exc)
-    return False
-
-
-@pytest.mark.xfail(_esc_fails_on_inference_tensors(), strict=True,
-                   reason="esc_arch bug: inference caches key on tensor._version, which the inference tensors "
-                          "ComfyUI's stock loader creates lack (fix in esc_arch/base.py and attention.py)")
 @pytest.mark.parametrize("model_name", [RANDOM_ESC, GOLDEN_ESC])
 def test_stock_loader_and_upscaler_run_esc_checkpoints(server, models, model_name):
     """Stock LoadImage -> UpscaleModelLoader -> ImageUpscaleWithModel -> SaveImage, ESC via spandrel.
