@@ -88,7 +88,7 @@ def test_chainner_loading_sequence_loads_esc_pth_and_safetensors(full_python: Pa
     files = [
         str(GOLDEN_DIR / "escrealm_pixelshuffle_x4.ckpt.pth"),          # official BasicSR .pth
         str(GOLDEN_DIR / "trainner_escrealm_x2.ckpt.safetensors"),      # traiNNer-redux safetensors
-        str(GOLDEN_DIR / "escrealm_dysample_x4.ckpt.pth"),              # supports_half False -> .float()
+        str(GOLDEN_DIR / "lte_esc.ckpt.pth"),                           # supports_half False -> .float()
         str(ours),                                                      # written by esc_arch.save_model
     ]
     install_hook(full_python)
@@ -102,7 +102,7 @@ def test_chainner_loading_sequence_loads_esc_pth_and_safetensors(full_python: Pa
     assert [(r["arch"], r["scale"], r["dtype"]) for r in report["results"]] == [
         ("ESCRealM", 4, "torch.float16"),
         ("ESCRealM", 2, "torch.float16"),
-        ("ESCRealM", 4, "torch.float32"),
+        ("ESCLTE", 4, "torch.float32"),
         ("ESC", 2, "torch.float16"),
     ]
     for result in report["results"]:
