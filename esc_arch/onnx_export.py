@@ -110,34 +110,19 @@ def _rot90_symbolic(g, input, k, dims):
     return flip(transpose(input), b)
 
 
-_NO_CROP = 2**20
-
-
 @contextlib.contextmanager
 def _export_friendly(model: nn.Module) -> Iterator[None]:
-    """Swap in the export formulations (see the module docstring) for the duration of an export.
-
-    ESCRealM also crops its output to ``int(h * scale)``; ``int()`` would freeze the example's size
-    into the graph, so while tracing its ``scale`` is set so large that this crop keeps everything,
-    and :class:`ClampedForExport` does the (same) crop with symbolic sizes instead.
-    """
+    """Swap in the export formulations (see the module docstring) for the duration of an export."""
     from . import blocks
-    from .esc_real import ESCRealM
 
     original = blocks.per_sample_depthwise_conv
     blocks.per_sample_depthwise_conv = _per_sample_depthwise_conv_taps
     torch.onnx.register_custom_op_symbolic("aten::rot90", _rot90_symbolic, OPSET)
-    cropping = [m for m in model.modules() if isinstance(m, ESCRealM)]
-    scales = [m.scale for m in cropping]
-    for m in cropping:
-        m.scale = _NO_CROP
     try:
         yield
     finally:
         blocks.per_sample_depthwise_conv = original
         torch.onnx.unregister_custom_op_symbolic("aten::rot90", OPSET)
-        for m, scale in zip(cropping, scales):
-            m.scale = scale
 
 
 class ClampedForExport(nn.Module):
