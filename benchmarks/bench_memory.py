@@ -1,4 +1,4 @@
-"""Peak memory of ``esc_arch.upscale`` on a large image: memory is bounded by the tile, not the image.
+"""Peak memory of ``esc_sr.upscale`` on a large image: memory is bounded by the tile, not the image.
 
     python -m benchmarks.bench_memory                                   # 3840x2160 x2, esc_tiny, tile auto
     python -m benchmarks.bench_memory --preset esc --size 1920x1080
@@ -33,7 +33,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import esc_arch
-    from esc_arch import engine
+    from esc_sr import engine
 
     rss_imports = current_rss_bytes()
     torch.manual_seed(0)

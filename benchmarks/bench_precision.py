@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from esc_arch import engine
-    from esc_arch.cli import load_cli_model
+    from esc_sr import engine
+    from esc_sr.cli import load_cli_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))

@@ -5,7 +5,7 @@
 
 Small tiles make many borders, so the worst case shows quickly. The default photo is a 256x192 crop of a
 SunHays80 image in ../shared; the default model, the trained upstream ESC x4 checkpoint of the golden
-fixtures. This is how ``esc_arch.engine.DEFAULT_OVERLAP`` was chosen.
+fixtures. This is how ``esc_sr.engine.DEFAULT_OVERLAP`` was chosen.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from esc_arch import engine
-    from esc_arch.cli import load_cli_model
+    from esc_sr import engine
+    from esc_sr.cli import load_cli_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))

@@ -1,4 +1,4 @@
-"""Latency and peak memory of ``esc_arch.upscale`` at the paper's protocol, per preset and attention backend.
+"""Latency and peak memory of ``esc_sr.upscale`` at the paper's protocol, per preset and attention backend.
 
     python -m benchmarks.bench_upscale                      # esc, esc_light, esc_fp x sdpa, flex, naive
     python -m benchmarks.bench_upscale --presets esc --backends sdpa --runs 3
@@ -29,7 +29,7 @@ BACKENDS = ("sdpa", "naive", "flex")
 def workload(case: dict[str, Any], device: torch.device):
     """Child side: the model and input of one case; returns the timed call and facts about it."""
     import esc_arch
-    from esc_arch import engine
+    from esc_sr import engine
 
     torch.manual_seed(0)
     model = esc_arch.PRESETS[case["preset"]](case["scale"], attn_type=case["backend"]).eval().to(device)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args.presets, args.backends, device=args.device, runs=args.runs, warmup=args.warmup, on_row=save)
     save(rows)
     cpu = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('logical_cpus')} logical CPUs)"
-    print(f"esc_arch.upscale, x4, 320x180 -> 1280x720, batch 1, fp32, {args.runs} runs after {args.warmup} warm-up, "
+    print(f"esc_sr.upscale, x4, 320x180 -> 1280x720, batch 1, fp32, {args.runs} runs after {args.warmup} warm-up, "
           f"on {cpu}, torch {machine['torch']}, load average at start {machine.get('load_average_at_start')}\n")
     print(format_table(rows))
     print(f"\nwrote {args.out}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from esc_arch.chainner_hook import HOOK_MODULE, install_hook  # noqa: E402
+from esc_sr.chainner_hook import HOOK_MODULE, install_hook  # noqa: E402
 
 
 def _start_time(python: Path) -> float:

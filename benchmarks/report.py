@@ -158,7 +158,7 @@ def render_markdown(results: dict[str, Any], plot_name: str | None = None) -> st
         out.append("")
     scaling = results.get("scaling")
     if scaling and scaling.get("rows"):
-        out += [f"**Scaling**: {scaling['preset']} ×{scaling['scale']} through `esc_arch.upscale`, fp32, "
+        out += [f"**Scaling**: {scaling['preset']} ×{scaling['scale']} through `esc_sr.upscale`, fp32, "
                 f"untiled and tiled (tile {scaling['tile']})", "",
                 "| mode | LR input | pixels | latency (ms) | ms / kpixel | peak mem (MB) |", "|---|---|---:|---:|---:|---:|"]
         for r in scaling["rows"]:

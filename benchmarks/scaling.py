@@ -1,5 +1,5 @@
 """How ESC's cost grows with the image: latency and peak memory against input pixels, with and without
-tiling through ``esc_arch.upscale`` (the engine every front end uses).
+tiling through ``esc_sr.upscale`` (the engine every front end uses).
 
 Expected shape: latency linear in pixels (all of ESC's operators are local: convolutions and fixed-size
 windows), memory linear without tiling and bounded by the tile with it.  Each case runs in a fresh
@@ -22,8 +22,9 @@ from .peak_memory import measure_case
 
 
 def workload(case: dict[str, Any], device: torch.device):
-    """Child side: ``esc_arch.upscale`` of a random square image, tiled or not, fp32."""
+    """Child side: ``esc_sr.upscale`` of a random square image, tiled or not, fp32."""
     import esc_arch
+    import esc_sr
 
     model = esc_arch.PRESETS[case.get("preset", "esc")](SCALE).eval()
     with torch.no_grad():  # trained models have non-zero dynamic-kernel predictors (zero-initialised upstream);
@@ -36,7 +37,7 @@ def workload(case: dict[str, Any], device: torch.device):
     tile = case.get("tile")
 
     def forward():
-        return esc_arch.upscale(model, x, tile=tile, precision="fp32", device=device)
+        return esc_sr.upscale(model, x, tile=tile, precision="fp32", device=device)
 
     info = {"preset": case.get("preset", "esc"), "side": side, "pixels": side * side, "tile": tile,
             "backend": model.attn_type}

@@ -1,7 +1,7 @@
 """The ESC nodes (ComfyUI's V1 node API, so they run on ComfyUI before and after the V3 schema).
 
 Every node is a thin adapter: checkpoints load through :func:`esc_arch.load_model`, images go
-through :func:`esc_arch.upscale` (the one tiling engine), and the device, memory, progress and
+through :func:`esc_sr.upscale` (the one tiling engine), and the device, memory, progress and
 interrupts come from ComfyUI via :mod:`comfyui_nodes.comfy_bridge`.
 
 ComfyUI tensors: ``IMAGE`` is ``[B, H, W, C]`` float in 0..1 (C = 3, or 4 with alpha);
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 import esc_arch
-from esc_arch import engine
+import esc_sr
+from esc_sr import engine
 
 from . import comfy_bridge as bridge
 from .model_handle import PRECISION_ATTRIBUTE, esc_network, is_arbitrary_scale, precision_preference
@@ -125,7 +126,7 @@ def upscale_image(upscale_model: Any, image: torch.Tensor, *, outscale: float | 
         # not be made under ComfyUI's inference_mode (see LoadESCModel.load); the engine enters
         # inference mode itself for the actual computation.
         with torch.inference_mode(False):
-            return esc_arch.upscale(network, planes, outscale=outscale, tile=tile, overlap=overlap, device=device,
+            return esc_sr.upscale(network, planes, outscale=outscale, tile=tile, overlap=overlap, device=device,
                                     precision=run_precision, alpha=alpha_mode, progress=_ComfyProgress())
 
     try:

@@ -12,8 +12,6 @@ Quick start::
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -22,6 +20,7 @@ __version__ = "0.1.0"
 from .attention import ATTENTION_BACKENDS, WindowAttention, sdpa_kernel_name  # noqa: E402
 from .base import ESCModelBase  # noqa: E402
 from .checkpoint import (  # noqa: E402
+    ARCHITECTURES,
     CheckpointError,
     canonicalize_state_dict,
     detect_architecture,
@@ -34,7 +33,7 @@ from .esc import ESC, ESCFP  # noqa: E402
 from .esc_real import ESCReal, ESCRealM  # noqa: E402
 from .layers import pad_reflect, pad_to_multiple  # noqa: E402
 from .lte import ESCLTE, ESCEncoder  # noqa: E402
-from .presets import PRESETS, esc, esc_fp, esc_light, esc_lte, esc_real, esc_realm, esc_tiny, esc_xl  # noqa: E402
+from .presets import PRESETS, esc, match_preset, esc_fp, esc_light, esc_lte, esc_real, esc_realm, esc_tiny, esc_xl  # noqa: E402
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
@@ -88,19 +87,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def __getattr__(name: str) -> Any:
-    # The engine pulls in no extra dependency at import time of the core.
-    if name == "upscale":
-        from .engine import upscale
-
-        return upscale
-    raise AttributeError(f"module 'esc_arch' has no attribute {name!r}")
-
-
 __all__ = [
-    "ATTENTION_BACKENDS", "CheckpointError", "ESC", "ESCFP", "ESCLTE", "ESCReal", "ESCRealM", "ESCModelBase",
+    "ARCHITECTURES", "ATTENTION_BACKENDS", "CheckpointError", "ESC", "ESCFP", "ESCLTE", "ESCReal", "ESCRealM", "ESCModelBase",
     "PRESETS", "attention_kernel", "canonicalize_state_dict", "count_parameters", "detect_architecture", "esc",
     "esc_fp", "esc_light", "esc_lte", "esc_real", "esc_realm", "esc_tiny", "esc_xl", "fuse", "infer_architecture",
-    "load_model", "pad_reflect", "pad_to_multiple", "read_state_dict", "save_model", "set_attention_backend",
-    "upscale",
+    "load_model", "match_preset", "pad_reflect", "pad_to_multiple", "read_state_dict", "save_model", "set_attention_backend",
 ]

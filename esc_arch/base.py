@@ -29,10 +29,14 @@ class ESCModelBase(nn.Module):
       ``arch_name``        the upstream class name ('ESC', 'ESCFP', 'ESCReal', 'ESCRealM', 'ESCLTE');
       ``hyperparameters``  the keyword arguments that rebuild the model;
       ``scale``            output size / input size;
-      ``window_size``      the attention window; the paper's evaluation reflect-pads inputs to it.
+      ``window_size``      the attention window; the paper's evaluation reflect-pads inputs to it;
+      ``arbitrary_scale``  True when the model renders any real factor (``upscale_by``) rather than ``scale``;
+      ``supports_half``    False when fp16/bf16 inference is measured to be inaccurate (hosts then run fp32).
     """
 
     arch_name: ClassVar[str] = ""
+    arbitrary_scale: ClassVar[bool] = False
+    supports_half: ClassVar[bool] = True
     hyperparameters: dict[str, Any]
     scale: int
     window_size: int

@@ -84,6 +84,11 @@ class ESCLTE(ESCModelBase):
     """
 
     arch_name = "ESCLTE"
+    arbitrary_scale = True
+    # Measured on the golden case: fp16 max error 0.35, bf16 0.83 (the query coordinates and areas need fp32).
+    supports_half = False
+    #: The top of the training range (x1-x4); beyond it, cells are enlarged (see :meth:`query_cell`).
+    trained_scale_max: float = 4.0
 
     def __init__(
         self,
@@ -158,6 +163,20 @@ class ESCLTE(ESCModelBase):
     def forward(self, lr: torch.Tensor, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         return self.query(self.encode(lr), coord, cell)
 
+    @classmethod
+    def query_cell(cls, in_size: tuple[int, int], out_size: tuple[int, int]) -> tuple[float, float]:
+        """The (height, width) of one output pixel in the [-1, 1] frame of the LR image.
+
+        Beyond the training range the cell is enlarged by ``factor / trained_scale_max``, as upstream's test
+        script does: the decoder has never seen smaller cells.
+        """
+        (h, w), (out_h, out_w) = in_size, out_size
+        cell = (2.0 / out_h, 2.0 / out_w)
+        ratio = max(out_h / h, out_w / w)
+        if ratio > cls.trained_scale_max:
+            cell = (cell[0] * ratio / cls.trained_scale_max, cell[1] * ratio / cls.trained_scale_max)
+        return cell
+
     @torch.no_grad()
     def upscale_by(
         self,
@@ -166,13 +185,11 @@ class ESCLTE(ESCModelBase):
         *,
         size: tuple[int, int] | None = None,
         max_queries: int = 65536,
-        cell_clip: float | None = 4.0,
     ) -> torch.Tensor:
         """Upscale a (B, 3, h, w) image by any real ``factor`` (or to ``size`` = (H, W)).
 
         The encoder runs once; the output pixels are decoded in chunks of ``max_queries`` so memory
-        stays bounded for any output size.  ``cell_clip``: for factors above the training range
-        (1-4), cells are enlarged as the upstream test script does (cell * factor / 4).
+        stays bounded for any output size.  Cells follow :meth:`query_cell`.
         """
         h, w = lr.shape[-2:]
         if size is None:
@@ -181,10 +198,7 @@ class ESCLTE(ESCModelBase):
             size = (max(1, round(h * factor)), max(1, round(w * factor)))
         out_h, out_w = size
         coord = make_coord(out_h, out_w, device=lr.device, dtype=lr.dtype)
-        cell = torch.tensor([2.0 / out_h, 2.0 / out_w], device=lr.device, dtype=lr.dtype).expand_as(coord)
-        ratio = max(out_h / h, out_w / w)
-        if cell_clip and ratio > cell_clip:
-            cell = cell * (ratio / cell_clip)
+        cell = torch.tensor(self.query_cell((h, w), size), device=lr.device, dtype=lr.dtype).expand_as(coord)
         encoded = self.encode(lr)
         b = lr.shape[0]
         chunks = []

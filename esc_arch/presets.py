@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
+
+import torch
 
 from .base import ESCModelBase
 from .esc import ESC, ESCFP
@@ -66,3 +69,23 @@ PRESETS: dict[str, Callable[..., ESCModelBase]] = {
     "esc_lte": esc_lte,
     "esc_tiny": esc_tiny,
 }
+
+
+# Hyperparameters that do not define a configuration: the same preset at another scale or attention back end.
+_NOT_CONFIGURATION = ("upscaling_factor", "attn_type")
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_configuration(name: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    with torch.device("meta"):  # no memory, no initialisation cost
+        model = PRESETS[name]()
+    return model.arch_name, tuple((k, v) for k, v in model.hyperparameters.items() if k not in _NOT_CONFIGURATION)
+
+
+def match_preset(model: ESCModelBase) -> str | None:
+    """The name of the preset ``model`` is an instance of (at any scale and attention back end), or None.
+
+    ``esc_real`` and ``esc_realm`` match only with their default upsampler.
+    """
+    mine = (model.arch_name, tuple((k, v) for k, v in model.hyperparameters.items() if k not in _NOT_CONFIGURATION))
+    return next((name for name in PRESETS if _preset_configuration(name) == mine), None)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from esc_arch import cli
-from esc_arch.chainner_hook import HOOK_MODULE, HookError, install_hook, locate, uninstall_hook
+from esc_sr import cli
+from esc_sr.chainner_hook import HOOK_MODULE, HookError, install_hook, locate, uninstall_hook
 
 from golden import GOLDEN_DIR
 

@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 from safetensors import safe_open
 
 import esc_arch
-from esc_arch import cli, images
+from esc_sr import cli, images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = REPO_ROOT.parent / "shared" / "fixtures" / "golden"
@@ -249,12 +249,12 @@ def test_other_modules_register_subcommands(tmp_path, monkeypatch, capsys):
 def test_console_entry_point_as_a_subprocess(folder, model_file, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
-        [sys.executable, "-m", "esc_arch.cli", "upscale", str(folder), "-o", str(tmp_path / "out"),
+        [sys.executable, "-m", "esc_sr.cli", "upscale", str(folder), "-o", str(tmp_path / "out"),
          "-m", str(model_file), "--tile", "16", "--overlap", "16"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 1, proc.stderr
     assert "3 written, 3 failed" in proc.stderr and "Traceback" not in proc.stderr
     assert len(list((tmp_path / "out").iterdir())) == 3
-    proc = subprocess.run([sys.executable, "-m", "esc_arch.cli", "--help"], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "esc_sr.cli", "--help"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and all(name in proc.stdout for name in ("upscale", "info", "convert"))

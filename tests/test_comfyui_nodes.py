@@ -23,7 +23,8 @@ from esc_arch._compat import ensure_torchvision_importable
 ensure_torchvision_importable()  # spandrel imports torchvision; PyPI's needs this next to a CPU torch
 
 import esc_arch  # noqa: E402
-from esc_arch import engine  # noqa: E402
+import esc_sr
+from esc_sr import engine  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,7 +142,7 @@ def comfy_image(height: int, width: int, channels: int = 3, batch: int = 1, seed
 
 def direct(model: torch.nn.Module, image_bhwc: torch.Tensor, **kwargs) -> torch.Tensor:
     """The engine run directly on the same image, back in ComfyUI's BHWC layout."""
-    out = esc_arch.upscale(model, image_bhwc.movedim(-1, 1), device="cpu", precision="fp32", **kwargs)
+    out = esc_sr.upscale(model, image_bhwc.movedim(-1, 1), device="cpu", precision="fp32", **kwargs)
     return out.movedim(1, -1)
 
 
@@ -206,7 +207,7 @@ def test_loader_output_runs_the_way_the_stock_upscale_node_calls_it(nodes, comfy
     lr = comfy_image(16, 32).movedim(-1, 1)
     with torch.inference_mode():
         stock_style = descriptor(lr)
-    expected = esc_arch.upscale(esc_arch.load_model(comfy.models_dir / esc_x2), lr, tile=None, device="cpu")
+    expected = esc_sr.upscale(esc_arch.load_model(comfy.models_dir / esc_x2), lr, tile=None, device="cpu")
     assert stock_style.shape == (1, 3, 32, 64)
     torch.testing.assert_close(stock_style, expected, atol=1e-5, rtol=0)
 
@@ -400,7 +401,7 @@ def test_loader_precision_is_used_by_the_upscale_node(nodes, esc_x2):
     (descriptor,) = nodes.LoadESCModel().load(esc_x2, precision="bf16")
     image = comfy_image(16, 16)
     out, _ = nodes.UpscaleImageESC().upscale(descriptor, image)
-    bf16 = esc_arch.upscale(descriptor.model, image.movedim(-1, 1), device="cpu", precision="bf16").movedim(1, -1)
+    bf16 = esc_sr.upscale(descriptor.model, image.movedim(-1, 1), device="cpu", precision="bf16").movedim(1, -1)
     fp32 = direct(descriptor.model, image)
     torch.testing.assert_close(out, bf16, atol=1e-6, rtol=0)
     assert not torch.allclose(out, fp32, atol=1e-4)  # it really ran in bf16

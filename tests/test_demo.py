@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 import esc_arch
-from esc_arch import demo, hub
-from esc_arch.images import read_image
+import esc_sr
+from esc_sr import demo, hub
+from esc_sr.images import read_image
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "golden"
 
@@ -88,7 +89,7 @@ def test_demo_output_is_the_engine_output_and_psnr_is_recomputable(tiny_x4, tmp_
     hr = _png(demo.SAMPLE_IMAGE)
     lr = _png(result.lr_image)
     model = esc_arch.load_model(tiny_x4)
-    expected = esc_arch.upscale(model, lr, precision="fp32")
+    expected = esc_sr.upscale(model, lr, precision="fp32")
     assert np.array_equal(_png(result.sr_image), expected)
     assert result.psnr["esc"] == pytest.approx(demo.psnr_y(expected, hr, crop_border=4))
     assert result.psnr["bicubic"] == pytest.approx(demo.psnr_y(demo.bicubic_resize(lr, (320, 256)), hr, crop_border=4))
@@ -200,7 +201,7 @@ def test_nearest_upscale_replicates_pixels():
 
 
 def test_esc_sr_main_runs_the_demo_and_reports_errors_in_one_line(tiny_x4, tmp_path, capsys):
-    from esc_arch.cli import main
+    from esc_sr.cli import main
 
     out = tmp_path / "via-main"
     assert main(["demo", "--out", str(out), "-m", str(tiny_x4)]) == 0

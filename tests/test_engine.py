@@ -19,8 +19,8 @@ from PIL import Image as PILImage
 from torch import nn
 
 import esc_arch
-from esc_arch import engine, images
-from esc_arch.engine import DEFAULT_OVERLAP, EngineError, OutOfMemory, upscale
+from esc_sr import engine, images
+from esc_sr.engine import DEFAULT_OVERLAP, EngineError, OutOfMemory, upscale
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTO_1024x768 = SHARED / "data" / "train" / "SunHays80" / "aqueduct_sun_ancegghzusmmvzjn.jpg"

@@ -1,4 +1,4 @@
-"""The official-weights registry and download cache (esc_arch.hub), against a real local HTTP server.
+"""The official-weights registry and download cache (esc_sr.hub), against a real local HTTP server.
 
 A small ``http.server`` on 127.0.0.1 plays the GitHub release: it serves a real checkpoint file
 (a golden BasicSR checkpoint written by the official code) under ``/<NAME>.pth``, honours
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from esc_arch import hub
+from esc_sr import hub
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "golden"
 FIXTURE_CHECKPOINT = GOLDEN / "esc_light_x2.ckpt.pth"  # BasicSR format, like the release assets
@@ -347,7 +347,7 @@ def test_models_download_prefetches_into_the_cache(release, fixture_bytes, tmp_p
 def test_esc_sr_upscale_with_an_official_name_downloads_once(release, tmp_path, capsys):
     from PIL import Image
 
-    from esc_arch.cli import main
+    from esc_sr.cli import main
 
     image = tmp_path / "in.png"
     Image.new("RGB", (12, 10), (120, 80, 40)).save(image)
@@ -359,7 +359,7 @@ def test_esc_sr_upscale_with_an_official_name_downloads_once(release, tmp_path, 
 
 
 def test_esc_sr_models_via_main(release, capsys):
-    from esc_arch.cli import main
+    from esc_sr.cli import main
 
     assert main(["models"]) == 0
     assert "ESC_XL_DF2K_X4_FT" in capsys.readouterr().out

@@ -24,8 +24,8 @@ import torch
 from PIL import Image as PILImage
 
 import esc_arch
-from esc_arch import images
-from esc_arch.engine import upscale
+from esc_sr import images
+from esc_sr.engine import upscale
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,7 +295,7 @@ def test_process_killed_mid_write_never_leaves_a_truncated_destination(tmp_path)
     script = textwrap.dedent(
         f"""
         import os, time, numpy as np
-        from esc_arch import images
+        from esc_sr import images
         real_write = os.write
 
         class SlowFile:  # write half the bytes, then hang until killed

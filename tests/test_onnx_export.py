@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import esc_arch
-from esc_arch import cli
-from esc_arch.onnx_export import CHECK_SIZES, ClampedForExport, OnnxExportError, export_onnx
+from esc_sr import cli
+from esc_sr.onnx_export import CHECK_SIZES, ClampedForExport, OnnxExportError, export_onnx
 
 from golden import GOLDEN_DIR
 

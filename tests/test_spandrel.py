@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 
 import esc_arch
+import esc_sr
 import esc_arch.spandrel as esc_spandrel
 from esc_arch.spandrel import ESC_REGISTRY, LTE_SCALE, install
 
@@ -47,7 +48,7 @@ def _reference(model, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         if model.arch_name == "ESCLTE":
             return model.upscale_by(x, LTE_SCALE).clamp(0, 1)
-        return esc_arch.upscale(model, x, tile=None, precision="fp32").clamp(0, 1)
+        return esc_sr.upscale(model, x, tile=None, precision="fp32").clamp(0, 1)
 
 
 # -- loading every checkpoint ---------------------------------------------------------------------

@@ -176,7 +176,7 @@ def _descriptor(
         input_channels=3,
         output_channels=3,
         # Any size >= 1x1 works (the model pads internally), but padding the *image* to the window
-        # by reflection is the official evaluation protocol and what esc_arch.upscale does, so
+        # by reflection is the official evaluation protocol and what esc_sr.upscale does, so
         # spandrel hosts (chaiNNer, ComfyUI's stock nodes) give the same pixels at the borders.
         # (The arbitrary-scale model is evaluated unpadded upstream: its encoder pads internally.)
         size_requirements=SizeRequirements(multiple_of=_pad_multiple(model)),

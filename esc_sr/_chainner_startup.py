@@ -109,7 +109,7 @@ def activate() -> None:
         sys.meta_path.insert(0, SpandrelImportWatcher())
 
 
-# Only the installed copy hooks the interpreter; importing esc_arch._chainner_startup (tests, the
+# Only the installed copy hooks the interpreter; importing esc_sr._chainner_startup (tests, the
 # installer reading this file) has no side effect.
 if __name__ == "esc_sr_chainner_hook":
     activate()

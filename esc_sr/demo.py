@@ -5,7 +5,7 @@ What it does:
 1. takes a high-resolution (HR) image — by default ``assets/chelsea_256x320.png``, a CC0 crop of
    scikit-image's "chelsea" photo — and crops it to a multiple of the model's scale;
 2. makes the low-resolution (LR) input by bicubic downscaling (see :func:`bicubic_resize`);
-3. upscales the LR image with the model through :func:`esc_arch.upscale`, and with bicubic
+3. upscales the LR image with the model through :func:`esc_sr.upscale`, and with bicubic
    interpolation and nearest-neighbour replication as baselines;
 4. writes a side-by-side comparison PNG (LR nearest | bicubic | ESC | HR) with the PSNR of each
    against the HR image in the captions, plus the LR input and the ESC output, all atomically;
@@ -186,7 +186,7 @@ def _view_window(height: int, width: int) -> tuple[slice, slice]:
 
 
 def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
-    """Any layout read by :func:`esc_arch.images.read_image` -> uint8 RGB (alpha dropped)."""
+    """Any layout read by :func:`esc_sr.images.read_image` -> uint8 RGB (alpha dropped)."""
     from .images import from_float, to_float
 
     if pixels.dtype != np.uint8:
@@ -200,7 +200,8 @@ def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
 
 def _load_model(spec: str) -> tuple[Any, str]:
     """Load ``'default'``, a checkpoint path or an official registry name; return (model, label)."""
-    from . import hub, load_model
+    from esc_arch import load_model
+    from . import hub
 
     if spec == "default":
         return load_model("default"), "embedded default model"
@@ -231,7 +232,7 @@ def run_demo(
     Args:
         out_dir: folder for ``comparison.png``, ``lr.png`` and ``esc_x{scale}.png``.
         model: ``'default'`` (the embedded model), a checkpoint path, an official registry
-            name (downloaded once, see :mod:`esc_arch.hub`), or an already loaded model.
+            name (downloaded once, see :mod:`esc_sr.hub`), or an already loaded model.
         image: an HR image to use instead of the shipped sample.
         device: torch device for the model (default: CPU, or wherever the model already is).
         progress: show the engine's tile progress bar.
@@ -240,8 +241,8 @@ def run_demo(
         A :class:`DemoResult` with the written paths and the PSNRs.
 
     Raises:
-        DemoError, esc_arch.CheckpointError, esc_arch.hub.HubError,
-        esc_arch.images.ImageReadError / ImageWriteError: one-line messages for users.
+        DemoError, esc_arch.CheckpointError, esc_sr.hub.HubError,
+        esc_sr.images.ImageReadError / ImageWriteError: one-line messages for users.
     """
     from .engine import upscale
     from .images import read_image, write_image

@@ -4,7 +4,7 @@ chaiNNer loads PyTorch models with ``spandrel.ModelLoader`` and imports no third
 ESC checkpoints are "unsupported" there.  This installs two files into the target Python's
 site-packages (normally chaiNNer's integrated Python):
 
-* ``esc_sr_chainner_hook.py`` -- a copy of :mod:`esc_arch._chainner_startup` (standard library
+* ``esc_sr_chainner_hook.py`` -- a copy of :mod:`esc_sr._chainner_startup` (standard library
   only; registers ESC when spandrel is imported), and
 * ``esc_sr_chainner_hook.pth`` -- the line ``import esc_sr_chainner_hook``, which Python's
   ``site`` module executes at every start of that interpreter.
@@ -179,7 +179,7 @@ def uninstall_hook(python: str | os.PathLike[str] | None = None) -> tuple[HookLo
 
 
 def add_chainner_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``esc-sr chainner`` subcommand (see :mod:`esc_arch.cli`)."""
+    """The ``esc-sr chainner`` subcommand (see :mod:`esc_sr.cli`)."""
     parser = subparsers.add_parser(
         "chainner",
         help="install/remove the hook that lets chaiNNer (spandrel) load ESC .pth/.safetensors models",

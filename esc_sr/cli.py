@@ -36,13 +36,13 @@ PROG = "esc-sr"
 
 # Subcommand name -> "module:function" adding its parser (see the module docstring). Order = help order.
 SUBCOMMANDS: dict[str, str] = {
-    "upscale": "esc_arch.cli:add_upscale_parser",
-    "info": "esc_arch.cli:add_info_parser",
-    "convert": "esc_arch.cli:add_convert_parser",
-    "models": "esc_arch.hub:add_models_parser",
-    "demo": "esc_arch.demo:add_demo_parser",
-    "export-onnx": "esc_arch.onnx_export:add_export_onnx_parser",
-    "chainner": "esc_arch.chainner_hook:add_chainner_parser",
+    "upscale": "esc_sr.cli:add_upscale_parser",
+    "info": "esc_sr.cli:add_info_parser",
+    "convert": "esc_sr.cli:add_convert_parser",
+    "models": "esc_sr.hub:add_models_parser",
+    "demo": "esc_sr.demo:add_demo_parser",
+    "export-onnx": "esc_sr.onnx_export:add_export_onnx_parser",
+    "chainner": "esc_sr.chainner_hook:add_chainner_parser",
 }
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -68,7 +68,7 @@ def register_subcommand(name: str, target: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``esc-sr`` parser with every registered subcommand."""
-    from . import __version__
+    from esc_arch import __version__
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -131,7 +131,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _is_expected(exc: BaseException) -> bool:
     """Errors whose message is already a complete sentence for the user."""
-    from .checkpoint import CheckpointError
+    from esc_arch import CheckpointError
     from .engine import EngineError
     from .images import ImageReadError, ImageWriteError
 
@@ -149,7 +149,7 @@ def _is_expected(exc: BaseException) -> bool:
 
 
 def load_cli_model(name: str, *, attention: str | None = None):
-    """Load ``-m/--model``: ``default``, a checkpoint path, or an official name (via ``esc_arch.hub``)."""
+    """Load ``-m/--model``: ``default``, a checkpoint path, or an official name (via ``esc_sr.hub``)."""
     import esc_arch
 
     # A model that cannot be had is a usage error (exit 2), reported in one line.

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers import pad_to_multiple
+from esc_arch import pad_to_multiple
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -611,7 +611,7 @@ def _run_fixed_scale(
 
 
 def _is_arbitrary_scale(model: nn.Module) -> bool:
-    return getattr(model, "arch_name", None) == "ESCLTE"
+    return getattr(model, "arbitrary_scale", False)
 
 
 def _output_centres(out_size: int, in_size: int) -> np.ndarray:
@@ -635,10 +635,7 @@ def _run_arbitrary_scale(
     model = runner.model
     h, w = lr.shape[-2:]
     out_h, out_w = max(1, round(h * factor)), max(1, round(w * factor))
-    cell = np.array([2.0 / out_h, 2.0 / out_w])
-    ratio = max(out_h / h, out_w / w)
-    if ratio > 4.0:  # beyond the training range: enlarge cells as upscale_by / upstream do
-        cell = cell * (ratio / 4.0)
+    cell = np.array(model.query_cell((h, w), (out_h, out_w)))
     centre_y, centre_x = _output_centres(out_h, h), _output_centres(out_w, w)
     context = _context_pixels(overlap, window)
     out = torch.empty((1, 3, out_h, out_w), dtype=torch.float32)
@@ -808,8 +805,8 @@ def upscale(
     if not (outscale > 0 and math.isfinite(outscale)):
         raise EngineError(f"outscale must be a positive number, not {outscale!r}")
 
-    if arbitrary and precision == "auto":
-        precision = "fp32"  # LTE query coordinates need more than fp16's 11 bits of mantissa
+    if precision == "auto" and not getattr(model, "supports_half", True):
+        precision = "fp32"  # e.g. LTE: its query coordinates need more than fp16's 11 bits of mantissa
     prepared, run_device, dtype = prepare_model(model, device, precision)
     runner = _Runner(prepared, run_device, dtype, original=model)
     window = _window_of(prepared)

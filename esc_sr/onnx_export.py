@@ -113,7 +113,7 @@ def _rot90_symbolic(g, input, k, dims):
 @contextlib.contextmanager
 def _export_friendly(model: nn.Module) -> Iterator[None]:
     """Swap in the export formulations (see the module docstring) for the duration of an export."""
-    from . import blocks
+    from esc_arch import blocks
 
     original = blocks.per_sample_depthwise_conv
     blocks.per_sample_depthwise_conv = _per_sample_depthwise_conv_taps
@@ -276,7 +276,7 @@ def verify_onnx(
 
 
 def add_export_onnx_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``esc-sr export-onnx`` subcommand (see :mod:`esc_arch.cli`)."""
+    """The ``esc-sr export-onnx`` subcommand (see :mod:`esc_sr.cli`)."""
     parser = subparsers.add_parser(
         "export-onnx",
         help="export an ESC model to ONNX for chaiNNer / onnxruntime (fp32 or fp16)",

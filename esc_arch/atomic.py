@@ -1,0 +1,65 @@
+"""The one way this project writes a file: completely or not at all, with ordinary permissions.
+
+Every writer (checkpoints, ``save_model``, images, ONNX files, the chaiNNer hook, BasicSR training states,
+benchmark results, the demo) goes through :func:`atomic_write`. The data goes to a temporary file in the target's
+own folder (so the final rename never crosses a filesystem), is flushed to disk, gets the permissions a plain
+``open(path, "w")`` would give under the current umask, and is renamed over the target. A crash or a kill at any
+moment leaves either the old file or the new one, plus at worst a hidden ``.esc-sr-tmp-*`` file, never a truncated
+target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+#: Prefix of the temporary files; a folder can be swept for leftovers of killed runs by it.
+TEMP_PREFIX = ".esc-sr-tmp-"
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, it becomes ``path``.
+
+    The temporary file keeps ``path``'s suffix, so writers that choose a format from the file name (Pillow,
+    OpenCV) still do. If the block raises, the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        with open(temp, "rb+") as handle:  # the writer may have closed its own handle without fsync
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp creates 0600
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every OS or filesystem can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,19 @@
+"""esc-sr, the application around the ESC architecture (:mod:`esc_arch`).
+
+``esc_arch`` is the model definition (torch + safetensors + numpy); this package is what runs it for people:
+
+* :mod:`esc_sr.engine`  -- :func:`upscale`: tiled, memory-bounded inference on tensors, numpy arrays and PIL images;
+* :mod:`esc_sr.images`  -- image files in and out (bit depths, alpha, EXIF), atomic writes;
+* :mod:`esc_sr.hub`     -- the official weights, downloaded once into a cache;
+* :mod:`esc_sr.demo`, :mod:`esc_sr.onnx_export`, :mod:`esc_sr.chainner_hook`, :mod:`esc_sr.cli` (``esc-sr``).
+
+Imports go one way: ``esc_sr`` uses ``esc_arch``, never the reverse.
+"""
+
+from __future__ import annotations
+
+from esc_arch import __version__
+
+from .engine import upscale
+
+__all__ = ["__version__", "upscale"]
