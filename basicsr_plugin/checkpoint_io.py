@@ -17,13 +17,22 @@ import torch
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _atomic_write(path: str, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
