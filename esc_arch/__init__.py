@@ -29,6 +29,7 @@ from .checkpoint import (  # noqa: E402
     read_state_dict,
     save_model,
 )
+from .errors import ESCError  # noqa: E402
 from .esc import ESC, ESCFP  # noqa: E402
 from .esc_real import ESCReal, ESCRealM  # noqa: E402
 from .layers import pad_reflect, pad_to_multiple  # noqa: E402
@@ -88,7 +89,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "ARCHITECTURES", "ATTENTION_BACKENDS", "CheckpointError", "ESC", "ESCFP", "ESCLTE", "ESCReal", "ESCRealM", "ESCModelBase",
+    "ARCHITECTURES", "ATTENTION_BACKENDS", "CheckpointError", "ESC", "ESCFP", "ESCLTE", "ESCReal", "ESCRealM", "ESCModelBase", "ESCError",
     "PRESETS", "attention_kernel", "canonicalize_state_dict", "count_parameters", "detect_architecture", "esc",
     "esc_fp", "esc_light", "esc_lte", "esc_real", "esc_realm", "esc_tiny", "esc_xl", "fuse", "infer_architecture",
     "load_model", "match_preset", "pad_reflect", "pad_to_multiple", "read_state_dict", "save_model", "set_attention_backend",

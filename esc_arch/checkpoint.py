@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .base import ESCModelBase
+from .errors import ESCError
 from .esc import ESC, ESCFP
 from .esc_real import ESCReal, ESCRealM
 from .lte import ESCLTE
@@ -36,7 +37,7 @@ ARCHITECTURES: dict[str, type[ESCModelBase]] = {c.arch_name: c for c in (ESC, ES
 DEFAULT_MODEL_FILE = Path(__file__).with_name("weights") / "esc_default_x4.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ESCError, ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason in one line."""
 
 
