@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esc_arch.errors import ESCError
+
 __all__ = [
     "HOOK_MODULE",
     "HookError",
@@ -41,7 +43,7 @@ _PTH_TEXT = f"# {_MARKER}: registers ESC with spandrel when spandrel is imported
 _HOOK_SOURCE = Path(__file__).with_name("_chainner_startup.py")
 
 
-class HookError(RuntimeError):
+class HookError(ESCError, RuntimeError):
     """The hook cannot be installed or removed; the message says why in one line."""
 
 

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from esc_arch.errors import ESCError
+
 __all__ = [
     "SAMPLE_IMAGE",
     "DemoError",
@@ -49,7 +51,7 @@ _PANEL_GAP = 8
 _CAPTION_FONT_SIZE = 15
 
 
-class DemoError(ValueError):
+class DemoError(ESCError, ValueError):
     """A demo input problem (bad image, unusable model); the message is one line for users."""
 
 

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from esc_arch import pad_to_multiple
+from esc_arch.errors import ESCError
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -82,7 +83,7 @@ _AUTO_MEMORY_FRACTION = 0.5
 _AUTO_CPU_BUDGET_CAP = 1 << 30
 
 
-class EngineError(RuntimeError):
+class EngineError(ESCError, RuntimeError):
     """A request the engine cannot carry out (bad argument, unsupported precision, ...)."""
 
 

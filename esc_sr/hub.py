@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from esc_arch.errors import ESCError
+
 __all__ = [
     "RELEASE_BASE_URL",
     "CACHE_ENV",
@@ -124,7 +126,7 @@ REGISTRY: dict[str, ReleaseAsset] = {asset.name: asset for asset in _ASSETS}
 _BY_LOWER_NAME: dict[str, ReleaseAsset] = {name.lower(): asset for name, asset in REGISTRY.items()}
 
 
-class HubError(RuntimeError):
+class HubError(ESCError, RuntimeError):
     """Base class of the errors raised here; the message is one line meant for users."""
 
 

@@ -36,6 +36,8 @@ from typing import Union
 
 import numpy as np
 
+from esc_arch.errors import ESCError
+
 __all__ = [
     "Image",
     "ImageReadError",
@@ -66,7 +68,7 @@ _EXIF_ORIENTATION_TAG = 0x0112
 TEMP_PREFIX = ".esc-sr-tmp-"
 
 
-class ImageReadError(ValueError):
+class ImageReadError(ESCError, ValueError):
     """An input file could not be decoded. ``str()`` is one line naming the file and the reason."""
 
     def __init__(self, path: PathLike, reason: str):
@@ -75,7 +77,7 @@ class ImageReadError(ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-class ImageWriteError(ValueError):
+class ImageWriteError(ESCError, ValueError):
     """An output could not be encoded or written. ``str()`` names the file and the reason."""
 
     def __init__(self, path: PathLike, reason: str):

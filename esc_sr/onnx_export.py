@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esc_arch.errors import ESCError
+
 __all__ = [
     "OPSET",
     "CHECK_SIZES",
@@ -51,7 +53,7 @@ CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 37, 53), (1, 61, 29), (2, 4
 """(batch, height, width) the exported graph is checked at: odd, non-square, a batch of 2."""
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(ESCError, ValueError):
     """The model cannot be exported or the exported graph disagrees with PyTorch (one line)."""
 
 
