@@ -28,15 +28,19 @@ def current_umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike[str], *, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds, it becomes ``path``.
 
     The temporary file keeps ``path``'s suffix, so writers that choose a format from the file name (Pillow,
-    OpenCV) still do. If the block raises, the temporary file is removed and ``path`` is untouched.
+    OpenCV, ``torch.onnx.export``) still do; pass ``suffix`` where a file with the target's suffix would be
+    picked up by something while it is being written (a ``.pth`` file in ``site-packages``). If the block
+    raises, the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    fd, temp_name = tempfile.mkstemp(
+        prefix=TEMP_PREFIX, suffix=path.suffix if suffix is None else suffix, dir=path.parent
+    )
     os.close(fd)
     temp = Path(temp_name)
     try:
@@ -49,6 +53,17 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes, *, suffix: str | None = None) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_write`."""
+    with atomic_write(path, suffix=suffix) as temp, open(temp, "wb") as handle:
+        handle.write(data)
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, suffix: str | None = None) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`."""
+    write_bytes(path, text.encode("utf-8"), suffix=suffix)
 
 
 def _fsync_folder(folder: Path) -> None:

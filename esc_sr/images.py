@@ -20,22 +20,22 @@ What is normalised on the way in:
 
 Pillow decodes everything except 16-bit *colour* PNG/TIFF (Pillow would truncate those to 8 bits),
 which OpenCV decodes instead. Writing uses OpenCV for PNG/TIFF (8/16-bit, 1-4 channels) and Pillow
-for JPEG/WebP/BMP. Every write goes to a temporary file in the destination folder which is renamed
-over the destination only once complete (:func:`write_bytes_atomic`): an interrupted run leaves
-either no file or the previous file, never a truncated one.
+for JPEG/WebP/BMP. Every write goes through :func:`esc_arch.atomic.atomic_write` (a temporary file
+in the destination folder, renamed over the destination only once complete, with the permissions
+the umask gives): an interrupted run leaves either no file or the previous file, never a truncated one.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 
+from esc_arch import atomic
 from esc_arch.errors import ESCError
 
 __all__ = [
@@ -65,7 +65,7 @@ WRITABLE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tif
 
 _EXIF_ORIENTATION_TAG = 0x0112
 # Prefix of the temporary files that atomic writes create next to their destination.
-TEMP_PREFIX = ".esc-sr-tmp-"
+TEMP_PREFIX = atomic.TEMP_PREFIX
 
 
 class ImageReadError(ESCError, ValueError):
@@ -353,27 +353,8 @@ def _encode_with_opencv(pixels: np.ndarray, ext: str) -> bytes:
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either untouched or complete.
-
-    The bytes go to a hidden temporary file in the same folder (same file system, so the final
-    ``os.replace`` is an atomic rename), are flushed and fsync'ed, then renamed over ``path``.
-    On any exception the temporary file is removed; after a hard kill it may remain as
-    ``.esc-sr-tmp-*`` but ``path`` itself is never truncated.
-    """
-    path = Path(path)
-    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``data`` to ``path`` so that ``path`` is either untouched or complete (:func:`esc_arch.atomic.write_bytes`)."""
+    atomic.write_bytes(path, data)
 
 
 def write_image(

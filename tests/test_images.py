@@ -308,8 +308,13 @@ def test_process_killed_mid_write_never_leaves_a_truncated_destination(tmp_path)
             def __enter__(self): return self
             def __exit__(self, *exc): return self.handle.__exit__(*exc)
 
-        real_fdopen = os.fdopen
-        images.os.fdopen = lambda fd, mode: SlowFile(real_fdopen(fd, mode))
+        import builtins
+        from esc_arch import atomic
+        real_open = builtins.open
+        def slow_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            return SlowFile(handle) if mode == "wb" else handle
+        atomic.open = slow_open  # the module-level name shadows the builtin inside esc_arch.atomic
         images.write_image({str(target)!r}, (np.random.rand(256, 256, 3) * 255).astype(np.uint8))
         """
     )
