@@ -13,13 +13,13 @@ import json
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .base import ESCModelBase
 from .errors import ESCError
 from .esc import ESC, ESCFP
@@ -348,14 +348,6 @@ def save_model(model: ESCModelBase, path: PathLike, *, half: bool = False) -> Pa
         "scale": model.scale,
         "esc_sr_version": __version__,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(metadata), "format": "pt"})
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved model is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as temp:
+        save_file(tensors, temp, metadata={_METADATA_KEY: json.dumps(metadata), "format": "pt"})
     return path
