@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from esc_arch.atomic import atomic_write
+
 from .common import write_text_atomic
 
 README_BEGIN = "<!-- BEGIN GENERATED RESULTS (benchmarks/run_all.py; do not edit by hand) -->"
@@ -278,11 +280,9 @@ def plot_teaser(results: dict[str, Any], path: Path) -> Path | None:
     fig.suptitle("ESC-SR vs peers: latency vs PSNR, bubble area = peak memory (red: ESC family)", fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
