@@ -8,12 +8,30 @@
 * :mod:`esc_sr.demo`, :mod:`esc_sr.onnx_export`, :mod:`esc_sr.chainner_hook`, :mod:`esc_sr.cli` (``esc-sr``).
 
 Imports go one way: ``esc_sr`` uses ``esc_arch``, never the reverse.
+
+``__version__`` and ``upscale`` are loaded on first access, so importing a submodule that needs no torch
+(``esc_sr.cli`` for ``esc-sr --help``) does not load it.
 """
 
 from __future__ import annotations
 
-from esc_arch import __version__
+from typing import TYPE_CHECKING, Any
 
-from .engine import upscale
+if TYPE_CHECKING:
+    from esc_arch import __version__
+
+    from .engine import upscale
 
 __all__ = ["__version__", "upscale"]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562
+    if name == "__version__":
+        from esc_arch import __version__
+
+        return __version__
+    if name == "upscale":
+        from .engine import upscale
+
+        return upscale
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ Python (``PYTHON -m pip install esc-sr``); the installer checks that it is impor
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,7 +22,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from esc_arch.errors import ESCError
 
@@ -31,7 +29,6 @@ __all__ = [
     "HOOK_MODULE",
     "HookError",
     "HookLocation",
-    "add_chainner_parser",
     "install_hook",
     "locate",
     "uninstall_hook",
@@ -175,58 +172,3 @@ def uninstall_hook(python: str | os.PathLike[str] | None = None) -> tuple[HookLo
     for compiled in cache.glob(f"{HOOK_MODULE}.*.pyc") if cache.is_dir() else ():
         compiled.unlink(missing_ok=True)
     return where, removed
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def add_chainner_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``esc-sr chainner`` subcommand (see :mod:`esc_sr.cli`)."""
-    parser = subparsers.add_parser(
-        "chainner",
-        help="install/remove the hook that lets chaiNNer (spandrel) load ESC .pth/.safetensors models",
-        description=(
-            "chaiNNer loads PyTorch models with spandrel and imports no plugins. 'install' puts a small "
-            "startup hook (a .pth file) into the site-packages of chaiNNer's Python that registers the ESC "
-            "architectures with spandrel when spandrel is imported; 'uninstall' removes it. esc-sr must be "
-            "installed into that Python too (PYTHON -m pip install esc-sr). Restart chaiNNer afterwards."
-        ),
-    )
-    actions = parser.add_subparsers(dest="chainner_action", metavar="ACTION", required=True)
-    for name, text in (
-        ("install", "add the hook to PYTHON's site-packages"),
-        ("uninstall", "remove the hook from PYTHON's site-packages"),
-    ):
-        action = actions.add_parser(name, help=text, description=text)
-        action.add_argument(
-            "--python", metavar="PATH", default=None,
-            help="the Python executable chaiNNer runs (its integrated Python); default: this Python",
-        )
-        if name == "install":
-            action.add_argument(
-                "--no-check", action="store_true",
-                help="install even if esc-sr is not importable in PYTHON yet",
-            )
-        action.set_defaults(func=_run)
-    return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .cli import CliError
-
-    try:
-        if args.chainner_action == "install":
-            where = install_hook(args.python, require_esc_arch=not args.no_check)
-            print(f"installed {where.pth_file} and {where.module_file.name} for {where.python}")
-            if not where.esc_arch_importable:
-                print(f"note: esc-sr is not importable in {where.python} yet: {where.python} -m pip install esc-sr")
-            print("restart chaiNNer; ESC .pth/.safetensors models then load in its PyTorch 'Load Model' node")
-        else:
-            where, removed = uninstall_hook(args.python)
-            if removed:
-                print(f"removed {', '.join(str(p) for p in removed)}")
-            else:
-                print(f"no esc-sr hook in {where.site_packages}; nothing to remove")
-    except HookError as error:
-        raise CliError(str(error), code=1) from None
-    return 0

@@ -1,230 +1,179 @@
-"""The ``esc-sr`` command line: a dispatcher over subcommands.
+"""The ``esc-sr`` command line: plain argparse; every subcommand's parser and handler is in this module.
 
     esc-sr upscale INPUT... -o OUT [-m MODEL] [--outscale S] [--tile N] ...
     esc-sr info MODEL
     esc-sr convert MODEL OUT.safetensors [--half]
+    esc-sr models [--download NAME...]
+    esc-sr demo [--out DIR] [-m MODEL] [--image FILE]
+    esc-sr export-onnx MODEL OUT.onnx [--half]
+    esc-sr chainner install|uninstall [--python PATH]
 
-Adding a subcommand (for other modules of the package, and plugins)
--------------------------------------------------------------------
-A subcommand lives in its own module as one function ``add_<name>_parser(subparsers)`` that calls
-``subparsers.add_parser(NAME, ...)``, adds its arguments and ``set_defaults(func=run)``, where
-``run(args) -> int`` returns the exit code and simply raises on errors (the dispatcher turns any
-exception into one line ``esc-sr NAME: error: ...``, or a traceback with ``--debug``). Then either
+Handlers are thin: they turn parsed arguments into calls of the library (:mod:`esc_sr.engine`,
+:mod:`~esc_sr.images`, :mod:`~esc_sr.hub`, :mod:`~esc_sr.demo`, :mod:`~esc_sr.onnx_export`,
+:mod:`~esc_sr.chainner_hook`, :mod:`esc_arch`) and print the result; the library never imports this module.
 
-* add one line ``"module:add_<name>_parser"`` to :data:`SUBCOMMANDS` below, or
-* call :func:`register_subcommand` with that ``"module:function"`` before :func:`main` runs.
+Errors. An :class:`esc_arch.ESCError` (a problem with the user's input, files or environment) and an
+``OSError`` become one line ``esc-sr COMMAND: error: MESSAGE``; exit status 2 for a usage error
+(:class:`CliError`: a bad argument, a model that cannot be loaded, no input), else 1. Any other exception is a
+bug: one line saying so, exit 1. ``--debug`` adds the traceback. Exit statuses are documented in docs/cli.md.
 
-Modules are imported only when the parser is built; a module that cannot be imported (e.g. an
-optional dependency is missing) still shows up, and running it prints why it is unavailable.
+Import time. Only the standard library is imported here at the top; torch (through esc_arch) is imported by
+the handlers, so ``esc-sr --help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
-import importlib
+import math
 import os
 import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-__all__ = ["main", "build_parser", "register_subcommand", "SUBCOMMANDS", "CliError"]
+__all__ = ["main", "build_parser", "load_cli_model", "describe_model", "CliError", "EXIT_OK", "EXIT_FAILED",
+           "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 PROG = "esc-sr"
-
-# Subcommand name -> "module:function" adding its parser (see the module docstring). Order = help order.
-SUBCOMMANDS: dict[str, str] = {
-    "upscale": "esc_sr.cli:add_upscale_parser",
-    "info": "esc_sr.cli:add_info_parser",
-    "convert": "esc_sr.cli:add_convert_parser",
-    "models": "esc_sr.hub:add_models_parser",
-    "demo": "esc_sr.demo:add_demo_parser",
-    "export-onnx": "esc_sr.onnx_export:add_export_onnx_parser",
-    "chainner": "esc_sr.chainner_hook:add_chainner_parser",
-}
+ISSUES_URL = "https://github.com/esc-sr/esc-sr/issues"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
-
-
-def register_subcommand(name: str, target: str) -> None:
-    """Register (or replace) subcommand ``name`` whose parser is added by ``target`` = ``"module:function"``."""
-    if ":" not in target:
-        raise ValueError(f"target must be 'module:function', not {target!r}")
-    SUBCOMMANDS[name] = target
+# Copies of library constants for help texts and defaults: importing their modules would load torch, which
+# `esc-sr --help` must not. tests/test_cli.py checks that they agree.
+_DEFAULT_OVERLAP = 64  # esc_sr.engine.DEFAULT_OVERLAP
+_ONNX_OPSET = 17  # esc_sr.onnx_export.OPSET
+_ATTENTION_BACKENDS = ("sdpa", "flex", "naive")  # esc_arch.ATTENTION_BACKENDS
+_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-# ------------------------------------------------------------------------------------------- parser
+# ------------------------------------------------------------------------------------------- errors
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``esc-sr`` parser with every registered subcommand."""
-    from esc_arch import __version__
-
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="ESC super-resolution: upscale images, inspect and convert ESC checkpoints.",
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, target in SUBCOMMANDS.items():
-        _add_subcommand(subparsers, name, target)
-    # --debug is accepted after the subcommand too (``esc-sr upscale ... --debug``).
-    for sub in subparsers.choices.values():
-        if not any("--debug" in action.option_strings for action in sub._actions):
-            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
+def __getattr__(name: str) -> Any:  # PEP 562: ``esc_sr.cli.CliError`` is made on first use
+    if name == "CliError":
+        return _cli_error_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _add_subcommand(subparsers: Any, name: str, target: str) -> None:
-    module_name, _, function_name = target.partition(":")
-    try:
-        add_parser = getattr(importlib.import_module(module_name), function_name)
-    except Exception as exc:  # a broken or optional module must not take the whole CLI down
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        sub = subparsers.add_parser(name, help=f"(unavailable: {reason})", add_help=False)
+@functools.lru_cache(maxsize=None)
+def _cli_error_class() -> type:
+    """The class :class:`CliError`, created on first use: its base, :class:`esc_arch.ESCError`, comes from
+    esc_arch, whose import loads torch, and this module must import without it."""
+    from esc_arch.errors import ESCError
 
-        def unavailable(_args: argparse.Namespace, reason: str = reason) -> int:
-            raise CliError(f"this command is unavailable in this installation ({reason})")
+    class CliError(ESCError):
+        """A usage error found by the command line (bad argument, missing input, unusable model): printed
+        as one line, exit status ``code`` (2 unless told)."""
 
-        sub.set_defaults(func=unavailable, accepts_any_arguments=True)
-        return
-    add_parser(subparsers)
+        def __init__(self, message: str, code: int = EXIT_USAGE):
+            super().__init__(message)
+            self.code = code
+
+    CliError.__module__ = __name__
+    return CliError
+
+
+def _usage_error(message: str, code: int = EXIT_USAGE) -> Exception:
+    """A :class:`CliError` to raise."""
+    return _cli_error_class()(message, code)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """True for an :class:`esc_arch.ESCError` (or an ``OSError``): the user's input or environment, not a bug."""
+    if isinstance(exc, OSError):
+        return True
+    # No ESCError can exist unless esc_arch.errors was imported; looking it up leaves torch unloaded otherwise.
+    errors = sys.modules.get("esc_arch.errors")
+    return errors is not None and isinstance(exc, errors.ESCError)
+
+
+def _exit_status(exc: BaseException) -> int:
+    """A :class:`CliError`'s code (2 unless told), else 1 (no CliError exists unless its class was made)."""
+    if _cli_error_class.cache_info().currsize and isinstance(exc, _cli_error_class()):
+        return exc.code
+    return EXIT_FAILED
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a user-facing error on one line; other exceptions get their type name in front."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if _is_user_error(exc) else f"{type(exc).__name__}: {text}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``esc-sr`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and not getattr(args, "accepts_any_arguments", False):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    """Entry point of the ``esc-sr`` console script; returns the exit status.
+
+    Argument errors exit through argparse (``SystemExit(2)``) before anything runs.
+    """
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     command = f"{PROG} {args.command}"
+    debug = getattr(args, "debug", False)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        if getattr(args, "debug", False):
+        if debug:
             traceback.print_exc()
-        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
-        if not getattr(args, "debug", False) and not _is_expected(exc):
-            print(f"{command}: (run with --debug for the traceback)", file=sys.stderr)
-        return exc.code if isinstance(exc, CliError) else EXIT_FAILED
+        if _is_user_error(exc):
+            print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
+            return _exit_status(exc)
+        print(
+            f"{command}: internal error: {_one_line(exc)} -- this is a bug in esc-sr; "
+            + ("please report it with the traceback above" if debug else "please rerun with --debug and report it")
+            + f" at {ISSUES_URL}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if _is_expected(exc) else f"{type(exc).__name__}: {text}"
+# ------------------------------------------------------------------------------------------- parser
 
 
-def _is_expected(exc: BaseException) -> bool:
-    """Errors whose message is already a complete sentence for the user."""
-    from esc_arch import CheckpointError
-    from .engine import EngineError
-    from .images import ImageReadError, ImageWriteError
-
-    expected: tuple[type, ...] = (CliError, CheckpointError, EngineError, ImageReadError, ImageWriteError)
-    try:
-        from .hub import HubError
-
-        expected += (HubError,)
-    except ImportError:
-        pass
-    return isinstance(exc, expected)
-
-
-# ------------------------------------------------------------------------------------------- models
-
-
-def load_cli_model(name: str, *, attention: str | None = None):
-    """Load ``-m/--model``: ``default``, a checkpoint path, or an official name (via ``esc_sr.hub``)."""
-    import esc_arch
-
-    # A model that cannot be had is a usage error (exit 2), reported in one line.
-    try:
-        hub_errors: tuple[type[BaseException], ...] = ()
-        source: Any = name
-        if name != "default":
-            try:
-                from . import hub
-
-                hub_errors = (hub.HubError,)
-            except ImportError:
-                hub = None
-            if hub is not None:
-                source = hub.resolve_model(name)
-            elif not Path(name).expanduser().exists():
-                raise CliError(f"model file not found: {name}")
-            source = str(Path(source).expanduser())
-            if Path(source).is_dir():
-                raise CliError(f"{source}: is a directory, not a checkpoint file")
-        model = esc_arch.load_model(source)
-    except (esc_arch.CheckpointError, *hub_errors) as exc:
-        raise CliError(_one_line(exc)) from exc
-    if attention:
-        esc_arch.set_attention_backend(model, attention)
-    return model
-
-
-def _attention_choices() -> list[str]:
-    return ["sdpa", "flex", "naive"]
-
-
-# ------------------------------------------------------------------------------------------ upscale
-
-
-def add_upscale_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from .engine import DEFAULT_OVERLAP
-
-    parser = subparsers.add_parser(
-        "upscale",
-        help="upscale image files, folders or glob patterns",
-        description=(
-            "Upscale images with an ESC model. Inputs are files, folders (their images) or glob "
-            "patterns. A bad file is reported and skipped; the exit status is 1 if any failed."
-        ),
+def build_parser() -> argparse.ArgumentParser:
+    """The ``esc-sr`` parser with every subcommand (building it imports nothing beyond the standard library)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="ESC super-resolution: upscale images, inspect and convert ESC checkpoints.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs ('photos/*.jpg')")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT",
-                        help="output folder, or an output file name when there is one input file")
-    parser.add_argument("-m", "--model", default="default",
-                        help="checkpoint file, official name (e.g. ESC_DIV2K_X4) or 'default' (the embedded model)")
-    parser.add_argument("-s", "--outscale", type=_positive_float, default=None, metavar="S",
-                        help="final scale (default: the model's); other scales resize the model's output "
-                        "(chainner-ext Lanczos); the arbitrary-scale model takes it directly")
-    parser.add_argument("-t", "--tile", type=_tile_arg, default="auto", metavar="N",
-                        help="tile size in input pixels, 'auto' (from free memory; default) or 0 (no tiling)")
-    parser.add_argument("--overlap", type=_non_negative_int, default=DEFAULT_OVERLAP, metavar="PX",
-                        help=f"input pixels of context around each tile (default {DEFAULT_OVERLAP})")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                        help="auto = fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--attention", choices=_attention_choices(), default=None,
-                        help="attention backend (default: the model's)")
-    parser.add_argument("--suffix", default=None,
-                        help="appended to output file names (default: _x<outscale>, e.g. _x4); '' for none")
-    parser.add_argument("--ext", choices=["auto", "png", "jpg", "webp", "tif", "bmp"], default="auto",
-                        help="output format (default: same as the input where writable, else png)")
-    parser.add_argument("--alpha", choices=["model", "resize"], default="model",
-                        help="how to upscale alpha: through the model (default) or a Lanczos resize")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
-    parser.add_argument("-r", "--recursive", action="store_true", help="also take images in sub-folders")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(func=upscale_command)
+    parser.add_argument("--version", action=_VersionAction, help="show program's version number and exit")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_upscale, _add_info, _add_convert, _add_models, _add_demo, _add_export_onnx, _add_chainner):
+        add(subparsers)
+    _accept_debug_everywhere(subparsers)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, reading the version (from esc_arch, hence torch) only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option_string: Any = None) -> None:
+        from esc_arch import __version__
+
+        print(f"{PROG} {__version__}")
+        parser.exit()
+
+
+def _accept_debug_everywhere(subparsers: Any) -> None:
+    """``--debug`` after the subcommand too (``esc-sr upscale ... --debug``, ``esc-sr chainner install --debug``)."""
+    for sub in subparsers.choices.values():
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _accept_debug_everywhere(action)
 
 
 def _positive_float(text: str) -> float:
@@ -252,6 +201,76 @@ def _tile_arg(text: str) -> int | str | None:
         return "auto"
     value = _non_negative_int(text)
     return None if value == 0 else value
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def load_cli_model(name: str, *, attention: str | None = None):
+    """Load ``-m/--model``: ``default``, a checkpoint path, or an official name (via :mod:`esc_sr.hub`).
+
+    A model that cannot be had is a usage error (:class:`CliError`, exit 2), reported in one line.
+    """
+    import esc_arch
+
+    from . import hub
+
+    try:
+        source: Any = name
+        if name != "default":
+            source = hub.resolve_model(name)
+            if source.is_dir():
+                raise _usage_error(f"{source}: is a directory, not a checkpoint file")
+            source = str(source)
+        model = esc_arch.load_model(source)
+    except (esc_arch.CheckpointError, hub.HubError) as exc:
+        raise _usage_error(_one_line(exc)) from exc
+    if attention:
+        esc_arch.set_attention_backend(model, attention)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ upscale
+
+
+def _add_upscale(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "upscale",
+        help="upscale image files, folders or glob patterns",
+        description=(
+            "Upscale images with an ESC model. Inputs are files, folders (their images) or glob "
+            "patterns. A bad file is reported and skipped; the exit status is 1 if any failed."
+        ),
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs ('photos/*.jpg')")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output folder, or an output file name when there is one input file")
+    parser.add_argument("-m", "--model", default="default",
+                        help="checkpoint file, official name (e.g. ESC_DIV2K_X4) or 'default' (the embedded model)")
+    parser.add_argument("-s", "--outscale", type=_positive_float, default=None, metavar="S",
+                        help="final scale (default: the model's); other scales resize the model's output "
+                        "(chainner-ext Lanczos); the arbitrary-scale model takes it directly")
+    parser.add_argument("-t", "--tile", type=_tile_arg, default="auto", metavar="N",
+                        help="tile size in input pixels, 'auto' (from free memory; default) or 0 (no tiling)")
+    parser.add_argument("--overlap", type=_non_negative_int, default=_DEFAULT_OVERLAP, metavar="PX",
+                        help=f"input pixels of context around each tile (default {_DEFAULT_OVERLAP})")
+    parser.add_argument("--precision", choices=_PRECISIONS, default="auto",
+                        help="auto = fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--attention", choices=_ATTENTION_BACKENDS, default=None,
+                        help="attention backend (default: the model's)")
+    parser.add_argument("--suffix", default=None,
+                        help="appended to output file names (default: _x<outscale>, e.g. _x4); '' for none")
+    parser.add_argument("--ext", choices=["auto", "png", "jpg", "webp", "tif", "bmp"], default="auto",
+                        help="output format (default: same as the input where writable, else png)")
+    parser.add_argument("--alpha", choices=["model", "resize"], default="model",
+                        help="how to upscale alpha: through the model (default) or a Lanczos resize")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    parser.add_argument("-r", "--recursive", action="store_true", help="also take images in sub-folders")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=upscale_command)
+
 
 
 @dataclass
@@ -360,12 +379,11 @@ def upscale_command(args: argparse.Namespace) -> int:
     for argument, reason in input_errors:
         _report(f"{argument}: {reason}")
     if not inputs:
-        raise CliError("no input images (see above)")
+        raise _usage_error("no input images (see above)")
 
     model = load_cli_model(args.model, attention=args.attention)
-    arbitrary = engine._is_arbitrary_scale(model)
-    if arbitrary and args.outscale is None:
-        raise CliError(f"{args.model}: the arbitrary-scale model needs --outscale (e.g. --outscale 3.5)")
+    if model.arbitrary_scale and args.outscale is None:
+        raise _usage_error(f"{args.model}: the arbitrary-scale model needs --outscale (e.g. --outscale 3.5)")
     outscale = args.outscale if args.outscale is not None else float(model.scale)
     model, device, _dtype = engine.prepare_model(model, args.device, args.precision)
 
@@ -375,7 +393,7 @@ def upscale_command(args: argparse.Namespace) -> int:
         and output.suffix.lower() in images.WRITABLE_EXTENSIONS and not output.is_dir()
     )
     if single_file and args.ext != "auto" and output.suffix.lower() != "." + args.ext:
-        raise CliError(f"--ext {args.ext} contradicts the output file name {output}")
+        raise _usage_error(f"--ext {args.ext} contradicts the output file name {output}")
     suffix = _default_suffix(outscale) if args.suffix is None else args.suffix
     jobs = plan_outputs(inputs, output, suffix=suffix, ext=args.ext, single_file=single_file)
 
@@ -426,7 +444,7 @@ def _upscale_one(job: _Job, model, args: argparse.Namespace, *, outscale: float,
     except KeyboardInterrupt:
         raise
     except (images.ImageReadError, images.ImageWriteError) as exc:
-        return "failed", exc.reason
+        return "failed", exc.reason  # the line names the input file already
     except Exception as exc:
         if getattr(args, "debug", False):
             traceback.print_exc()
@@ -461,10 +479,12 @@ def _print_summary(summary: _Summary) -> None:
             print(f"  {name}: {reason}", file=sys.stderr)
 
 
+
+
 # --------------------------------------------------------------------------------------------- info
 
 
-def add_info_parser(subparsers: Any) -> argparse.ArgumentParser:
+def _add_info(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "info",
         help="describe a model: variant, scale, hyperparameters, parameters, attention kernel",
@@ -472,12 +492,11 @@ def add_info_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("model", metavar="MODEL", help="checkpoint file, official name or 'default'")
     parser.add_argument("--device", default="auto", help="device to report the attention kernel for (default auto)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
-    parser.add_argument("--attention", choices=_attention_choices(), default=None,
+    parser.add_argument("--precision", choices=_PRECISIONS, default="auto")
+    parser.add_argument("--attention", choices=_ATTENTION_BACKENDS, default=None,
                         help="report for this attention backend instead of the model's")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.set_defaults(func=info_command)
-    return parser
 
 
 def describe_model(model, *, device, dtype) -> dict[str, Any]:
@@ -486,8 +505,8 @@ def describe_model(model, *, device, dtype) -> dict[str, Any]:
 
     return {
         "arch": model.arch_name,
-        "preset": _matching_preset(model),
-        "scale": "any (arbitrary-scale)" if model.arch_name == "ESCLTE" else model.scale,
+        "preset": esc_arch.match_preset(model),
+        "scale": "any (arbitrary-scale)" if model.arbitrary_scale else model.scale,
         "window_size": model.window_size,
         "parameters": esc_arch.count_parameters(model),
         "hyperparameters": dict(model.hyperparameters),
@@ -496,24 +515,6 @@ def describe_model(model, *, device, dtype) -> dict[str, Any]:
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
     }
-
-
-def _matching_preset(model) -> str | None:
-    """The preset whose hyperparameters the model has (ignoring the attention backend), if any."""
-    import esc_arch
-
-    def comparable(hyper: dict[str, Any]) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in hyper.items() if k != "attn_type"}
-
-    mine = comparable(model.hyperparameters)
-    for name, build in esc_arch.PRESETS.items():
-        try:
-            candidate = build(model.scale) if model.arch_name != "ESCLTE" else build()
-        except Exception:
-            continue
-        if candidate.arch_name == model.arch_name and comparable(candidate.hyperparameters) == mine:
-            return name
-    return None
 
 
 def info_command(args: argparse.Namespace) -> int:
@@ -548,7 +549,7 @@ def info_command(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ convert
 
 
-def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
+def _add_convert(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert any supported checkpoint to .safetensors (optionally fp16)",
@@ -564,27 +565,187 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--half", action="store_true", help="store weights as fp16 (half the size)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(func=convert_command)
-    return parser
+
+
+def _check_output(out: Path, suffix: str, *, overwrite: bool) -> None:
+    if out.suffix.lower() != suffix:
+        raise _usage_error(f"{out}: the output must be a {suffix} file")
+    if out.exists() and not overwrite:
+        raise _usage_error(f"{out}: exists (use --overwrite to replace it)")
 
 
 def convert_command(args: argparse.Namespace) -> int:
     import esc_arch
 
     out = Path(args.out).expanduser()
-    if out.suffix.lower() != ".safetensors":
-        raise CliError(f"{out}: the output must be a .safetensors file")
-    if out.exists() and not args.overwrite:
-        raise CliError(f"{out}: exists (use --overwrite to replace it)")
+    _check_output(out, ".safetensors", overwrite=args.overwrite)
     model = load_cli_model(args.model)
     source = Path(args.model).expanduser()
     if source.exists() and source.resolve() == out.resolve():
-        raise CliError(f"{out}: is the input checkpoint; write to another file")
+        raise _usage_error(f"{out}: is the input checkpoint; write to another file")
     esc_arch.save_model(model, out, half=args.half)
     size = out.stat().st_size
     print(
         f"wrote {out}: {model.arch_name} x{model.scale}, {esc_arch.count_parameters(model):,} parameters, "
         f"{'fp16' if args.half else 'fp32'}, {size / 1e6:.2f} MB"
     )
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def _add_models(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="list the official ESC weights and whether they are cached; download them ahead of time",
+        description=(
+            "List the official ESC checkpoints (github.com/dslisleedh/ESC, release 1.0.0) that "
+            "'esc-sr upscale -m NAME' downloads on first use, and where they are cached."
+        ),
+    )
+    parser.add_argument(
+        "--download", nargs="+", metavar="NAME",
+        help="download these models into the cache now (e.g. before going offline)",
+    )
+    parser.set_defaults(func=models_command)
+
+
+def models_command(args: argparse.Namespace) -> int:
+    """Download what was asked for, then print the registry table."""
+    from . import hub
+
+    for name in args.download or ():
+        path = hub.download_model(name)
+        print(f"{hub.lookup(name).name}: {path}")
+    print(hub.format_model_table())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+
+def _add_demo(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="upscale a sample image and write a side-by-side comparison PNG",
+        description=(
+            "Make a low-resolution copy of a sample image (bicubic), upscale it with ESC and write "
+            "comparison.png: LR (nearest), bicubic, ESC and the original, with PSNR (Y channel)."
+        ),
+    )
+    parser.add_argument("--out", "-o", default="esc-sr-demo", help="output folder (default: ./esc-sr-demo)")
+    parser.add_argument(
+        "--model", "-m", default="default",
+        help="'default' (the embedded model), a checkpoint file, or an official name such as ESC_DIV2K_X4",
+    )
+    parser.add_argument("--image", help="use this HR image instead of the shipped sample")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.set_defaults(func=demo_command)
+
+
+def _db(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.2f} dB"
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """Run the demo (:func:`esc_sr.demo.run_demo`) and print what it measured and wrote."""
+    from .demo import run_demo
+
+    result = run_demo(args.out, model=args.model, image=args.image, device=args.device, progress=sys.stderr.isatty())
+    p = result.psnr
+    print(f"ESC demo x{result.scale}, model: {result.model_label}")
+    print(f"PSNR (Y, crop {result.scale}): nearest {_db(p['nearest'])} | bicubic {_db(p['bicubic'])} | ESC {_db(p['esc'])}")
+    print(f"LR input:   {result.lr_image.resolve()}")
+    print(f"ESC output: {result.sr_image.resolve()}")
+    print(f"wrote comparison: {result.comparison.resolve()}")
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------- export-onnx
+
+
+def _add_export_onnx(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "export-onnx",
+        help="export an ESC model to ONNX for chaiNNer / onnxruntime (fp32 or fp16)",
+        description=(
+            "Export MODEL to ONNX: input 'input' (N,3,H,W) RGB in [0,1], output 'output', clamp inside the "
+            f"graph, dynamic batch/height/width, opset {_ONNX_OPSET} -- what chaiNNer's own converter produces. "
+            "The graph is checked with onnxruntime against PyTorch at several odd sizes."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="checkpoint file or official model name")
+    parser.add_argument("out", metavar="OUT.onnx", help="file to write")
+    parser.add_argument("--half", action="store_true", help="fp16 weights and input/output (for GPUs)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.set_defaults(func=export_onnx_command)
+
+
+def export_onnx_command(args: argparse.Namespace) -> int:
+    """Export with :func:`esc_sr.onnx_export.export_onnx`; an :class:`OnnxExportError` exits with 1."""
+    from . import onnx_export
+
+    out = Path(args.out).expanduser()
+    _check_output(out, ".onnx", overwrite=args.overwrite)
+    model = load_cli_model(args.model)
+    report = onnx_export.export_onnx(model, out, half=args.half, verify=not args.no_verify)
+    print(f"wrote {out}: {model.arch_name} x{report.scale}, {'fp16' if args.half else 'fp32'}, "
+          f"opset {onnx_export.OPSET}, {out.stat().st_size / 1e6:.2f} MB")
+    for (batch, height, width), diff in report.max_abs_diff.items():
+        print(f"  onnxruntime vs PyTorch at {batch}x3x{height}x{width}: max |diff| {diff:.2e}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------- chainner
+
+
+def _add_chainner(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "chainner",
+        help="install/remove the hook that lets chaiNNer (spandrel) load ESC .pth/.safetensors models",
+        description=(
+            "chaiNNer loads PyTorch models with spandrel and imports no plugins. 'install' puts a small "
+            "startup hook (a .pth file) into the site-packages of chaiNNer's Python that registers the ESC "
+            "architectures with spandrel when spandrel is imported; 'uninstall' removes it. esc-sr must be "
+            "installed into that Python too (PYTHON -m pip install esc-sr). Restart chaiNNer afterwards."
+        ),
+    )
+    actions = parser.add_subparsers(dest="chainner_action", metavar="ACTION", required=True)
+    for name, text in (
+        ("install", "add the hook to PYTHON's site-packages"),
+        ("uninstall", "remove the hook from PYTHON's site-packages"),
+    ):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument(
+            "--python", metavar="PATH", default=None,
+            help="the Python executable chaiNNer runs (its integrated Python); default: this Python",
+        )
+        if name == "install":
+            action.add_argument(
+                "--no-check", action="store_true",
+                help="install even if esc-sr is not importable in PYTHON yet",
+            )
+        action.set_defaults(func=chainner_command)
+
+
+def chainner_command(args: argparse.Namespace) -> int:
+    """Install or remove the hook (:mod:`esc_sr.chainner_hook`); a :class:`HookError` exits with 1."""
+    from . import chainner_hook
+
+    if args.chainner_action == "install":
+        where = chainner_hook.install_hook(args.python, require_esc_arch=not args.no_check)
+        print(f"installed {where.pth_file} and {where.module_file.name} for {where.python}")
+        if not where.esc_arch_importable:
+            print(f"note: esc-sr is not importable in {where.python} yet: {where.python} -m pip install esc-sr")
+        print("restart chaiNNer; ESC .pth/.safetensors models then load in its PyTorch 'Load Model' node")
+    else:
+        where, removed = chainner_hook.uninstall_hook(args.python)
+        if removed:
+            print(f"removed {', '.join(str(p) for p in removed)}")
+        else:
+            print(f"no esc-sr hook in {where.site_packages}; nothing to remove")
     return EXIT_OK
 
 

@@ -17,9 +17,7 @@ YCbCr, ``scale`` pixels cropped from every border.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,8 +35,6 @@ __all__ = [
     "psnr_y",
     "compose_comparison",
     "run_demo",
-    "add_demo_parser",
-    "demo_command",
 ]
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent / "assets" / "chelsea_256x320.png"
@@ -213,7 +209,7 @@ def _load_model(spec: str) -> tuple[Any, str]:
 
 def _model_scale(model: Any) -> tuple[int, float | None]:
     """(integer scale used for the demo, outscale to pass to the engine or None)."""
-    if getattr(model, "arch_name", None) == "ESCLTE":
+    if getattr(model, "arbitrary_scale", False):
         return 4, 4.0  # arbitrary-scale model: demonstrate it at x4
     scale = int(getattr(model, "scale", 0))
     if scale < 2:
@@ -303,47 +299,3 @@ def run_demo(
 def _db(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.2f} dB"
 
-
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``esc-sr demo`` on an argparse sub-parser collection; returns the parser."""
-    parser = subparsers.add_parser(
-        "demo",
-        help="upscale a sample image and write a side-by-side comparison PNG",
-        description=(
-            "Make a low-resolution copy of a sample image (bicubic), upscale it with ESC and write "
-            "comparison.png: LR (nearest), bicubic, ESC and the original, with PSNR (Y channel)."
-        ),
-    )
-    parser.add_argument("--out", "-o", default="esc-sr-demo", help="output folder (default: ./esc-sr-demo)")
-    parser.add_argument(
-        "--model", "-m", default="default",
-        help="'default' (the embedded model), a checkpoint file, or an official name such as ESC_DIV2K_X4",
-    )
-    parser.add_argument("--image", help="use this HR image instead of the shipped sample")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
-    parser.set_defaults(func=demo_command)
-    return parser
-
-
-def demo_command(args: argparse.Namespace) -> int:
-    """Run ``esc-sr demo`` from parsed arguments; print the result; return the exit code."""
-    try:
-        result = run_demo(args.out, model=args.model, image=args.image, device=args.device,
-                          progress=sys.stderr.isatty())
-    except DemoError as exc:
-        from .cli import EXIT_FAILED, CliError  # the dispatcher prints CliError as one line
-
-        raise CliError(str(exc), code=EXIT_FAILED) from exc
-    p = result.psnr
-    print(f"ESC demo x{result.scale}, model: {result.model_label}")
-    print(
-        f"PSNR (Y, crop {result.scale}): nearest {_db(p['nearest'])} | bicubic {_db(p['bicubic'])} | "
-        f"ESC {_db(p['esc'])}"
-    )
-    print(f"LR input:   {result.lr_image.resolve()}")
-    print(f"ESC output: {result.sr_image.resolve()}")
-    print(f"wrote comparison: {result.comparison.resolve()}")
-    return 0

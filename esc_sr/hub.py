@@ -21,7 +21,6 @@ server). Only the Python standard library is used for networking.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import difflib
 import hashlib
@@ -33,7 +32,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Iterator
 
 from esc_arch.errors import ESCError
 
@@ -55,8 +54,7 @@ __all__ = [
     "is_registry_name",
     "list_models",
     "resolve_model",
-    "add_models_parser",
-    "models_command",
+    "download_model",
     "format_model_table",
 ]
 
@@ -247,10 +245,18 @@ def resolve_model(
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
+    return download_model(str(name_or_path), progress=progress, timeout=timeout)
 
-    asset = lookup(str(name_or_path))
+
+def download_model(name: str, *, progress: bool | None = None, timeout: float = _DEFAULT_TIMEOUT_S) -> Path:
+    """Return the cached file of the registry model ``name``, downloading it first if needed.
+
+    Unlike :func:`resolve_model`, only registry names are accepted (what ``esc-sr models --download``
+    takes); arguments, return value and errors are otherwise those of :func:`resolve_model`.
+    """
+    asset = lookup(name)
     if asset is None:
-        raise UnknownModelError(_unknown_message(str(name_or_path)))
+        raise UnknownModelError(_unknown_message(name))
 
     target = cache_dir() / asset.filename
     if target.is_file():
@@ -429,35 +435,7 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def add_models_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``esc-sr models`` on an argparse sub-parser collection; returns the parser."""
-    parser = subparsers.add_parser(
-        "models",
-        help="list the official ESC weights and whether they are cached; download them ahead of time",
-        description=(
-            "List the official ESC checkpoints (github.com/dslisleedh/ESC, release 1.0.0) that "
-            "'esc-sr upscale -m NAME' downloads on first use, and where they are cached."
-        ),
-    )
-    parser.add_argument(
-        "--download", nargs="+", metavar="NAME",
-        help="download these models into the cache now (e.g. before going offline)",
-    )
-    parser.set_defaults(func=models_command)
-    return parser
-
-
-def models_command(args: argparse.Namespace) -> int:
-    """Run ``esc-sr models``: download what was asked for, then print the registry table."""
-    for name in args.download or ():
-        if not is_registry_name(name):  # a file path is not something to download
-            raise UnknownModelError(_unknown_message(name))
-        print(f"{lookup(name).name}: {resolve_model(name)}")
-    print(format_model_table())
-    return 0
+# ----------------------------------------------------------------------------------------- text
 
 
 def format_model_table() -> str:

@@ -21,7 +21,6 @@ exported wrapper guarantees by replicate-padding smaller inputs (and cropping th
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -29,7 +28,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +44,6 @@ __all__ = [
     "ClampedForExport",
     "export_onnx",
     "verify_onnx",
-    "add_export_onnx_parser",
 ]
 
 OPSET = 17
@@ -165,9 +163,9 @@ def _prepare(model: nn.Module, half: bool) -> nn.Module:
             f"{arch} with the DySample head does not export to a size-independent ONNX graph yet "
             "(its sampling grid is built from Python numbers); use the PyTorch route in chaiNNer"
         )
-    if arch == "ESCLTE":
+    if getattr(model, "arbitrary_scale", False):
         raise OnnxExportError(
-            "ESCLTE is an arbitrary-scale model (queries of coordinates and cells); it has no fixed-scale "
+            f"{arch} is an arbitrary-scale model (queries of coordinates and cells); it has no fixed-scale "
             "image->image graph to export. Use `esc-sr upscale --outscale` instead"
         )
     scale = getattr(model, "scale", None)
@@ -272,46 +270,3 @@ def verify_onnx(
         if not diff <= tolerance:
             raise OnnxExportError(f"onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance:g}) at {batch}x3x{height}x{width}")
     return diffs
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def add_export_onnx_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """The ``esc-sr export-onnx`` subcommand (see :mod:`esc_sr.cli`)."""
-    parser = subparsers.add_parser(
-        "export-onnx",
-        help="export an ESC model to ONNX for chaiNNer / onnxruntime (fp32 or fp16)",
-        description=(
-            "Export MODEL to ONNX: input 'input' (N,3,H,W) RGB in [0,1], output 'output', clamp inside the "
-            f"graph, dynamic batch/height/width, opset {OPSET} -- what chaiNNer's own converter produces. "
-            "The graph is checked with onnxruntime against PyTorch at several odd sizes."
-        ),
-    )
-    parser.add_argument("model", metavar="MODEL", help="checkpoint file or official model name")
-    parser.add_argument("out", metavar="OUT.onnx", help="file to write")
-    parser.add_argument("--half", action="store_true", help="fp16 weights and input/output (for GPUs)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.set_defaults(func=_run)
-    return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .cli import CliError, load_cli_model
-
-    out = Path(args.out).expanduser()
-    if out.suffix.lower() != ".onnx":
-        raise CliError(f"{out}: the output must be a .onnx file")
-    if out.exists() and not args.overwrite:
-        raise CliError(f"{out}: exists (use --overwrite to replace it)")
-    model = load_cli_model(args.model)
-    try:
-        report = export_onnx(model, out, half=args.half, verify=not args.no_verify)
-    except OnnxExportError as error:
-        raise CliError(str(error), code=1) from None
-    print(f"wrote {out}: {model.arch_name} x{report.scale}, {'fp16' if args.half else 'fp32'}, opset {OPSET}, "
-          f"{out.stat().st_size / 1e6:.2f} MB")
-    for (batch, height, width), diff in report.max_abs_diff.items():
-        print(f"  onnxruntime vs PyTorch at {batch}x3x{height}x{width}: max |diff| {diff:.2e}")
-    return 0

@@ -225,29 +225,86 @@ def test_convert_an_upstream_checkpoint_to_safetensors(tmp_path, capsys):
     assert code == 2 and "must be a .safetensors file" in err
 
 
-# ------------------------------------------------------------------------------ dispatcher
+# ---------------------------------------------------------------------------- the program
 
 
-def test_other_modules_register_subcommands(tmp_path, monkeypatch, capsys):
-    (tmp_path / "esc_test_plugin.py").write_text(
-        "def add_hello_parser(subparsers):\n"
-        "    p = subparsers.add_parser('hello', help='say hello')\n"
-        "    p.add_argument('name')\n"
-        "    p.set_defaults(func=lambda args: print(f'hello {args.name}') or 0)\n"
+COMMANDS = ("upscale", "info", "convert", "models", "demo", "export-onnx", "chainner")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def test_help_lists_every_command_without_loading_torch():
+    code = (
+        "import sys\n"
+        "from esc_sr import cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit as done:\n    assert done.code == 0, done.code\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'esc_arch', 'esc_sr.hub', 'esc_sr.engine') if m in sys.modules))\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
-    cli.register_subcommand("hello", "esc_test_plugin:add_hello_parser")
-    cli.register_subcommand("broken", "esc_no_such_module:add_parser")
-    assert run(["hello", "world"], capsys)[:2] == (0, "hello world\n")
-    code, _, err = run(["broken", "--anything"], capsys)
-    assert code == 2 and "unavailable in this installation" in err and "esc_no_such_module" in err
-    with pytest.raises(ValueError):
-        cli.register_subcommand("bad", "no_colon")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert all(name in proc.stdout for name in COMMANDS)
+
+
+def test_every_command_has_help(capsys):
+    for argv in [[name, "--help"] for name in COMMANDS] + [["chainner", "install", "--help"], ["--version"]]:
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 0, argv
+        assert capsys.readouterr().out, argv
+    with pytest.raises(SystemExit) as done:
+        cli.main(["chainner", "install", "--python", "/x", "--debug", "--no-such-option"])
+    assert done.value.code == 2 and "--no-such-option" in capsys.readouterr().err
+
+
+def test_copied_constants_agree_with_the_library():
+    from esc_sr import engine, onnx_export
+
+    assert cli._DEFAULT_OVERLAP == engine.DEFAULT_OVERLAP
+    assert cli._ONNX_OPSET == onnx_export.OPSET
+    assert tuple(cli._ATTENTION_BACKENDS) == tuple(esc_arch.ATTENTION_BACKENDS)
+
+
+def test_library_modules_do_not_import_the_cli():
+    code = "import sys, esc_sr.hub, esc_sr.demo, esc_sr.onnx_export, esc_sr.chainner_hook; print('esc_sr.cli' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
+def test_cli_errors_are_esc_errors():
+    error = cli.CliError("x")
+    assert isinstance(error, esc_arch.ESCError) and error.code == 2
+    assert cli.CliError("y", code=1).code == 1
+
+
+def test_an_internal_error_is_one_line_asking_for_a_report(model_file, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise TypeError("unexpected keyword argument 'x'")
+
+    monkeypatch.setattr(cli, "describe_model", broken)
+    code, out, err = run(["info", model_file], capsys)
+    assert code == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("esc-sr info: internal error: TypeError: unexpected keyword argument 'x'")
+    assert "rerun with --debug" in lines[0] and "report" in lines[0]
+    code, _, err = run(["info", model_file, "--debug"], capsys)
+    assert code == 1 and "Traceback" in err and "esc-sr info: internal error: TypeError" in err
+
+
+def test_a_file_system_error_is_one_line_naming_the_file(model_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, _, err = run(["convert", model_file, blocker / "out.safetensors"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith("esc-sr convert: error: ") and str(blocker) in lines[0] and "internal" not in lines[0]
 
 
 def test_console_entry_point_as_a_subprocess(folder, model_file, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = _env()
     proc = subprocess.run(
         [sys.executable, "-m", "esc_sr.cli", "upscale", str(folder), "-o", str(tmp_path / "out"),
          "-m", str(model_file), "--tile", "16", "--overlap", "16"],

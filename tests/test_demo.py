@@ -6,7 +6,6 @@ MATLAB ``imresize`` and its ``calculate_psnr``), the references the SR literatur
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image
 
 import esc_arch
 import esc_sr
-from esc_sr import demo, hub
+from esc_sr import cli, demo, hub
 from esc_sr.images import read_image
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "golden"
@@ -41,9 +40,7 @@ def tiny_x2(tmp_path_factory) -> Path:
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="esc-sr")
-    demo.add_demo_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    args = cli.build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -314,11 +314,9 @@ def test_list_models_reports_cache_state(release, fixture_bytes, tmp_path):
 
 
 def _run_models_cli(argv: list[str]) -> int:
-    import argparse
+    from esc_sr import cli
 
-    parser = argparse.ArgumentParser(prog="esc-sr")
-    hub.add_models_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    args = cli.build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -342,6 +340,16 @@ def test_models_download_prefetches_into_the_cache(release, fixture_bytes, tmp_p
 
     with pytest.raises(hub.UnknownModelError, match="ESC_DFLIP_X3"):
         _run_models_cli(["models", "--download", "ESC_DFLIP_X33"])
+
+
+def test_download_model_takes_registry_names_only(release, fixture_bytes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ESC_FP_X2").write_bytes(b"a local file of that name, not the model")
+    assert hub.download_model("ESC_FP_X2").read_bytes() == fixture_bytes
+    local = tmp_path / "mine.pth"
+    local.write_bytes(fixture_bytes)
+    with pytest.raises(hub.UnknownModelError, match="mine.pth"):  # a file is not something to download
+        hub.download_model(str(local))
 
 
 def test_esc_sr_upscale_with_an_official_name_downloads_once(release, tmp_path, capsys):
