@@ -19,10 +19,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from esc_arch.atomic import write_text
 from esc_arch.errors import ESCError
 
 __all__ = [
@@ -96,17 +96,6 @@ def locate(python: str | os.PathLike[str] | None = None) -> HookLocation:
     return HookLocation(executable, Path(info["purelib"]), bool(info["esc_arch"]))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _ours(path: Path) -> bool:
     try:
         return _MARKER in path.read_text(encoding="utf-8", errors="replace")
@@ -133,9 +122,11 @@ def install_hook(python: str | os.PathLike[str] | None = None, *, require_esc_ar
     try:
         where.site_packages.mkdir(parents=True, exist_ok=True)
         # Module first, .pth last: a .pth that names a missing module would print an error at every start.
-        _write_atomic(where.module_file, _HOOK_SOURCE.read_text(encoding="utf-8"))
+        # The temporary files end in .tmp: Python runs every *.pth in site-packages at start-up (hidden ones too,
+        # on Python 3.11 at least), so a temporary .pth must never have that suffix.
+        write_text(where.module_file, _HOOK_SOURCE.read_text(encoding="utf-8"), suffix=".tmp")
         _compile(where)
-        _write_atomic(where.pth_file, _PTH_TEXT)
+        write_text(where.pth_file, _PTH_TEXT, suffix=".tmp")
     except OSError as error:
         raise HookError(f"{where.site_packages}: cannot write the hook ({error.strerror or error})") from None
     return where

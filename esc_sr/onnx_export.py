@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esc_arch.atomic import atomic_write
 from esc_arch.errors import ESCError
 
 __all__ = [
@@ -204,16 +204,13 @@ def export_onnx(
     wrapper = ClampedForExport(copy.deepcopy(model)).to(dtype).eval()
     model = wrapper.model
     example = torch.rand(1, 3, *_example_size(model), dtype=dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_write(out) as tmp:
         with _export_friendly(model), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic are expected here
             torch.onnx.export(
                 wrapper,
                 (example,),
-                tmp,
+                str(tmp),
                 input_names=["input"],
                 output_names=["output"],
                 opset_version=OPSET,
@@ -228,9 +225,6 @@ def export_onnx(
         if verify:
             limit = tolerance if tolerance is not None else (5e-2 if half else 1e-3)
             report.max_abs_diff = verify_onnx(tmp, reference, check_sizes, tolerance=limit)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     report.path = out
     return report
 
