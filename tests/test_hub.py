@@ -1,8 +1,9 @@
 """The official-weights registry and download cache (esc_sr.hub), against a real local HTTP server.
 
 A small ``http.server`` on 127.0.0.1 plays the GitHub release: it serves a real checkpoint file
-(a golden BasicSR checkpoint written by the official code) under ``/<NAME>.pth``, honours
-``Range: bytes=N-`` and records every request so tests can tell whether the network was used.
+(a golden BasicSR checkpoint written by the official code) under ``/<NAME>.pth`` and records every
+request so tests can tell whether the network was used. It can also misbehave: drop the connection
+early, stall, send something that is not a checkpoint, or send slowly (to overlap two downloads).
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
-import re
 import shutil
 import socket
+import stat
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +35,10 @@ class ServedFile:
 
     payload: bytes
     requests: list[dict] = field(default_factory=list)
-    ignore_range: bool = False  # behave like a server without Range support (always 200)
     cut_after: int | None = None  # send at most this many body bytes, then drop the connection
+    stall_after: int | None = None  # send this many body bytes, then go silent for `stall_s`
+    stall_s: float = 3.0
+    slow_chunks: int | None = None  # send the body in this many pieces, 0.25 s apart
     error_status: int | None = None  # answer every request with this HTTP error
 
 
@@ -49,25 +55,10 @@ def _make_handler(served: ServedFile) -> type[http.server.BaseHTTPRequestHandler
             if served.error_status is not None:
                 self.send_error(served.error_status)
                 return
-            payload = served.payload
-            start = 0
-            match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
-            if match and not served.ignore_range:
-                start = int(match.group(1))
-                if start >= len(payload):
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(payload)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
-            else:
-                self.send_response(200)
-            body = payload[start:]
+            body = served.payload
+            self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
             if served.cut_after is not None:
                 self.wfile.write(body[: served.cut_after])
@@ -75,7 +66,19 @@ def _make_handler(served: ServedFile) -> type[http.server.BaseHTTPRequestHandler
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            self.wfile.write(body)
+            if served.stall_after is not None:
+                self.wfile.write(body[: served.stall_after])
+                self.wfile.flush()
+                time.sleep(served.stall_s)
+                self.close_connection = True
+                return
+            pieces = served.slow_chunks or 1
+            step = -(-len(body) // pieces)
+            for start in range(0, len(body), step):
+                self.wfile.write(body[start : start + step])
+                self.wfile.flush()
+                if served.slow_chunks:
+                    time.sleep(0.25)
 
     return ReleaseHandler
 
@@ -107,6 +110,11 @@ def release(fixture_bytes, monkeypatch, tmp_path):
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _cache_files(tmp_path: Path) -> list[str]:
+    cache = tmp_path / "cache"
+    return sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
 
 
 def test_registry_lists_every_official_release_asset():
@@ -152,7 +160,10 @@ def test_first_download_writes_the_file_into_the_cache(release, fixture_bytes, t
     assert path.read_bytes() == fixture_bytes
     assert [r["path"] for r in release.requests] == ["/releases/download/1.0.0/ESC_DIV2K_X4.pth"]
     assert release.requests[0]["range"] is None
-    assert sorted(p.name for p in path.parent.iterdir() if not p.name.endswith(".lock")) == ["ESC_DIV2K_X4.pth"]
+    assert _cache_files(tmp_path) == ["ESC_DIV2K_X4.pth"]  # no temporary or lock file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
 
 
 def test_downloaded_checkpoint_loads_as_a_model(release):
@@ -174,61 +185,75 @@ def test_second_call_uses_the_cache_and_makes_no_request(release):
     assert len(release.requests) == n_requests == 1
 
 
-def test_resume_from_a_partial_file_sends_a_range_request(release, fixture_bytes, tmp_path):
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    already = len(fixture_bytes) // 3
-    (cache / "ESC_FP_X3.pth.part").write_bytes(fixture_bytes[:already])
-
-    path = hub.resolve_model("ESC_FP_X3")
-
-    assert release.requests[-1]["range"] == f"bytes={already}-"
-    assert len(release.requests) == 1
-    assert path.read_bytes() == fixture_bytes
-    assert not (cache / "ESC_FP_X3.pth.part").exists()
-
-
-def test_interrupted_download_fails_clearly_then_resumes(release, fixture_bytes, tmp_path):
+def test_interrupted_download_fails_clearly_and_leaves_nothing_then_starts_over(release, fixture_bytes, tmp_path):
     release.cut_after = 100_000
     with pytest.raises(hub.DownloadError) as failure:
         hub.resolve_model("ESC_light_X4")
     message = str(failure.value)
-    assert "connection closed" in message or "IncompleteRead" in message
-    assert "resumes" in message
-    cache = tmp_path / "cache"
-    assert not (cache / "ESC_light_X4.pth").exists()  # never a truncated file under the final name
-    assert (cache / "ESC_light_X4.pth.part").stat().st_size == 100_000
+    assert "connection closed early" in message and "100000 bytes" in message
+    assert f"{release.base_url}/ESC_light_X4.pth" in message and "\n" not in message
+    assert _cache_files(tmp_path) == []  # never a truncated file under the final name, no partial file either
 
     release.cut_after = None
     path = hub.resolve_model("ESC_light_X4")
-    assert release.requests[-1]["range"] == "bytes=100000-"
+    assert release.requests[-1]["range"] is None  # a fresh download of the whole file
     assert path.read_bytes() == fixture_bytes
+    assert _cache_files(tmp_path) == ["ESC_light_X4.pth"]
 
 
-def test_server_without_range_support_restarts_from_zero(release, fixture_bytes, tmp_path):
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "ESC_FP_X2.pth.part").write_bytes(b"stale bytes from some other file")
-    release.ignore_range = True
-
-    path = hub.resolve_model("ESC_FP_X2")
-
-    assert release.requests[-1]["range"] is not None  # we asked ...
-    assert path.read_bytes() == fixture_bytes  # ... the server said 200, so the part was replaced
+def test_something_that_is_not_a_checkpoint_is_not_cached(release, tmp_path):
+    release.payload = b"<html><body>Sign in to continue</body></html>\n"  # a mirror's login page, status 200
+    with pytest.raises(hub.DownloadError, match="not a complete PyTorch checkpoint"):
+        hub.resolve_model("ESC_FP_X2")
+    assert _cache_files(tmp_path) == []
 
 
-def test_complete_partial_file_is_finished_without_a_body(release, fixture_bytes, tmp_path, monkeypatch):
-    # A download that was cut between the last byte and the rename: the server answers 416.
-    asset = hub.ReleaseAsset("ESC_DIV2K_X2", 2, "test", sha256=_sha256(fixture_bytes))
-    monkeypatch.setitem(hub._BY_LOWER_NAME, "esc_div2k_x2", asset)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "ESC_DIV2K_X2.pth.part").write_bytes(fixture_bytes)
+def test_stalled_server_times_out_and_leaves_nothing(release, tmp_path):
+    release.stall_after = 1000
+    started = time.monotonic()
+    with pytest.raises(hub.DownloadError, match="timed out"):
+        hub.resolve_model("ESC_FP_X3", timeout=0.5)
+    assert time.monotonic() - started < release.stall_s
+    assert _cache_files(tmp_path) == []
+    assert socket.getdefaulttimeout() is None  # the process-wide default is restored
 
-    path = hub.resolve_model("ESC_DIV2K_X2")
 
-    assert release.requests[-1]["range"] == f"bytes={len(fixture_bytes)}-"
-    assert path.read_bytes() == fixture_bytes
+def test_two_concurrent_downloads_of_one_file_both_end_with_the_complete_file(release, fixture_bytes, tmp_path):
+    """Another process and this one download the same file at the same time (no lock between processes)."""
+    release.slow_chunks = 8  # about 2 s per download, so the two overlap
+    script = "from esc_sr import hub; print(hub.resolve_model('ESC_DIV2K_X3', progress=False))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    other = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not release.requests:  # wait until the other process is downloading
+            assert other.poll() is None, "the other process exited before downloading"
+            assert time.monotonic() < deadline, "the other process never started its download"
+            time.sleep(0.05)
+        here = hub.resolve_model("ESC_DIV2K_X3")
+        out, _ = other.communicate(timeout=120)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert other.returncode == 0
+    assert Path(out.strip()) == here
+    assert len(release.requests) == 2  # both really downloaded
+    assert here.read_bytes() == fixture_bytes
+    assert _cache_files(tmp_path) == ["ESC_DIV2K_X3.pth"]
+
+
+def test_concurrent_calls_in_one_process_download_once(release, fixture_bytes, tmp_path):
+    release.slow_chunks = 4
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(hub.resolve_model("ESC_FP_X4"))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 3 and len(set(results)) == 1
+    assert len(release.requests) == 1
+    assert results[0].read_bytes() == fixture_bytes
+    assert _cache_files(tmp_path) == ["ESC_FP_X4.pth"]
 
 
 def test_known_checksum_is_verified_on_success(release, fixture_bytes, monkeypatch):
@@ -244,9 +269,8 @@ def test_checksum_mismatch_is_rejected_and_nothing_is_cached(release, fixture_by
     message = str(failure.value)
     assert hub.REGISTRY["ESC_Real_X4_GAN"].sha256 in message
     assert _sha256(fixture_bytes) in message
-    cache = tmp_path / "cache"
-    assert not (cache / "ESC_Real_X4_GAN.pth").exists()
-    assert not (cache / "ESC_Real_X4_GAN.pth.part").exists()  # a bad download is not resumed either
+    assert "\n" not in message
+    assert _cache_files(tmp_path) == []  # neither the file nor a temporary one
 
 
 def test_offline_error_names_the_url_and_the_cache_path(monkeypatch, tmp_path):
@@ -272,7 +296,7 @@ def test_http_error_is_reported_with_its_status(release, tmp_path):
     with pytest.raises(hub.DownloadError, match=r"HTTP 404") as failure:
         hub.resolve_model("ESC_DIV2K_X4")
     assert f"{release.base_url}/ESC_DIV2K_X4.pth" in str(failure.value)
-    assert not (tmp_path / "cache" / "ESC_DIV2K_X4.pth").exists()
+    assert _cache_files(tmp_path) == []
 
 
 def test_manually_placed_file_is_used_offline(monkeypatch, tmp_path, fixture_bytes):
@@ -301,7 +325,6 @@ def test_missing_file_path_is_reported_as_a_missing_file(tmp_path):
 
 def test_list_models_reports_cache_state(release, fixture_bytes, tmp_path):
     hub.resolve_model("ESC_light_X3")
-    (tmp_path / "cache" / "ESC_FP_X4.pth.part").write_bytes(b"12345")
 
     statuses = {status.asset.name: status for status in hub.list_models()}
 
@@ -309,7 +332,6 @@ def test_list_models_reports_cache_state(release, fixture_bytes, tmp_path):
     assert statuses["ESC_light_X3"].cached
     assert statuses["ESC_light_X3"].path == tmp_path / "cache" / "ESC_light_X3.pth"
     assert not statuses["ESC_DIV2K_X4"].cached
-    assert statuses["ESC_FP_X4"].partial_bytes == 5
     assert statuses["ESC_DIV2K_X4"].url == f"{release.base_url}/ESC_DIV2K_X4.pth"
 
 
