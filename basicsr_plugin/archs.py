@@ -10,18 +10,9 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 import esc_arch
 
-#: YAML ``type`` name -> esc_arch class. The names are the ones the official ESC option files use.
-ESC_ARCHS = {
-    "ESC": esc_arch.ESC,
-    "ESCFP": esc_arch.ESCFP,
-    "ESCReal": esc_arch.ESCReal,
-    "ESCRealM": esc_arch.ESCRealM,
-    "ESCLTE": esc_arch.ESCLTE,
-}
-
-
 def _register() -> None:
-    for name, cls in ESC_ARCHS.items():
+    # esc_arch.ARCHITECTURES: YAML ``type`` name (the official option files' class names) -> esc_arch class.
+    for name, cls in esc_arch.ARCHITECTURES.items():
         if name in ARCH_REGISTRY:  # re-import (e.g. importlib.reload): the registry is process-global
             continue
         if cls.__name__ != name:

@@ -16,28 +16,22 @@ from typing import Any
 
 from torch import nn
 
+import esc_arch
+
 # Attribute set on an UPSCALE_MODEL by "Load ESC Model": its compute-precision preference,
 # used by our upscale nodes when their own precision is "auto".
 PRECISION_ATTRIBUTE = "esc_precision"
 
-ESC_ARCHITECTURES = ("ESC", "ESCFP", "ESCReal", "ESCRealM", "ESCLTE")
-
-
 def esc_network(upscale_model: Any) -> nn.Module:
     """The ``esc_arch`` network inside an ``UPSCALE_MODEL`` (ours or the stock loader's)."""
     network = getattr(upscale_model, "model", upscale_model)
-    arch = getattr(network, "arch_name", None)
-    if not isinstance(network, nn.Module) or arch not in ESC_ARCHITECTURES:
+    if not isinstance(network, esc_arch.ESCModelBase):
         described = getattr(getattr(upscale_model, "architecture", None), "name", None) or type(network).__name__
         raise TypeError(
             f"the ESC upscale nodes need an ESC model, got {described}; use ComfyUI's "
             "'Upscale Image (using Model)' for other architectures"
         )
     return network
-
-
-def is_arbitrary_scale(network: nn.Module) -> bool:
-    return getattr(network, "arch_name", None) == "ESCLTE"
 
 
 def precision_preference(upscale_model: Any) -> str:

@@ -20,7 +20,7 @@ import esc_sr
 from esc_sr import engine
 
 from . import comfy_bridge as bridge
-from .model_handle import PRECISION_ATTRIBUTE, esc_network, is_arbitrary_scale, precision_preference
+from .model_handle import PRECISION_ATTRIBUTE, esc_network, precision_preference
 from .spandrel_bridge import describe
 
 CATEGORY = "image/upscaling"
@@ -179,9 +179,8 @@ class LoadESCModel:
 
     def load(self, model_name: str, attention: str = "auto", precision: str = "auto") -> tuple[Any]:
         path = bridge.upscale_model_path(model_name)
-        # ComfyUI executes every node inside torch.inference_mode(); weights created there would
-        # be inference tensors, which have no version counter (esc_arch keys its inference caches
-        # on it) and cannot be copied or changed in place later.  Build the model as a normal one.
+        # ComfyUI executes every node inside torch.inference_mode(); weights created there would be
+        # inference tensors, which cannot be copied or changed in place later.  Build a normal model.
         with torch.inference_mode(False):
             try:
                 network = esc_arch.load_model(path)  # weights_only loading; CheckpointError names the file
@@ -228,7 +227,7 @@ class UpscaleImageESC:
                 precision: str = "auto", output_scale: float = 0.0, alpha_upscale: str = "model",
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         network = esc_network(upscale_model)
-        if is_arbitrary_scale(network) and not output_scale:
+        if network.arbitrary_scale and not output_scale:
             # The scale its spandrel descriptor declares (x4), as the stock upscale node would run it.
             output_scale = float(getattr(upscale_model, "scale", 4))
         return upscale_image(upscale_model, image, outscale=output_scale or None, tile_size=tile_size,
@@ -264,7 +263,7 @@ class UpscaleImageByFactorESC:
                 overlap: int = engine.DEFAULT_OVERLAP, precision: str = "auto", alpha_upscale: str = "model",
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         network = esc_network(upscale_model)
-        if not is_arbitrary_scale(network):
+        if not network.arbitrary_scale:
             raise ValueError(f"'Upscale Image by Factor (ESC arbitrary-scale)' needs an ESC-LTE model, got a fixed "
                              f"x{network.scale} {network.arch_name}; use 'Upscale Image (ESC)' with output_scale")
         if not factor > 0:

@@ -5,10 +5,9 @@ registration itself lives in :mod:`esc_arch.spandrel`), which is all ComfyUI's s
 "Load Upscale Model" needs to load ESC checkpoints.
 
 :func:`describe` turns a network loaded by :func:`esc_arch.load_model` into the spandrel
-``ImageModelDescriptor`` that ComfyUI passes around as ``UPSCALE_MODEL``.  The descriptor's
-metadata (architecture, scale, size requirements, half-precision support) comes from the same
-registered ESC architecture that the stock loader uses, so both loaders produce equivalent
-objects; only the network is ours (it honours checkpoint metadata and the attention backend).
+``ImageModelDescriptor`` that ComfyUI passes around as ``UPSCALE_MODEL``, made by the same code as the stock
+loader's (``esc_arch.spandrel.describe``), so both loaders produce equivalent objects; only the network is ours
+(it honours checkpoint metadata and the attention backend).
 """
 
 from __future__ import annotations
@@ -26,42 +25,12 @@ def register() -> None:
 
 
 def describe(network: nn.Module) -> Any:
-    """A spandrel ``ImageModelDescriptor`` wrapping ``network`` (any esc_arch image model).
-
-    The arbitrary-scale ESC-LTE gets what the registered architecture gives it: a fixed x4
-    scale (``esc_arch.spandrel.LTE_SCALE``) whose call renders x4, so the stock upscale node can
-    run it; "Upscale Image by Factor (ESC arbitrary-scale)" uses the network at any factor.
+    """A spandrel ``ImageModelDescriptor`` wrapping ``network`` (any esc_arch image model), the same one the stock
+    loader makes for its checkpoint. The arbitrary-scale ESC-LTE is described as a x4 model
+    (``esc_arch.spandrel.LTE_SCALE``) whose call renders x4, so the stock upscale node can run it;
+    "Upscale Image by Factor (ESC arbitrary-scale)" uses the network at any factor.
     """
     register()
-    import spandrel
     from esc_arch import spandrel as esc_spandrel
 
-    probe = spandrel.ModelLoader().load_from_state_dict(network.state_dict())
-    probe_arch = getattr(probe.model, "arch_name", None)
-    if not isinstance(probe, spandrel.ImageModelDescriptor) or probe_arch != network.arch_name:
-        raise TypeError(f"spandrel describes this {network.arch_name} checkpoint as {probe.architecture.name} "
-                        f"({type(probe).__name__}); expected the registered ESC architecture")
-    return spandrel.ImageModelDescriptor(
-        network,
-        network.state_dict(),
-        architecture=probe.architecture,
-        purpose=probe.purpose,
-        tags=list(probe.tags),
-        supports_half=probe.supports_half,
-        supports_bfloat16=probe.supports_bfloat16,
-        scale=probe.scale,
-        input_channels=probe.input_channels,
-        output_channels=probe.output_channels,
-        size_requirements=probe.size_requirements,
-        tiling=probe.tiling,
-        call_fn=_render_at(esc_spandrel.LTE_SCALE) if network.arch_name == "ESCLTE" else None,
-    )
-
-
-def _render_at(factor: int):
-    """The call of an arbitrary-scale model inside a fixed-scale descriptor."""
-
-    def call(module: nn.Module, image: Any) -> Any:
-        return module.upscale_by(image, factor)
-
-    return call
+    return esc_spandrel.describe(network)

@@ -19,17 +19,9 @@ __version__ = "0.1.0"
 
 from .attention import ATTENTION_BACKENDS, WindowAttention, sdpa_kernel_name  # noqa: E402
 from .base import ESCModelBase  # noqa: E402
-from .checkpoint import (  # noqa: E402
-    ARCHITECTURES,
-    CheckpointError,
-    canonicalize_state_dict,
-    detect_architecture,
-    infer_architecture,
-    load_model,
-    read_state_dict,
-    save_model,
-)
-from .errors import ESCError  # noqa: E402
+from .checkpoint import canonicalize_state_dict, load_model, read_state_dict, save_model  # noqa: E402
+from .detection import ARCHITECTURES, VARIANTS, detect_architecture, infer_architecture  # noqa: E402
+from .errors import CheckpointError, ESCError  # noqa: E402
 from .esc import ESC, ESCFP  # noqa: E402
 from .esc_real import ESCReal, ESCRealM  # noqa: E402
 from .layers import pad_reflect, pad_to_multiple  # noqa: E402
@@ -46,17 +38,13 @@ def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
 
 
 def fuse(model: nn.Module) -> nn.Module:
-    """Prepare ``model`` for inference, in place: eval mode, and every tensor that is constant at
-    inference (the geometric-ensembled large kernel, the attention biases) computed once now and
-    reused by later forward passes until the weights change.  Outputs are unchanged."""
-    model.eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, ESCModelBase) and hasattr(module, "large_kernel"):
-                module.large_kernel()
-            if isinstance(module, WindowAttention):
-                module.attention_bias(module.relative_position_bias.dtype)
-    return model
+    """Re-parameterise ``model`` for inference, in place (as timm's ``reparameterize``, upstream's ``convert()``):
+    every ESC model inside it bakes its ensembled large kernel and attention biases once and is put in eval mode.
+    Outputs are unchanged. A fused model refuses ``train()`` and ``load_state_dict``; load weights first."""
+    for module in model.modules():
+        if isinstance(module, ESCModelBase):
+            module.fuse()
+    return model.eval()
 
 
 def attention_kernel(
@@ -89,8 +77,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "ARCHITECTURES", "ATTENTION_BACKENDS", "CheckpointError", "ESC", "ESCFP", "ESCLTE", "ESCReal", "ESCRealM", "ESCModelBase", "ESCError",
+    "ARCHITECTURES", "ATTENTION_BACKENDS", "CheckpointError", "ESC", "ESCFP", "ESCLTE", "ESCReal", "ESCRealM", "ESCError", "ESCModelBase", "ESCError",
     "PRESETS", "attention_kernel", "canonicalize_state_dict", "count_parameters", "detect_architecture", "esc",
     "esc_fp", "esc_light", "esc_lte", "esc_real", "esc_realm", "esc_tiny", "esc_xl", "fuse", "infer_architecture",
-    "load_model", "match_preset", "pad_reflect", "pad_to_multiple", "read_state_dict", "save_model", "set_attention_backend",
+    "load_model", "match_preset", "pad_reflect", "pad_to_multiple", "read_state_dict", "save_model", "set_attention_backend", "VARIANTS",
 ]

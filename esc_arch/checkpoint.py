@@ -10,7 +10,6 @@ checkpoint can never run code while loading.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 from pathlib import Path
@@ -21,11 +20,8 @@ from torch import nn
 
 from .atomic import atomic_write
 from .base import ESCModelBase
-from .errors import ESCError
-from .esc import ESC, ESCFP
-from .esc_real import ESCReal, ESCRealM
-from .lte import ESCLTE
-from .upsamplers import UNIUPSAMPLE_METHODS_V2, UNIUPSAMPLE_METHODS_V3, UPSAMPLERS
+from .detection import infer_architecture
+from .errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
 PathLike = str | os.PathLike
@@ -33,12 +29,7 @@ PathLike = str | os.PathLike
 _WRAPPER_KEYS = ("params_ema", "params-ema", "params", "state_dict", "model_state_dict", "model", "net", "sd")
 _PREFIXES = ("module.", "netG.", "_orig_mod.")
 _METADATA_KEY = "esc_sr"
-ARCHITECTURES: dict[str, type[ESCModelBase]] = {c.arch_name: c for c in (ESC, ESCFP, ESCReal, ESCRealM, ESCLTE)}
 DEFAULT_MODEL_FILE = Path(__file__).with_name("weights") / "esc_default_x4.safetensors"
-
-
-class CheckpointError(ESCError, ValueError):
-    """A checkpoint that cannot be used; the message names the file and the reason in one line."""
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -124,145 +115,6 @@ def read_state_dict(path: PathLike) -> StateDict:
     return read_checkpoint(path)[0]
 
 
-# -- architecture inference --------------------------------------------------------------------
-def _seq_len(state: Mapping[str, Any], prefix: str) -> int:
-    indices = {int(k[len(prefix) + 1 :].split(".")[0]) for k in state if k.startswith(prefix + ".") and k[len(prefix) + 1 :].split(".")[0].isdigit()}
-    return max(indices) + 1 if indices else 0
-
-
-def _trunk_hyperparameters(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, Any]:
-    rpb = state[f"{prefix}blocks.0.attn.relative_position_bias"]
-    dim = state[f"{prefix}blocks.0.attn.to_qkv.weight"].shape[1]
-    hidden = state[f"{prefix}blocks.0.convffns.0.proj.weight"].shape[0]
-    return {
-        "dim": dim,
-        "n_blocks": _seq_len(state, f"{prefix}blocks"),
-        "conv_blocks": _seq_len(state, f"{prefix}blocks.0.pconvs"),
-        "window_size": (math.isqrt(rpb.shape[1]) + 1) // 2,
-        "num_heads": rpb.shape[0],
-        "exp_ratio": hidden / dim,
-    }
-
-
-def _isqrt_exact(value: int, what: str) -> int:
-    root = math.isqrt(value)
-    if root * root != value:
-        raise CheckpointError(f"{what} has {value} channels, which is not 3 x a square scale")
-    return root
-
-
-# Keys that identify each architecture, most specific first.
-_SIGNATURES: list[tuple[str, tuple[str, ...]]] = [
-    ("ESCLTE", ("encoder.plk_filter", "encoder.proj.weight", "coef.weight", "freq.weight", "phase.weight", "imnet.layers.0.weight")),
-    ("ESCFP", ("lk_channel", "lk_spatial", "proj.weight", "ln_last.weight", "blocks.0.attn.relative_position_bias", "to_img.weight")),
-    ("ESCRealM", ("plk_filter", "to_img.MetaUpsample", "blocks.0.attn.relative_position_bias", "last.weight")),
-    ("ESCReal", ("plk_filter", "skip.3.weight", "blocks.0.lns.0.weight", "blocks.0.attn.relative_position_bias", "last.weight")),
-    ("ESC", ("plk_filter", "proj.weight", "blocks.0.attn.relative_position_bias", "last.weight", "to_img.weight")),
-]
-
-
-def detect_architecture(state: Mapping[str, Any]) -> str | None:
-    """The ESC architecture name whose signature keys are all present, or None."""
-    for name, keys in _SIGNATURES:
-        if all(k in state for k in keys):
-            return name
-    return None
-
-
-def _missing_keys_hint(state: Mapping[str, Any]) -> str:
-    name, keys = min(_SIGNATURES, key=lambda item: sum(k not in state for k in item[1]))
-    missing = [k for k in keys if k not in state]
-    return f"closest is {name}, which needs {', '.join(missing)}"
-
-
-def infer_architecture(state: Mapping[str, torch.Tensor]) -> tuple[type[ESCModelBase], dict[str, Any]]:
-    """Detect the ESC variant of a (canonical) state dict and every hyperparameter from its tensors.
-
-    Raises :class:`CheckpointError` (without a file name) when the keys belong to no ESC variant.
-    """
-    name = detect_architecture(state)
-    if name is None:
-        raise CheckpointError(f"not an ESC checkpoint ({_missing_keys_hint(state)})")
-    try:
-        return ARCHITECTURES[name], _INFER[name](state)
-    except KeyError as e:
-        raise CheckpointError(f"incomplete {name} checkpoint (missing {e.args[0]})") from None
-
-
-def _infer_esc(state):
-    kwargs = _trunk_hyperparameters(state)
-    kwargs.update(
-        pdim=state["plk_filter"].shape[0],
-        kernel_size=state["plk_filter"].shape[-1],
-        upscaling_factor=_isqrt_exact(state["to_img.weight"].shape[0] // 3, "to_img"),
-        use_ln="blocks.0.lns.0.weight" in state,
-    )
-    return kwargs
-
-
-def _infer_esc_fp(state):
-    kwargs = _trunk_hyperparameters(state)
-    kwargs.update(
-        pdim=state["lk_channel"].shape[0],
-        kernel_size=state["lk_spatial"].shape[-1],
-        upscaling_factor=_isqrt_exact(state["to_img.weight"].shape[0] // 3, "to_img"),
-    )
-    return kwargs
-
-
-def _infer_esc_real(state):
-    kwargs = _trunk_hyperparameters(state)
-    kwargs.update(pdim=state["plk_filter"].shape[0], kernel_size=state["plk_filter"].shape[-1])
-    if "to_img.offset.weight" in state:
-        groups_offsets = state["to_img.offset.weight"].shape[0]  # 2 * 4 groups * s^2
-        kwargs.update(upsampler="dysample", upscaling_factor=_isqrt_exact(groups_offsets // 8, "to_img.offset"))
-    elif "to_img.4.weight" in state:
-        kwargs.update(upsampler="nearest+conv", upscaling_factor=4)
-    else:
-        last_conv = max(int(k.split(".")[1]) for k in state if k.startswith("to_img.") and k.endswith(".weight"))
-        kwargs.update(upsampler="nearest+conv-neosr", upscaling_factor=2 ** (last_conv // 5))
-    return kwargs
-
-
-def _infer_esc_realm(state):
-    kwargs = _trunk_hyperparameters(state)
-    version, index, head_scale, _in, _out, mid_dim, _group = (int(v) for v in state["to_img.MetaUpsample"].tolist())
-    methods = UNIUPSAMPLE_METHODS_V3 if version >= 3 else UNIUPSAMPLE_METHODS_V2
-    method = methods[index] if index < len(methods) else f"#{index}"
-    if method not in UPSAMPLERS:
-        raise CheckpointError(f"ESCRealM upsampler {method!r} (MetaUpsample version {version}) is not supported")
-    if "proj.1.weight" in state:
-        unshuffle = _isqrt_exact(state["proj.1.weight"].shape[1] // 3, "proj.1")
-        scale, unshuffle_mod = 4 // unshuffle, True
-    else:
-        scale, unshuffle_mod = head_scale, head_scale >= 3
-    kwargs.update(
-        pdim=state["plk_filter"].shape[0],
-        kernel_size=state["plk_filter"].shape[-1],
-        upscaling_factor=scale,
-        mid_dim=mid_dim,
-        upsampler=method,
-        unshuffle_mod=unshuffle_mod,
-    )
-    return kwargs
-
-
-def _infer_esc_lte(state):
-    kwargs = _trunk_hyperparameters(state, "encoder.")
-    n_linear = _seq_len(state, "imnet.layers")
-    hidden = tuple(state[f"imnet.layers.{i}.weight"].shape[0] for i in range(0, n_linear - 1, 2))
-    kwargs.update(
-        pdim=state["encoder.plk_filter"].shape[0],
-        kernel_size=state["encoder.plk_filter"].shape[-1],
-        hidden_dim=state["coef.weight"].shape[0],
-        mlp_hidden=hidden,
-    )
-    return kwargs
-
-
-_INFER = {"ESC": _infer_esc, "ESCFP": _infer_esc_fp, "ESCReal": _infer_esc_real, "ESCRealM": _infer_esc_realm, "ESCLTE": _infer_esc_lte}
-
-
 # -- loading and saving -------------------------------------------------------------------------
 def load_model(source: PathLike | Mapping[str, Any], **overrides: Any) -> ESCModelBase:
     """Build and load an ESC model from a checkpoint path, a state dict, or ``'default'``.
@@ -320,7 +172,7 @@ def _load_strict(model: nn.Module, state: StateDict, name: str) -> None:
             raise CheckpointError(
                 f"{name}: shape mismatch for {key}: checkpoint {list(adapted[key].shape)} vs model {list(tensor.shape)}"
             )
-    model.load_state_dict(adapted, strict=True)
+    nn.Module.load_state_dict(model, adapted, strict=True)  # adapted once, above
 
 
 def save_model(model: ESCModelBase, path: PathLike, *, half: bool = False) -> Path:

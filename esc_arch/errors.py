@@ -8,9 +8,13 @@ escaping the library is a bug.
 
 from __future__ import annotations
 
-__all__ = ["ESCError"]
+__all__ = ["CheckpointError", "ESCError"]
 
 
 class ESCError(Exception):
     """A problem with the user's input, files or environment; its message is one line that names the
     file and the reason."""
+
+
+class CheckpointError(ESCError, ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason in one line."""

@@ -144,10 +144,19 @@ def test_other_architecture_names_missing_keys(tmp_path):
 
 def test_missing_keys_of_an_esc_checkpoint_are_listed(tmp_path):
     state = tiny().state_dict()
-    del state["blocks.0.conv_out.weight"]
+    del state["blocks.0.pconvs.0.aggr.bias"]
     path = tmp_path / "partial.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"partial.pth: does not fit ESC: missing 1 keys \(blocks.0.conv_out.weight\)"):
+    with pytest.raises(CheckpointError, match=r"partial.pth: does not fit ESC: missing 1 keys \(blocks.0.pconvs.0.aggr.bias\)"):
+        esc_arch.load_model(path)
+
+
+def test_a_checkpoint_missing_identifying_keys_names_the_closest_variant(tmp_path):
+    state = tiny().state_dict()
+    del state["blocks.0.conv_out.weight"]  # one of the keys the detection table looks for
+    path = tmp_path / "partial.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"partial.pth: not an ESC checkpoint \(closest is ESC, which needs blocks.0.conv_out.weight\)"):
         esc_arch.load_model(path)
 
 

@@ -232,7 +232,7 @@ def _fields(descriptor) -> dict:
 
 def _snapshot(arch: str, purpose: str, scale: int, tags: list[str], low_precision: bool = True, multiple: int = 32) -> dict:
     return {
-        "architecture": f"{arch}Arch(id={arch}, name={arch})",
+        "architecture": f"ESCArchitecture(id={arch}, name={arch})",
         "purpose": purpose,
         "scale": scale,
         "input_channels": 3,
@@ -294,7 +294,7 @@ def test_preset_tags_name_the_paper_configurations() -> None:
 def test_install_is_idempotent_and_adds_only_esc() -> None:
     registry = ArchRegistry()
     added = install(registry)
-    assert [s.architecture.id for s in added] == ["ESC", "ESCFP", "ESCRealM", "ESCReal", "ESCLTE"]
+    assert [s.architecture.id for s in added] == [v.name for v in esc_arch.VARIANTS]  # the detection table
     assert install(registry) == []
     assert {s.architecture.id for s in registry} == ESC_IDS
     # chaiNNer then adds spandrel_extra_arches without ignore_duplicates: that must still work.
@@ -313,7 +313,7 @@ def test_escrealm_is_tried_before_escreal() -> None:
     assert order.index("ESCRealM") < order.index("ESCReal")
 
 
-def test_module_exports_spandrel_style_names() -> None:
-    for arch_id in ESC_IDS:
-        arch = getattr(esc_spandrel, f"{arch_id}Arch")()
-        assert (arch.id, arch.name) == (arch_id, arch_id)
+def test_one_spandrel_architecture_per_row_of_the_detection_table() -> None:
+    archs = [support.architecture for support in ESC_REGISTRY]
+    assert all(isinstance(arch, esc_spandrel.ESCArchitecture) for arch in archs)
+    assert [(arch.id, arch.name, arch.variant) for arch in archs] == [(v.name, v.name, v) for v in esc_arch.VARIANTS]
