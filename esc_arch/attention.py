@@ -29,8 +29,8 @@ from .layers import pad_reflect
 AttentionBackend = Literal["sdpa", "flex", "naive"]
 ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "flex", "naive")
 
-# Biases above this size are not kept between forward passes (ESC-XL: 12 x 2304^2 floats per block).
-_BIAS_CACHE_LIMIT_BYTES = 64 * 2**20
+#: The largest attention bias :meth:`WindowAttention.bake` keeps (ESC's window 32 with 4 heads: 16 MiB).
+BAKE_LIMIT_BYTES = 64 * 2**20
 
 
 def normalize_backend(name: str) -> str:
@@ -41,31 +41,31 @@ def normalize_backend(name: str) -> str:
     return key
 
 
-@functools.lru_cache(maxsize=16)
-def _relative_index_cpu(window_size: int) -> torch.Tensor:
-    # Built outside inference mode: an inference tensor in this shared cache would break any later
-    # training forward in the same process ("Inference tensors cannot be saved for backward").
-    with torch.inference_mode(False), torch.no_grad():
-        return _build_relative_index(window_size)
-
-
-def _build_relative_index(window_size: int) -> torch.Tensor:
-    coords = torch.arange(window_size * window_size)
+def _build_relative_index(window_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    coords = torch.arange(window_size * window_size, device=device)
     row, col = coords // window_size, coords % window_size
     span = 2 * window_size - 1
     # index[q, k] = (k_r - q_r + ws - 1) * (2ws - 1) + (k_c - q_c + ws - 1)
     return (row[None, :] - row[:, None] + window_size - 1) * span + (col[None, :] - col[:, None] + window_size - 1)
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+@functools.lru_cache(maxsize=16)
+def _shared_relative_index(window_size: int, device: torch.device) -> torch.Tensor:
+    # Built outside inference mode: an inference tensor in this shared table would break any later training
+    # forward in the same process ("Inference tensors cannot be saved for backward").
+    with torch.inference_mode(False), torch.no_grad():
+        return _build_relative_index(window_size, device)
 
 
 def relative_position_index(window_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(ws^2, ws^2) LongTensor mapping (query token, key token) to a column of the bias table."""
-    if _tracing():  # never let a traced/fake tensor into the cache
-        return _build_relative_index(window_size).to(device)
-    return _relative_index_cpu(window_size).to(device)
+    """(ws^2, ws^2) LongTensor mapping (query token, key token) to a column of the bias table.
+
+    One table per (window size, device), built on that device and shared by every block, so a forward pass never
+    copies it from the host. Under tracing (torch.compile / export) it is built inline instead.
+    """
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return _build_relative_index(window_size, device)
+    return _shared_relative_index(window_size, torch.device(device))
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,25 +119,27 @@ class WindowAttention(nn.Module):
         self.relative_position_bias = nn.Parameter(torch.randn(num_heads, (2 * window_size - 1) ** 2) * 0.001)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.to_out = nn.Conv2d(dim, dim, 1)
-        self._bias_cache: tuple | None = None
+        self.register_buffer("fused_bias", None, persistent=False)  # set by bake()
 
     # -- bias ---------------------------------------------------------------------------------
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """The (heads, ws^2, ws^2) additive bias; cached at inference until the table changes."""
+        """The (heads, ws^2, ws^2) additive bias: baked by :meth:`bake`, else gathered from the table."""
+        if self.fused_bias is not None:
+            return self.fused_bias.to(dtype)
         table = self.relative_position_bias
-        caching = not (self.training or torch.is_grad_enabled() or _tracing())
-        version = -1 if table.is_inference() else table._version  # inference tensors have no counter
-        key = (version, table.data_ptr(), table.device, dtype) if caching else None
-        if caching and self._bias_cache is not None and self._bias_cache[0] == key:
-            return self._bias_cache[1]
-        index = relative_position_index(self.window_size, table.device)
-        bias = table[:, index].to(dtype)
-        if caching and bias.numel() * bias.element_size() <= _BIAS_CACHE_LIMIT_BYTES:
-            self._bias_cache = (key, bias)
-        return bias
+        return table[:, relative_position_index(self.window_size, table.device)].to(dtype)
 
-    def clear_cache(self) -> None:
-        self._bias_cache = None
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Store the gathered bias (a buffer: it follows ``.to()``/``.half()``; not saved in state dicts).
+
+        Biases over :data:`BAKE_LIMIT_BYTES` stay derived per forward pass: ESC-XL's would hold 254 MiB per block
+        (12 heads x 2304^2 floats), 2 GiB for the model, to save a gather that costs far less than the attention.
+        """
+        self.fused_bias = None
+        heads, tokens = self.num_heads, self.window_size**2
+        if heads * tokens * tokens * self.relative_position_bias.element_size() <= BAKE_LIMIT_BYTES:
+            self.fused_bias = self.attention_bias(self.relative_position_bias.dtype).detach()
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

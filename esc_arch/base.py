@@ -1,4 +1,4 @@
-"""What every ESC model shares: recorded hyperparameters, the attention switch, and inference caches."""
+"""What every ESC model shares: recorded hyperparameters, the attention switch, and the inference bake (``fuse``)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,6 @@ from torch import nn
 
 from .attention import WindowAttention, normalize_backend
 from .layers import geometric_ensemble
-
-
-def _tracing() -> bool:
-    """True under torch.compile / torch.export / jit tracing, where tensors must not be cached."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
-def _version_of(tensor: torch.Tensor) -> int:
-    """In-place modification counter; inference tensors (ComfyUI builds models under
-    ``torch.inference_mode``) have none and cannot be modified outside it, so they count as -1."""
-    return -1 if tensor.is_inference() else tensor._version
 
 
 class ESCModelBase(nn.Module):
@@ -61,44 +50,41 @@ class ESCModelBase(nn.Module):
         self.hyperparameters["attn_type"] = backend
         return self
 
-    # -- inference caches -----------------------------------------------------------------------
-    def _cached(self, name: str, source: torch.Tensor, compute) -> torch.Tensor:
-        """``compute()`` once per version of ``source`` at inference; every call while training."""
-        if self.training or torch.is_grad_enabled() or _tracing():
-            return compute()
-        key = (_version_of(source), source.data_ptr(), source.device, source.dtype)
-        caches = self.__dict__.setdefault("_inference_cache", {})
-        hit = caches.get(name)
-        if hit is None or hit[0] != key:
-            hit = (key, compute())
-            caches[name] = hit
-        return hit[1]
+    # -- inference re-parameterisation ----------------------------------------------------------
+    @property
+    def is_fused(self) -> bool:
+        """True after :meth:`fuse`: constant tensors are baked and the model is for inference only."""
+        return self.__dict__.get("_fused", False)
 
-    def clear_inference_cache(self) -> None:
-        """Forget precomputed kernels and attention biases (they are rebuilt on the next forward)."""
-        self.__dict__.pop("_inference_cache", None)
+    @torch.no_grad()
+    def fuse(self) -> "ESCModelBase":
+        """Bake what is constant at inference, once, as upstream's ``convert()`` does: the geometric-ensembled
+        large kernel and every window's attention bias. Outputs are unchanged; an unfused model computes the same
+        tensors in every forward pass. Returns the model in eval mode; a fused model cannot be trained, and its
+        weights cannot be replaced (load them first, then fuse). Idempotent."""
+        self.eval()
         for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.clear_cache()
+            if isinstance(module, (SharedKernelTrunk, WindowAttention)):
+                module.bake()
+        self.__dict__["_fused"] = True
+        return self
 
     def train(self, mode: bool = True):
-        # Training loops may rewrite weights through ``param.data`` (BasicSR's EMA does), which does
-        # not bump the version counters the caches are keyed on; every train()/eval() starts afresh.
-        self.clear_inference_cache()
+        if mode and self.is_fused:
+            raise RuntimeError(
+                f"{self.arch_name} was fused for inference (esc_arch.fuse); build or load an unfused model to train it"
+            )
         return super().train(mode)
 
-    def _apply(self, fn, recurse=True):  # .to()/.half()/.cuda() invalidate device/dtype-bound caches
-        self.clear_inference_cache()
-        return super()._apply(fn, recurse)
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.is_fused:
+            raise RuntimeError(f"{self.arch_name} is fused: load its weights before esc_arch.fuse(), not after")
+        return super().load_state_dict(self.adapt_state_dict(dict(state_dict)), strict=strict, assign=assign)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return ``state_dict`` rewritten to fit this model (upstream loader quirks); no-op here."""
         return state_dict
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        self.clear_inference_cache()
-        return super().load_state_dict(self.adapt_state_dict(dict(state_dict)), strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters.items())
@@ -111,8 +97,14 @@ class SharedKernelTrunk(ESCModelBase):
     blocks: nn.ModuleList
 
     def large_kernel(self) -> torch.Tensor:
-        """The geometric-ensembled shared kernel (computed once per weight version at inference)."""
-        return self._cached("large_kernel", self.plk_filter, lambda: geometric_ensemble(self.plk_filter))
+        """The geometric-ensembled shared kernel: baked by :meth:`bake`, else computed (cheap: 8 flips of a
+        pdim x pdim x k x k tensor)."""
+        baked = self._buffers.get("fused_large_kernel")
+        return geometric_ensemble(self.plk_filter) if baked is None else baked
+
+    def bake(self) -> None:
+        """Store the ensembled kernel as a (non-persistent) buffer, so it follows ``.to()`` and ``.half()``."""
+        self.register_buffer("fused_large_kernel", geometric_ensemble(self.plk_filter).detach(), persistent=False)
 
     def run_blocks(self, feat: torch.Tensor) -> torch.Tensor:
         lk = self.large_kernel()

@@ -28,7 +28,7 @@ def _input_skip(dim: int, unshuffle: int = 1) -> nn.Sequential:
 class _RealTrunk(SharedKernelTrunk):
     """The ESC-Real trunk: features = last(blocks(proj(x))) + proj(x) + skip(x)."""
 
-    def _init_trunk(self, *, dim, pdim, kernel_size, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, attn_type):
+    def _init_trunk(self, *, dim, pdim, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, attn_type):
         self.blocks = make_blocks(
             n_blocks=n_blocks, dim=dim, pdim=pdim, conv_blocks=conv_blocks, window_size=window_size,
             num_heads=num_heads, exp_ratio=exp_ratio, use_ln=True, attn_type=attn_type,
@@ -83,7 +83,7 @@ class ESCReal(_RealTrunk):
         self.plk_filter = shared_large_kernel(pdim, kernel_size)
         self.proj = nn.Conv2d(3, dim, 3, padding=1)
         self._init_trunk(
-            dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks, conv_blocks=conv_blocks,
+            dim=dim, pdim=pdim, n_blocks=n_blocks, conv_blocks=conv_blocks,
             window_size=window_size, num_heads=num_heads, exp_ratio=exp_ratio, attn_type=attn_type,
         )
         if upsampler == "dysample":
@@ -142,7 +142,7 @@ class ESCRealM(_RealTrunk):
             self.proj = nn.Conv2d(3, dim, 3, padding=1)
         self.skip = _input_skip(dim, self.unshuffle)
         self._init_trunk(
-            dim=dim, pdim=pdim, kernel_size=kernel_size, n_blocks=n_blocks, conv_blocks=conv_blocks,
+            dim=dim, pdim=pdim, n_blocks=n_blocks, conv_blocks=conv_blocks,
             window_size=window_size, num_heads=num_heads, exp_ratio=exp_ratio, attn_type=attn_type,
         )
         self.to_img = UniUpsample(upsampler, head_scale, dim, 3, mid_dim, 4)

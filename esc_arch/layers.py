@@ -72,13 +72,9 @@ class ReflectConv2d(nn.Conv2d):
     """``nn.Conv2d(padding_mode='reflect')`` that also accepts inputs smaller than its padding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph, pw = self._reflect_pad
+        ph, pw = self.padding  # type: ignore[misc]
         x = pad_reflect(x, left=pw, right=pw, top=ph, bottom=ph)
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-    @property
-    def _reflect_pad(self) -> tuple[int, int]:
-        return self.padding  # type: ignore[return-value]
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import esc_arch
 from esc_arch import pad_to_multiple
 from esc_arch.errors import ESCError
 
@@ -141,18 +142,19 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 def prepare_model(
     model: nn.Module, device: str | torch.device | None = None, precision: str = "auto"
 ) -> tuple[nn.Module, torch.device, torch.dtype]:
-    """Return ``(model, device, dtype)`` with the model on ``device`` in the precision's dtype.
+    """Return ``(model, device, dtype)``: the model on ``device`` in the precision's dtype, fused for inference.
 
-    The model is copied only if it has to move or change dtype, so the caller's model is left
-    as it was; call this once and pass the result to :func:`upscale` for many images (then
+    A model that is already fused, on the device and in the dtype is used as it is; otherwise a copy is prepared
+    (:func:`esc_arch.fuse` bakes the ensembled kernel and attention biases once instead of in every tile), so the
+    caller's model is left as it was. Call this once and pass the result to :func:`upscale` for many images (then
     :func:`upscale` has nothing to copy).
     """
     device = resolve_device(device, model)
     dtype = resolve_precision(precision, device)
     params = list(model.parameters())
-    if params and all(p.device == device and p.dtype == dtype for p in params):
+    if params and all(p.device == device and p.dtype == dtype for p in params) and getattr(model, "is_fused", True):
         return model, device, dtype
-    return copy.deepcopy(model).to(device=device, dtype=dtype), device, dtype
+    return esc_arch.fuse(copy.deepcopy(model).to(device=device, dtype=dtype)), device, dtype
 
 
 # ------------------------------------------------------------------------------------ out of memory
@@ -408,7 +410,7 @@ class _Runner:
                 self._warned_overflow = True
             if self._fp32_model is None:  # from the caller's weights, not a round trip through fp16
                 source = self.original if self.original is not None else self.model
-                self._fp32_model = copy.deepcopy(source).to(device=self.device, dtype=torch.float32).eval()
+                self._fp32_model = esc_arch.fuse(copy.deepcopy(source).to(device=self.device, dtype=torch.float32))
             out = self._forward(self._fp32_model, tile, torch.float32, core)
         return out
 

@@ -100,11 +100,27 @@ def test_fuse_bakes_constants_once_and_keeps_outputs():
         esc_arch.base.geometric_ensemble = original
     assert calls == []  # nothing recomputed after fuse()
     assert (before - after).abs().max() <= 1e-6
-    # new weights invalidate the baked tensors
+    assert model.is_fused and set(model.state_dict()) == set(small_esc().state_dict())  # nothing baked is saved
+
+
+def test_a_fused_model_refuses_training_and_new_weights():
+    model = esc_arch.fuse(small_esc())
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        model.train()
+    with pytest.raises(RuntimeError, match="load its weights before esc_arch.fuse"):
+        model.load_state_dict(small_esc().state_dict())
+
+
+def test_an_unfused_model_sees_weights_changed_in_place():
+    """No caches: BasicSR's EMA writes through .data, and validation must see it without any hook."""
+    model = _randomize(small_esc()).eval()
+    x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
-        model.plk_filter.mul_(2)
-        changed = model(x)
-    assert (changed - after).abs().max() > 1e-4
+        before = model(x)
+        model.plk_filter.data.mul_(2)
+        model.blocks[0].attn.relative_position_bias.data.add_(1)
+        after = model(x)
+    assert (after - before).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "naive"])

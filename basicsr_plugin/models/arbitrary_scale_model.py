@@ -17,7 +17,7 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from basicsr_plugin.models.mixins import (
-    AtomicCheckpointMixin, fill_default_attention, forget_stale_inference_caches, use_inference_attention,
+    AtomicCheckpointMixin, fill_default_attention, use_inference_attention,
 )
 
 
@@ -52,7 +52,6 @@ class ArbitraryScaleModel(AtomicCheckpointMixin, SRModel):
 
     def test(self) -> None:
         net = self.get_bare_model(self.net_g_ema if hasattr(self, "net_g_ema") else self.net_g)
-        forget_stale_inference_caches(net)
         was_training = net.training
         net.eval()
         max_queries = int(self.opt.get("val", {}).get("max_queries", 65536))

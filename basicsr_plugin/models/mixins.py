@@ -16,14 +16,11 @@ import torch.distributed as dist
 from basicsr.utils import get_root_logger
 from basicsr.utils.dist_util import master_only
 
+import esc_arch
 from esc_arch import pad_to_multiple  # reflect, right/bottom; repeated reflection for tiny inputs
 
 from basicsr_plugin.attention import default_attention_backend
 from basicsr_plugin.checkpoint_io import atomic_torch_save
-
-#: Network ``type`` names whose constructor takes ``attn_type``.
-ARCHS_WITH_ATTENTION = {"ESC", "ESCFP", "ESCReal", "ESCRealM", "ESCLTE"}
-
 
 def _device_type(opt: dict) -> str:
     return "cuda" if opt.get("num_gpu", 0) != 0 and torch.cuda.is_available() else "cpu"
@@ -36,7 +33,7 @@ def fill_default_attention(opt: dict, key: str = "network_g") -> bool:
     (which only ever runs inference) to the best inference back end.
     """
     net_opt = opt.get(key)
-    if not net_opt or net_opt.get("type") not in ARCHS_WITH_ATTENTION or net_opt.get("attn_type"):
+    if not net_opt or net_opt.get("type") not in esc_arch.ARCHITECTURES or net_opt.get("attn_type"):
         return False
     device = _device_type(opt)
     net_opt["attn_type"] = default_attention_backend(device, training=bool(opt.get("is_train")))
@@ -52,18 +49,6 @@ def use_inference_attention(model, defaulted: bool) -> None:
         get_root_logger().info(f"net_g_ema (inference only) uses attn_type '{backend}'")
 
 
-def forget_stale_inference_caches(net: torch.nn.Module) -> None:
-    """Drop esc_arch's inference caches (ensembled kernel, attention bias) before a training-time validation.
-
-    They are keyed on the parameters' version counters, but BasicSR's EMA update writes through ``param.data``,
-    which does not bump them: without this, validation would reuse kernels computed from older EMA weights.
-    Called for every test image (``is_train`` is switched off during validation by the Real-ESRGAN models, so it
-    cannot tell a training-time validation apart); recomputing them is cheap next to the forward pass.
-    """
-    if hasattr(net, "clear_inference_cache"):
-        net.clear_inference_cache()
-
-
 class WindowPaddedTestMixin:
     """``test()`` as in the official ESRModel: pad to the window, run the bare (EMA) network, crop to h*s x w*s."""
 
@@ -75,7 +60,6 @@ class WindowPaddedTestMixin:
         multiple = int(getattr(net, "window_size", None) or self.opt.get("network_g", {}).get("window_size", 1))
         scale = int(getattr(net, "scale", None) or self.opt["scale"])
         h, w = self.lq.shape[-2:]
-        forget_stale_inference_caches(net)
         was_training = net.training
         net.eval()
         with torch.no_grad():
