@@ -1,11 +1,16 @@
-"""Access to the golden fixtures in ../shared/fixtures/golden (produced by the official code)."""
+"""Where the tests find ../shared (beside the checkout, in CI too), and the golden fixtures in it.
+
+The one place the path is computed; ``conftest.py`` offers the same folders as fixtures.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "golden"
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN_DIR = SHARED_DIR / "fixtures" / "golden"  # produced by the official code (and neosr, traiNNer-redux)
+DATA_DIR = SHARED_DIR / "data"  # HR images: benchmark/ (evaluation only) and train/
 
 
 def golden_cases() -> list[dict]:

@@ -20,9 +20,10 @@ from safetensors import safe_open
 
 import esc_arch
 from esc_sr import cli, images
+from golden import GOLDEN_DIR  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = REPO_ROOT.parent / "shared" / "fixtures" / "golden"
+GOLDEN = GOLDEN_DIR
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,8 @@ import esc_arch  # noqa: E402
 import esc_sr
 
 from PIL import Image  # noqa: E402
+from golden import GOLDEN_DIR  # noqa: E402
 
-GOLDEN_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "golden"
 EXAMPLES_DIR = REPO_ROOT / "examples"
 
 RANDOM_ESC = "esc_tiny_x2_random.safetensors"

@@ -18,8 +18,9 @@ import esc_arch
 import esc_sr
 from esc_sr import cli, demo, hub
 from esc_sr.images import read_image
+from golden import GOLDEN_DIR  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "golden"
+GOLDEN = GOLDEN_DIR
 
 
 @pytest.fixture(scope="module")

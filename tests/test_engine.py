@@ -9,7 +9,6 @@ gives it random weights so that tiling is tested against what trained models do.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +20,9 @@ from torch import nn
 import esc_arch
 from esc_sr import engine, images
 from esc_sr.engine import DEFAULT_OVERLAP, EngineError, OutOfMemory, upscale
+from golden import SHARED_DIR  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = SHARED_DIR
 PHOTO_1024x768 = SHARED / "data" / "train" / "SunHays80" / "aqueduct_sun_ancegghzusmmvzjn.jpg"
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 from esc_sr import hub
+from golden import GOLDEN_DIR  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "golden"
+GOLDEN = GOLDEN_DIR
 FIXTURE_CHECKPOINT = GOLDEN / "esc_light_x2.ckpt.pth"  # BasicSR format, like the release assets
 
 
