@@ -175,11 +175,14 @@ def _load_strict(model: nn.Module, state: StateDict, name: str) -> None:
     nn.Module.load_state_dict(model, adapted, strict=True)  # adapted once, above
 
 
-def save_model(model: ESCModelBase, path: PathLike, *, half: bool = False) -> Path:
+def save_model(
+    model: ESCModelBase, path: PathLike, *, half: bool = False, description: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``model`` to a ``.safetensors`` file with metadata (architecture, hyperparameters,
     scale, package version) that :func:`load_model` reads back.  The write is atomic.
 
-    ``half=True`` stores floating-point tensors as fp16.
+    ``half=True`` stores floating-point tensors as fp16. ``description`` (JSON-serialisable: training recipe,
+    measured quality, ...) is stored in the metadata as it is; ``read_checkpoint`` returns it.
     """
     from safetensors.torch import save_file
 
@@ -200,6 +203,8 @@ def save_model(model: ESCModelBase, path: PathLike, *, half: bool = False) -> Pa
         "scale": model.scale,
         "esc_sr_version": __version__,
     }
+    if description is not None:
+        metadata["description"] = dict(description)
     with atomic_write(path) as temp:
         save_file(tensors, temp, metadata={_METADATA_KEY: json.dumps(metadata), "format": "pt"})
     return path
