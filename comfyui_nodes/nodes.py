@@ -45,12 +45,13 @@ _MASK_INPUT = ("MASK", {"tooltip": "Alpha for an RGB image, as ComfyUI masks it 
 
 
 def _resolve_precision(choice: str, upscale_model: Any, device: torch.device) -> str:
-    """The engine precision for this run: explicit > the loader's preference > ComfyUI's advice."""
+    """The engine precision for this run: explicit > the loader's preference > the model's own rule
+    (``supports_half``: ESC-LTE must run in fp32) > ComfyUI's advice."""
     if choice == "auto":
         choice = precision_preference(upscale_model)
     if choice != "auto":
         return choice
-    if device.type == "cpu":
+    if device.type == "cpu" or not esc_network(upscale_model).supports_half:
         return "fp32"
     # ComfyUI knows which GPUs run half precision badly and honours --force-fp32 / --fp16-* flags.
     if bridge.supports_dtype(device, torch.float16):

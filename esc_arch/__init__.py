@@ -63,10 +63,12 @@ def attention_kernel(
     if backend == "naive":
         return "naive [explicit matmul + softmax]"
     if backend == "flex":
-        from .attention import _compiled_flex_attention
+        from .attention import _FLEX_COMPILE_FAILED, flex_compiler_available
 
-        compiled = _compiled_flex_attention().__class__.__name__ != "function"
-        return f"flex [{'torch.compile' if compiled else 'eager'} flex_attention]"
+        if not flex_compiler_available():
+            return "flex [eager flex_attention: no compiler for torch.compile here]"
+        failed = [s for s in _FLEX_COMPILE_FAILED if s[0] == torch.device(device).type]
+        return "flex [torch.compile flex_attention" + (f"; eager for {len(failed)} shape(s) that failed to compile]" if failed else "]")
     heads, tokens, head_dim = (4, 1024, 16) if attn is None else (attn.num_heads, attn.window_size**2, attn.dim // attn.num_heads)
     return sdpa_kernel_name(device=device, dtype=dtype, num_heads=heads, tokens=tokens, head_dim=head_dim, training=training)
 

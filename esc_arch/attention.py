@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import shutil
+import warnings
 from typing import Literal
 
 import torch
@@ -69,36 +70,54 @@ def relative_position_index(window_size: int, device: torch.device | str = "cpu"
 
 
 @functools.lru_cache(maxsize=1)
+def flex_compiler_available() -> bool:
+    """Whether ``torch.compile`` can build flex_attention here (a C++ compiler on CPU; on CUDA, Triton)."""
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+@functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    if shutil.which("g++") is None and shutil.which("c++") is None and not torch.cuda.is_available():
-        return flex_attention  # no compiler: eager flex (slow but correct)
     return torch.compile(flex_attention, dynamic=True)
 
 
-# Shapes (device, dtype, heads, tokens, head_dim) for which the compiler failed; they run eagerly.
+# Shapes (device, dtype, heads, tokens, head_dim) whose compilation failed; they run eagerly, and said so.
 _FLEX_COMPILE_FAILED: set[tuple] = set()
 
 
-def _flex_attention(q, k, v, bias):
-    import warnings
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
 
+
+def _flex_attention(q, k, v, bias):
     from torch.nn.attention.flex_attention import flex_attention
 
     def add_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h, q_idx, kv_idx]
 
     signature = (q.device.type, q.dtype, *q.shape[1:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if signature not in _FLEX_COMPILE_FAILED:
-            try:
-                return _compiled_flex_attention()(q, k, v, score_mod=add_bias)
-            except Exception as error:  # inductor has CPU code-generation bugs for some shapes
-                _FLEX_COMPILE_FAILED.add(signature)
-                warnings.warn(f"compiled flex_attention failed ({type(error).__name__}); running it eagerly", stacklevel=2)
-        return flex_attention(q, k, v, score_mod=add_bias)
+    if signature not in _FLEX_COMPILE_FAILED and flex_compiler_available():
+        try:
+            return _compiled_flex_attention()(q, k, v, score_mod=add_bias)
+        except Exception as error:
+            if _is_out_of_memory(error):
+                raise  # a real OOM: the caller (the engine's tile halving) must see it
+            # inductor has CPU code-generation bugs for some shapes (ESC-FP's 3 heads on CPU, for one)
+            _FLEX_COMPILE_FAILED.add(signature)
+            warnings.warn(
+                f"torch.compile of flex_attention failed for {signature} ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}); this shape now runs "
+                "flex_attention eagerly, which materialises the whole score matrix",
+                RuntimeWarning, stacklevel=2,
+            )
+    return flex_attention(q, k, v, score_mod=add_bias)
 
 
 class WindowAttention(nn.Module):

@@ -388,13 +388,24 @@ def test_other_errors_are_not_mistaken_for_out_of_memory(nodes, comfy, esc_x2):
 
 def test_precision_auto_follows_loader_then_comfyui(nodes, comfy):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    stock_loaded = types.SimpleNamespace()
+    stock_loaded = types.SimpleNamespace(model=esc_arch.esc_tiny())
     assert nodes._resolve_precision("auto", stock_loaded, cpu) == "fp32"
     assert nodes._resolve_precision("fp16", stock_loaded, cpu) == "fp16"  # explicit wins (the engine validates it)
-    assert nodes._resolve_precision("auto", types.SimpleNamespace(esc_precision="bf16"), cuda) == "bf16"
+    ours = types.SimpleNamespace(model=esc_arch.esc_tiny(), esc_precision="bf16")
+    assert nodes._resolve_precision("auto", ours, cuda) == "bf16"
     assert nodes._resolve_precision("auto", stock_loaded, cuda) == "fp32"  # ComfyUI advises against fp16 here
     comfy.fp16_ok = True
     assert nodes._resolve_precision("auto", stock_loaded, cuda) == "fp16"
+
+
+def test_precision_auto_keeps_a_model_that_needs_fp32_in_fp32(nodes, comfy):
+    """ESC-LTE's decoder is inaccurate in half precision (esc_arch states it: supports_half = False), so "auto"
+    stays fp32 even where ComfyUI would run fp16."""
+    comfy.fp16_ok = True
+    lte = types.SimpleNamespace(model=esc_arch.esc_lte(dim=16, pdim=8, n_blocks=1, conv_blocks=1, window_size=8,
+                                                       num_heads=2, hidden_dim=32, mlp_hidden=(32, 32)))
+    assert nodes._resolve_precision("auto", lte, torch.device("cuda")) == "fp32"
+    assert nodes._resolve_precision("auto", types.SimpleNamespace(model=esc_arch.esc_tiny()), torch.device("cuda")) == "fp16"
 
 
 def test_loader_precision_is_used_by_the_upscale_node(nodes, esc_x2):

@@ -65,6 +65,42 @@ def test_flex_backend_agrees_with_naive():
     assert (flex - naive).abs().max() <= 1e-5
 
 
+def _failing_compile(error: Exception):
+    def compiled(*args, **kwargs):
+        raise error
+
+    return lambda: compiled
+
+
+def test_flex_compile_failure_falls_back_eagerly_and_says_so(monkeypatch):
+    from esc_arch import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_compiled_flex_attention", _failing_compile(RuntimeError("inductor bug")))
+    monkeypatch.setattr(attention_module, "_FLEX_COMPILE_FAILED", set())
+    monkeypatch.setattr(attention_module, "flex_compiler_available", lambda: True)
+    layer = esc_arch.WindowAttention(32, 8, 2, "flex").eval()
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="flex_attention failed .*inductor bug.*runs flex_attention eagerly"):
+        out = layer(x)
+    layer.attn_type = "naive"
+    with torch.no_grad():
+        assert (out - layer(x)).abs().max() <= 1e-5
+    assert "eager for 1 shape" in esc_arch.attention_kernel(esc_arch.set_attention_backend(small_esc(), "flex"))
+
+
+def test_flex_out_of_memory_stays_out_of_memory(monkeypatch):
+    from esc_arch import attention as attention_module
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(attention_module, "_compiled_flex_attention", _failing_compile(oom))
+    monkeypatch.setattr(attention_module, "_FLEX_COMPILE_FAILED", set())
+    monkeypatch.setattr(attention_module, "flex_compiler_available", lambda: True)
+    layer = esc_arch.WindowAttention(32, 8, 2, "flex").eval()
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+        layer(torch.randn(1, 32, 8, 8))
+    assert attention_module._FLEX_COMPILE_FAILED == set()  # nothing blacklisted: the next tile may fit
+
+
 @pytest.mark.parametrize("size", [(1, 1), (1, 7), (3, 2), (4, 4), (5, 9), (8, 8), (17, 3)])
 def test_any_input_size_works(size):
     model = small_esc().eval()
