@@ -131,7 +131,8 @@ class ESCLTE(ESCModelBase):
         h, w = coef.shape[-2:]
         feat_coord = make_coord(h, w, device=coord.device, dtype=coord.dtype).view(1, h, w, 2).permute(0, 3, 1, 2)
         feat_coord = feat_coord.expand(b, 2, h, w)
-        size = torch.tensor([h, w], device=coord.device, dtype=coord.dtype)
+        # Stacked from the shape rather than torch.tensor([h, w]): a traced ONNX export then keeps it symbolic.
+        size = torch.stack([torch.as_tensor(h), torch.as_tensor(w)]).to(device=coord.device, dtype=coord.dtype)
         rel_cell = cell * size
         phase = self.phase(rel_cell.reshape(b * q, 2)).view(b, q, -1)
 

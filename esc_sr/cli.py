@@ -5,7 +5,7 @@
     esc-sr convert MODEL OUT.safetensors [--half]
     esc-sr models [--download NAME...]
     esc-sr demo [--out DIR] [-m MODEL] [--image FILE]
-    esc-sr export-onnx MODEL OUT.onnx [--half]
+    esc-sr export-onnx MODEL OUT.onnx [--half] [--scale N]
     esc-sr chainner install|uninstall [--python PATH]
 
 Handlers are thin: they turn parsed arguments into calls of the library (:mod:`esc_sr.engine`,
@@ -672,12 +672,16 @@ def _add_export_onnx(subparsers: Any) -> None:
         description=(
             "Export MODEL to ONNX: input 'input' (N,3,H,W) RGB in [0,1], output 'output', clamp inside the "
             f"graph, dynamic batch/height/width, opset {_ONNX_OPSET} -- what chaiNNer's own converter produces. "
-            "The graph is checked with onnxruntime against PyTorch at several odd sizes."
+            "The graph is checked with onnxruntime against PyTorch at several odd sizes. The arbitrary-scale "
+            "model (ESC+LTE) exports at the whole factor given with --scale."
         ),
     )
     parser.add_argument("model", metavar="MODEL", help="checkpoint file or official model name")
     parser.add_argument("out", metavar="OUT.onnx", help="file to write")
     parser.add_argument("--half", action="store_true", help="fp16 weights and input/output (for GPUs)")
+    parser.add_argument("--scale", type=_positive_float, default=None, metavar="N",
+                        help="the graph's factor for the arbitrary-scale model (a whole number, e.g. 3); "
+                        "other models have their own")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.set_defaults(func=export_onnx_command)
@@ -690,7 +694,7 @@ def export_onnx_command(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     _check_output(out, ".onnx", overwrite=args.overwrite)
     model = load_cli_model(args.model)
-    report = onnx_export.export_onnx(model, out, half=args.half, verify=not args.no_verify)
+    report = onnx_export.export_onnx(model, out, half=args.half, scale=args.scale, verify=not args.no_verify)
     print(f"wrote {out}: {model.arch_name} x{report.scale}, {'fp16' if args.half else 'fp32'}, "
           f"opset {onnx_export.OPSET}, {out.stat().st_size / 1e6:.2f} MB")
     for (batch, height, width), diff in report.max_abs_diff.items():

@@ -17,6 +17,12 @@ Two parts of ESC do not trace into a shape-generic ONNX graph as written, so dur
 The window attention's reflect padding traces to shape-computed ``Pad`` amounts, so it stays
 dynamic; inputs must be larger than half the window on each side (one reflection), which the
 exported wrapper guarantees by replicate-padding smaller inputs (and cropping the output).
+
+The DySample head traces as it is: its sampling grid is computed from the feature map's shape
+(``arange`` of its sides), so it becomes ONNX ``Range`` / ``GridSample`` (opset 16+) on symbolic
+sizes, and stays fp32 inside an fp16 graph, as in PyTorch.  The arbitrary-scale LTE model exports
+at one fixed whole factor chosen at export time (``scale=``): the graph queries every output
+pixel's centre and cell at once, which is what ``upscale_by(x, scale)`` computes in chunks.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import nn
 
 from esc_arch.atomic import atomic_write
 from esc_arch.errors import ESCError
+from esc_arch.lte import make_coord
 
 __all__ = [
     "OPSET",
@@ -46,7 +53,8 @@ __all__ = [
     "verify_onnx",
 ]
 
-OPSET = 17
+OPSET = 17  # >= 16 for GridSample (DySample, the LTE decoder); chaiNNer's converter offers 14-17
+_LTE_FP16_ERROR = "0.35 in PyTorch"
 CHECK_SIZES: tuple[tuple[int, int, int], ...] = ((1, 37, 53), (1, 61, 29), (2, 45, 47), (1, 97, 131))
 """(batch, height, width) the exported graph is checked at: odd, non-square, a batch of 2."""
 
@@ -129,12 +137,26 @@ class ClampedForExport(nn.Module):
     """What the exported graph computes: the model, then the clamp to [0, 1] (as chaiNNer's own
     exporter, which wraps the spandrel descriptor).  Inputs with a side of at most half the window
     are first replicate-padded to ``min_size`` (the window attention reflects once) and the output
-    is cropped back."""
+    is cropped back.
 
-    def __init__(self, model: nn.Module) -> None:
+    An arbitrary-scale model (``model.arbitrary_scale``) needs ``scale``, the whole factor of the
+    graph; it then renders what ``model.upscale_by(x, scale)`` renders.  Other models ignore
+    ``scale`` unless it contradicts theirs.
+    """
+
+    def __init__(self, model: nn.Module, scale: int | None = None) -> None:
         super().__init__()
         self.model = model
-        self.scale = int(model.scale)
+        self.arbitrary = bool(getattr(model, "arbitrary_scale", False))
+        if self.arbitrary:
+            if scale is None or int(scale) != scale or scale < 1:
+                raise ValueError(f"an arbitrary-scale model exports at a whole factor >= 1, not {scale!r}")
+            self.scale = int(scale)
+            # The LTE cell rule (esc_arch.ESCLTE.query_cell) is 2 / output side, times a factor that only
+            # depends on the scale; for an h x w input the cell is therefore this pair divided by (h, w).
+            self.cell_times_size = tuple(float(c) for c in model.query_cell((1, 1), (self.scale, self.scale)))
+        else:
+            self.scale = int(model.scale)
         self.min_size = int(model.window_size) // 2 + 1
         unshuffle = int(getattr(model, "unshuffle", 1))
         self.min_size *= unshuffle  # the trunk of ESCRealM runs at 1/unshuffle resolution
@@ -145,33 +167,58 @@ class ClampedForExport(nn.Module):
         pad_h = torch.clamp(self.min_size - torch.as_tensor(h), min=0)
         pad_w = torch.clamp(self.min_size - torch.as_tensor(w), min=0)
         x = F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
-        out = self.model(x).clamp(0, 1)
+        out = (self._render_fixed_scale(x) if self.arbitrary else self.model(x)).clamp(0, 1)
         return out[:, :, : h * self.scale, : w * self.scale]
+
+    def _render_fixed_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The arbitrary-scale model at ``self.scale``: every output pixel queried at once, with the
+        coordinates and cells ``upscale_by`` uses, all computed from the input's shape."""
+        b = x.shape[0]
+        h, w = x.shape[-2:]
+        out_h, out_w = h * self.scale, w * self.scale
+        coord = make_coord(out_h, out_w, device=x.device, dtype=x.dtype)
+        cell = torch.stack([self.cell_times_size[0] / torch.as_tensor(h), self.cell_times_size[1] / torch.as_tensor(w)])
+        cell = cell.to(device=x.device, dtype=x.dtype).expand_as(coord)
+        rgb = self.model(x, coord.expand(b, -1, -1), cell.expand(b, -1, -1))
+        return rgb.transpose(1, 2).reshape(b, 3, out_h, out_w)
 
 
 # -- export and verification ----------------------------------------------------------------------
 
 
-def _prepare(model: nn.Module, half: bool) -> nn.Module:
+def _prepare(model: nn.Module, half: bool, scale: float | None) -> int:
+    """Refuse what cannot be exported (each message says why); returns the graph's scale."""
     arch = getattr(model, "arch_name", type(model).__name__)
-    upsampler = getattr(model, "hyperparameters", {}).get("upsampler")
-    if upsampler == "dysample":
-        # DySample builds its coordinate normaliser with torch.tensor([w, h]), which the tracer
-        # freezes to the example's size (the graph then samples wrong positions at other sizes),
-        # and computes positions in the model's dtype (ONNX Range has no fp16).
-        raise OnnxExportError(
-            f"{arch} with the DySample head does not export to a size-independent ONNX graph yet "
-            "(its sampling grid is built from Python numbers); use the PyTorch route in chaiNNer"
-        )
     if getattr(model, "arbitrary_scale", False):
+        if scale is None:
+            raise OnnxExportError(
+                f"{arch} is an arbitrary-scale model; an ONNX graph has one fixed factor: choose it "
+                "(esc-sr export-onnx --scale N, a whole number; e.g. --scale 3)"
+            )
+        if scale != int(scale) or scale < 1:
+            # chaiNNer's ONNX loader takes the scale as output // input and only where it divides.
+            raise OnnxExportError(
+                f"--scale {scale:g}: an ONNX upscaler has a whole factor >= 1 (chaiNNer reads it as output "
+                "size // input size); use `esc-sr upscale --outscale` for other factors"
+            )
+        if half and not getattr(model, "supports_half", True):
+            raise OnnxExportError(
+                f"{arch} is inaccurate in fp16 (its query coordinates and cell areas need fp32; measured max "
+                f"|diff| vs fp32 {_LTE_FP16_ERROR}); export it without --half"
+            )
+        return int(scale)
+    own = getattr(model, "scale", None)
+    if own is None or own != int(own) or own < 1:
+        # ESCRealM's 'conv' head after pixel-unshuffle never upsamples (upstream behaviour): x0.25 / x0.5.
         raise OnnxExportError(
-            f"{arch} is an arbitrary-scale model (queries of coordinates and cells); it has no fixed-scale "
-            "image->image graph to export. Use `esc-sr upscale --outscale` instead"
+            f"{arch} makes the image smaller (x{own:g}: this configuration's head does not upsample); "
+            "chaiNNer reads an ONNX model's scale as output size // input size, which has no value for it"
         )
-    scale = getattr(model, "scale", None)
-    if scale is None or scale != int(scale) or scale < 1:
-        raise OnnxExportError(f"{arch} changes the image size by {scale}x; only integer scales >= 1 export")
-    return model
+    if scale is not None and scale != own:
+        raise OnnxExportError(f"{arch} is a fixed x{int(own)} model; --scale {scale:g} only applies to the arbitrary-scale model")
+    if half and not getattr(model, "supports_half", True):
+        raise OnnxExportError(f"{arch} is marked inaccurate in fp16 (supports_half is False); export it without --half")
+    return int(own)
 
 
 def _example_size(model: nn.Module) -> tuple[int, int]:
@@ -186,6 +233,7 @@ def export_onnx(
     out: str | os.PathLike[str],
     *,
     half: bool = False,
+    scale: float | None = None,
     verify: bool = True,
     check_sizes: Sequence[tuple[int, int, int]] = CHECK_SIZES,
     tolerance: float | None = None,
@@ -193,15 +241,16 @@ def export_onnx(
     """Export an ESC model (an ``esc_arch`` module) to ``out`` (written atomically) and, with
     ``verify``, compare onnxruntime with PyTorch at ``check_sizes``.
 
-    ``tolerance`` (max |difference| of the clamped outputs from the fp32 PyTorch model) defaults
-    to 1e-3 for an fp32 graph and 5e-2 for an fp16 graph.  ``model`` itself is not modified.
-    Raises :class:`OnnxExportError`.
+    ``scale`` is the factor of the graph of an arbitrary-scale model (a whole number, required for
+    it); for the others it may only repeat the model's own.  ``tolerance`` (max |difference| of the
+    clamped outputs from the fp32 PyTorch model) defaults to 1e-3 for an fp32 graph and 5e-2 for an
+    fp16 graph.  ``model`` itself is not modified.  Raises :class:`OnnxExportError`.
     """
-    model = _prepare(model, half)
+    scale = _prepare(model, half, scale)
     out = Path(out)
-    reference = ClampedForExport(copy.deepcopy(model)).float().eval()
+    reference = ClampedForExport(copy.deepcopy(model), scale).float().eval()
     dtype = torch.float16 if half else torch.float32
-    wrapper = ClampedForExport(copy.deepcopy(model)).to(dtype).eval()
+    wrapper = ClampedForExport(copy.deepcopy(model), scale).to(dtype).eval()
     model = wrapper.model
     example = torch.rand(1, 3, *_example_size(model), dtype=dtype)
     with atomic_write(out) as tmp:
