@@ -5,13 +5,40 @@ Supported layouts: BasicSR (``params_ema`` / ``params``), neosr, traiNNer-redux 
 or ``{'metadata', params}``), esc_arb/LTE (``{'model': {'sd': ...}}``), plain state dicts, and
 the files :func:`save_model` writes.  Pickles are read with ``torch.load(weights_only=True)``, so a
 checkpoint can never run code while loading.
+
+Checked before anything is allocated
+------------------------------------
+A checkpoint is someone else's file, so every size it declares is checked before it costs memory, against limits
+derived from one number, ``max_parameters`` (:data:`DEFAULT_MAX_PARAMETERS`, 50 M: four times ESC-XL's 12.5 M;
+``load_model(..., max_parameters=N)`` and ``esc-sr --max-parameters N`` raise it; see :class:`CheckpointLimits`):
+
+1. **The file.** Only a regular file is opened (:func:`esc_arch.inputs.open_regular_file`); its format is told by
+   its first bytes, not its name. PyTorch's zip format and safetensors are read; a plain pickle or PyTorch's legacy
+   (before 1.6) format is not, as its sizes cannot be known before unpickling.
+2. **The declared sizes.** The safetensors header (its length first, then every tensor's shape, through
+   safetensors' own parser), or the zip's records (``zipfile``: count, compression, sizes, CRC-32). A compressed
+   record is refused (``torch.save`` never compresses; a small file could expand to gigabytes). Zip checkpoints are
+   then opened with ``torch.load(mmap=True)``: tensors are views of the file, nothing is copied yet.
+3. **The tensors** (:func:`check_state_dict`): dense, with as many stored values as they claim (a stride-0
+   ``expand`` is refused), at most ``max_parameters`` values in all, all finite (a NaN weight would turn every
+   output black).
+4. **The model** (:func:`build_model`): built first on the ``meta`` device, which allocates nothing, so its exact
+   size -- parameters, and the constants :func:`esc_arch.fuse` bakes -- is checked, and the checkpoint's keys and
+   shapes are compared with it, before the real model is built.
+
+Every refusal is a :class:`CheckpointError` naming the file and the reason in one line; no other exception
+escapes for a bad file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
+import zipfile
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +49,7 @@ from .atomic import atomic_write
 from .base import ESCModelBase
 from .detection import infer_architecture
 from .errors import CheckpointError
+from .inputs import UnusableFile, open_regular_file
 
 StateDict = dict[str, torch.Tensor]
 PathLike = str | os.PathLike
@@ -31,30 +59,172 @@ _PREFIXES = ("module.", "netG.", "_orig_mod.")
 _METADATA_KEY = "esc_sr"
 DEFAULT_MODEL_FILE = Path(__file__).with_name("weights") / "esc_default_x4.safetensors"
 
+#: The default ceiling on a checkpoint's parameters (values in its state dict): four times ESC-XL's 12.5 M.
+DEFAULT_MAX_PARAMETERS = 50_000_000
+_RAISE_HINT = "load_model(..., max_parameters=N) or esc-sr --max-parameters N raises the limit"
+
+
+@dataclass(frozen=True)
+class CheckpointLimits:
+    """What a checkpoint may declare, all derived from ``max_parameters``.
+
+    ========================  ======================================  ==========================================
+    limit                     value                                   at the default (50 M parameters)
+    ========================  ======================================  ==========================================
+    ``max_parameters``        values in the state dict, and in the    50,000,000 (ESC-XL: 12,518,160)
+                              model built from it
+    ``max_stored_bytes``      16 bytes per parameter: tensor data in  800 MB (fp32 weights + EMA + two Adam
+                              the file, training copies included      moments)
+    ``max_model_bytes``       32 bytes per parameter: the model       1.6 GB (ESC: 84 MiB, ESC-Real: 168 MiB)
+                              ready for inference (after ``fuse``)
+    ``max_tensors``           8,192, more in proportion above the     8,192 (ESC-XL: 719)
+                              default
+    ``max_metadata_bytes``    4 MiB, more in proportion: the          4 MiB (ESC-XL's: under 100 KB)
+                              safetensors header, the zip's pickle
+    ========================  ======================================  ==========================================
+    """
+
+    max_parameters: int = DEFAULT_MAX_PARAMETERS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_parameters, bool) or not isinstance(self.max_parameters, int) or self.max_parameters < 1:
+            raise ValueError(f"max_parameters must be a positive integer, not {self.max_parameters!r}")
+
+    @property
+    def _proportion(self) -> float:
+        return max(1.0, self.max_parameters / DEFAULT_MAX_PARAMETERS)
+
+    @property
+    def max_stored_bytes(self) -> int:
+        return 16 * self.max_parameters
+
+    @property
+    def max_model_bytes(self) -> int:
+        return 32 * self.max_parameters
+
+    @property
+    def max_tensors(self) -> int:
+        return int(8192 * self._proportion)
+
+    @property
+    def max_metadata_bytes(self) -> int:
+        return int(4 * 2**20 * self._proportion)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_stored_bytes + self.max_metadata_bytes + 2**20  # + the zip's own records
+
+
+def _limits(max_parameters: int | CheckpointLimits | None) -> CheckpointLimits:
+    if isinstance(max_parameters, CheckpointLimits):
+        return max_parameters
+    return CheckpointLimits(DEFAULT_MAX_PARAMETERS if max_parameters is None else max_parameters)
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:,.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
 
 # -- reading ------------------------------------------------------------------------------------
 def _describe(source: Any) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "<state dict>"
 
 
-def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty (0 bytes)")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from None
+
+def _read_file(path: Path, limits: CheckpointLimits) -> tuple[Any, dict[str, str], bool]:
+    """The file's object, its safetensors metadata, and whether its tensors are views of the file (zip checkpoints,
+    read with ``torch.load(mmap=True)``: nothing is copied before the tensors are checked)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), {}
+        handle, size = open_regular_file(path)
+    except UnusableFile as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    with handle:
+        try:
+            head = handle.read(16)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    if size > limits.max_file_bytes:
+        raise CheckpointError(
+            f"{path}: the file is {_size(size)}, above the {_size(limits.max_file_bytes)} a checkpoint of at most "
+            f"{limits.max_parameters:,} parameters can need ({_RAISE_HINT})"
+        )
+    if head[:4] in _ZIP_MAGIC:
+        if path.name.lower().endswith(".safetensors"):  # torch.load would hand it to safetensors by its name
+            raise CheckpointError(f"{path}: a PyTorch zip checkpoint, not a safetensors file: rename it to .pth")
+        _check_zip(path, size, limits)
+        return _torch_load(path), {}, True
+    if len(head) > 8 and head[8:9] == b"{":
+        return (*_read_safetensors(path, size, int.from_bytes(head[:8], "little"), limits), False)
+    if head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path}: a plain pickle or a checkpoint in PyTorch's legacy format (before 1.6), which is not read: its "
+            "sizes cannot be checked before unpickling it; re-save it with torch.save (PyTorch 1.6 or later) or "
+            "convert it to .safetensors"
+        )
+    raise CheckpointError(f"{path}: not a checkpoint, or corrupt (neither a PyTorch zip checkpoint nor a safetensors file)")
+
+
+def _check_zip(path: Path, size: int, limits: CheckpointLimits) -> None:
+    """The zip's own records, with :mod:`zipfile`, before torch reads anything: their number, compression, sizes
+    and CRC-32s. (``torch.save`` writes stored records, 64-byte aligned, with CRC-32s.)"""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            problem = _zip_problem(records, size, limits)
+            if problem:
+                raise CheckpointError(f"{path}: {problem}")
+            for record in records:
+                if record.CRC == 0:  # torch.save(..., compute_crc32=False) leaves it unset
+                    continue
+                with archive.open(record) as data:  # zipfile checks the CRC-32 when the record ends
+                    while data.read(1 << 20):
+                        pass
+    except CheckpointError:
+        raise
+    except Exception as e:  # zipfile raises BadZipFile, EOFError, struct.error, ... on damaged files
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)[:160]})") from None
+
+
+def _zip_problem(records: list[zipfile.ZipInfo], size: int, limits: CheckpointLimits) -> str | None:
+    if len(records) > limits.max_tensors + 16:
+        return f"holds {len(records):,} records, above the limit of {limits.max_tensors:,} tensors ({_RAISE_HINT})"
+    pickles = [r for r in records if r.filename == "data.pkl" or r.filename.endswith("/data.pkl")]
+    if not pickles:
+        return "a zip file without data.pkl: not a PyTorch checkpoint"
+    stored = 0
+    for record in records:
+        name = record.filename
+        if record.compress_type != zipfile.ZIP_STORED:
+            return (
+                f"record {name} is compressed (zip method {record.compress_type}); torch.save never compresses, and a "
+                "compressed record can expand far beyond the file, so it is not read: re-save the checkpoint with "
+                "torch.save"
+            )
+        if record.file_size != record.compress_size or record.header_offset + record.file_size > size:
+            return f"corrupt or truncated checkpoint (record {name} declares {record.file_size:,} bytes the file does not hold)"
+        stored += record.file_size
+    if max(r.file_size for r in pickles) > limits.max_metadata_bytes:
+        return (
+            f"its pickle (data.pkl) is {_size(max(r.file_size for r in pickles))}, above the limit of "
+            f"{_size(limits.max_metadata_bytes)} ({_RAISE_HINT})"
+        )
+    if stored > limits.max_stored_bytes:
+        return (
+            f"declares {_size(stored)} of data, above the {_size(limits.max_stored_bytes)} allowed for at most "
+            f"{limits.max_parameters:,} parameters ({_RAISE_HINT})"
+        )
+    return None
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
@@ -63,6 +233,34 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
         ) from None
     except Exception as e:  # torch's unpickler raises anything from EOFError to IndexError on garbage
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)[:160]})") from None
+
+
+def _read_safetensors(path: Path, size: int, header_bytes: int, limits: CheckpointLimits) -> tuple[StateDict, dict[str, str]]:
+    """A safetensors file: the header's length, then (safetensors' own parser) every shape, then the data."""
+    if header_bytes > limits.max_metadata_bytes:
+        raise CheckpointError(f"{path}: its safetensors header declares {_size(header_bytes)}, above the limit of "
+                              f"{_size(limits.max_metadata_bytes)} ({_RAISE_HINT})")
+    if 8 + header_bytes > size:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file (a {header_bytes:,}-byte header in a "
+                              f"{size:,}-byte file)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if len(keys) > limits.max_tensors:
+                raise CheckpointError(f"{path}: holds {len(keys):,} tensors, above the limit of {limits.max_tensors:,} "
+                                      f"({_RAISE_HINT})")
+            values = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
+            if values > limits.max_parameters:
+                raise CheckpointError(f"{path}: holds {values:,} values, above the limit of {limits.max_parameters:,} "
+                                      f"parameters ({_RAISE_HINT})")
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in keys}, metadata
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)[:160]})") from None
 
 
 def _first_line(error: BaseException) -> str:
@@ -90,33 +288,110 @@ def canonicalize_state_dict(obj: Any, source: Any = None) -> StateDict:
         raise CheckpointError(f"{name}: not a state dict (the file holds a {type(obj).__name__})")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
-        raise CheckpointError(f"{name}: not a state dict (no tensors; top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+        keys = ", ".join(str(k)[:40] for k in list(obj)[:8])
+        raise CheckpointError(f"{name}: not a state dict (no tensors; top-level keys: {keys})")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CheckpointError(f"{name}: not a state dict (a tensor is filed under {type(odd).__name__} {str(odd)[:40]}, not a name)")
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
-def read_checkpoint(path: PathLike) -> tuple[StateDict, dict[str, Any]]:
-    """Read a checkpoint file: (canonical state dict, ESC-SR metadata or {})."""
+def check_state_dict(
+    state: Mapping[str, torch.Tensor], *, name: str = "<state dict>", max_parameters: int | CheckpointLimits | None = None
+) -> None:
+    """Refuse, with a :class:`CheckpointError`, a state dict whose tensors cannot be weights of a model within the
+    limits: too many tensors or values, a tensor that is not dense or claims more values than its storage holds
+    (a stride-0 ``expand`` of one number posing as a large weight), or a non-finite value (NaN, Inf).
+
+    Reads only the tensors' metadata, then their values once (the finiteness test); allocates nothing large.
+    """
+    limits = _limits(max_parameters)
+    if len(state) > limits.max_tensors:
+        raise CheckpointError(f"{name}: holds {len(state):,} tensors, above the limit of {limits.max_tensors:,} ({_RAISE_HINT})")
+    values = 0
+    for key, tensor in state.items():
+        problem = _tensor_problem(tensor)
+        if problem:
+            raise CheckpointError(f"{name}: tensor {key} {problem}")
+        values += tensor.numel()
+    if values > limits.max_parameters:
+        raise CheckpointError(
+            f"{name}: holds {values:,} values, above the limit of {limits.max_parameters:,} parameters ({_RAISE_HINT})"
+        )
+    for key, tensor in state.items():
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{name}: tensor {key} holds {bad:,} non-finite value{'s' * (bad != 1)} (NaN or Inf) of "
+                f"{tensor.numel():,}; the checkpoint is damaged (a model with them computes only NaN)"
+            )
+
+
+def _tensor_problem(tensor: torch.Tensor) -> str | None:
+    if tensor.layout != torch.strided:
+        return f"is a {str(tensor.layout).replace('torch.', '')} tensor; a checkpoint of weights holds dense tensors"
+    if tensor.device.type == "meta":
+        return "holds no data (a meta tensor)"
+    if tensor.is_quantized or tensor.is_complex():
+        return f"has dtype {str(tensor.dtype).replace('torch.', '')}, which no ESC weight has"
+    numel = tensor.numel()
+    if numel == 0:
+        return None
+    stored = tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset()
+    if numel > stored:
+        return (
+            f"claims shape {list(tensor.shape)} ({numel:,} values) over {max(stored, 0):,} stored values (strides "
+            f"{list(tensor.stride())}): an expanded or overlapping view, not a stored weight"
+        )
+    return None
+
+
+def read_checkpoint(path: PathLike, *, max_parameters: int | CheckpointLimits | None = None) -> tuple[StateDict, dict[str, Any]]:
+    """Read a checkpoint file: (canonical state dict, ESC-SR metadata or {}).
+
+    Every size the file declares is checked first (see the module docstring), then the tensors
+    (:func:`check_state_dict`); the state dict returned owns its memory (no view of the file stays mapped).
+    """
     path = Path(path)
-    raw, file_metadata = _read_file(path)
-    metadata: dict[str, Any] = {}
-    if _METADATA_KEY in file_metadata:
-        try:
-            metadata = json.loads(file_metadata[_METADATA_KEY])
-        except json.JSONDecodeError:
-            metadata = {}
-    return canonicalize_state_dict(raw, path), metadata
+    limits = _limits(max_parameters)
+    raw, file_metadata, mapped = _read_file(path, limits)
+    state = canonicalize_state_dict(raw, path)
+    check_state_dict(state, name=str(path), max_parameters=limits)
+    if mapped:  # views of the file (torch.load(mmap=True)): copied, so that nothing keeps the file mapped
+        state = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+    del raw
+    return state, _esc_metadata(file_metadata)
 
 
-def read_state_dict(path: PathLike) -> StateDict:
+def _esc_metadata(file_metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The ESC-SR metadata of a file :func:`save_model` wrote, or {} (advisory: anything malformed is ignored)."""
+    text = file_metadata.get(_METADATA_KEY)
+    if not isinstance(text, str):
+        return {}
+    try:
+        metadata = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(metadata, dict):
+        return {}
+    hyper = metadata.get("hyperparameters")
+    if hyper is not None and not (isinstance(hyper, dict) and all(isinstance(k, str) for k in hyper)):
+        metadata.pop("hyperparameters")
+    return metadata
+
+
+def read_state_dict(path: PathLike, *, max_parameters: int | CheckpointLimits | None = None) -> StateDict:
     """The canonical state dict of a checkpoint file (wrappers unwrapped, prefixes stripped)."""
-    return read_checkpoint(path)[0]
+    return read_checkpoint(path, max_parameters=max_parameters)[0]
 
 
 # -- loading and saving -------------------------------------------------------------------------
-def load_model(source: PathLike | Mapping[str, Any], **overrides: Any) -> ESCModelBase:
+def load_model(
+    source: PathLike | Mapping[str, Any], *, max_parameters: int | CheckpointLimits | None = None, **overrides: Any
+) -> ESCModelBase:
     """Build and load an ESC model from a checkpoint path, a state dict, or ``'default'``.
 
     The variant and every hyperparameter come from the tensors (and from the metadata of files
@@ -124,39 +399,93 @@ def load_model(source: PathLike | Mapping[str, Any], **overrides: Any) -> ESCMod
     ``attn_type='naive'``, or ``upscaling_factor=4`` to load an x2 ESC checkpoint into an x4
     model (its sub-pixel head is resized as upstream does).  The model is returned in eval mode.
 
+    ``max_parameters`` (default :data:`DEFAULT_MAX_PARAMETERS`) bounds what the checkpoint may declare and the
+    model built from it; every other limit follows from it (:class:`CheckpointLimits`).
+
     Raises :class:`CheckpointError` with a one-line reason naming the file.
     """
+    limits = _limits(max_parameters)
     if isinstance(source, str) and source == "default":
         if not DEFAULT_MODEL_FILE.exists():
             raise CheckpointError(f"{DEFAULT_MODEL_FILE}: the embedded default model is missing from this installation")
         source = DEFAULT_MODEL_FILE
     name = _describe(source)
     if isinstance(source, (str, os.PathLike)):
-        state, metadata = read_checkpoint(source)
+        state, metadata = read_checkpoint(source, max_parameters=limits)
     else:
         state, metadata = canonicalize_state_dict(source, None), {}
+        check_state_dict(state, name=name, max_parameters=limits)
     try:
         cls, kwargs = infer_architecture(state)
     except CheckpointError as e:
         raise CheckpointError(f"{name}: {e}") from None
     if metadata.get("arch") == cls.arch_name:
-        for key, value in metadata.get("hyperparameters", {}).items():
+        for key, value in (metadata.get("hyperparameters") or {}).items():
             kwargs.setdefault(key, value)
     kwargs.update(overrides)
+    return build_model(cls, kwargs, state, name=name, max_parameters=limits)
+
+
+def build_model(
+    cls: type[ESCModelBase], kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor], *, name: str = "<state dict>",
+    max_parameters: int | CheckpointLimits | None = None,
+) -> ESCModelBase:
+    """``cls(**kwargs)`` with ``state`` loaded (strictly), in eval mode -- checked before it is allocated.
+
+    The model is first built on the ``meta`` device (no memory): its size is checked against the limits, then with
+    the constants :func:`esc_arch.fuse` will bake, and ``state``'s keys and shapes are compared with it. Only then
+    is the real model built. Raises :class:`CheckpointError` naming ``name``.
+    """
+    limits = _limits(max_parameters)
+    kwargs = dict(kwargs)
+    blueprint = _construct(cls, kwargs, name, device="meta")
+    values = sum(t.numel() for t in blueprint.state_dict().values())
+    if values > limits.max_parameters:
+        raise CheckpointError(
+            f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would have {values:,} parameters, above the limit of "
+            f"{limits.max_parameters:,} ({_RAISE_HINT})"
+        )
     try:
-        model = cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{name}: cannot build {cls.arch_name}({_kwargs_text(kwargs)}): {e}") from None
-    _load_strict(model, state, name)
+        blueprint.fuse()
+    except Exception as e:
+        raise CheckpointError(f"{name}: cannot prepare {cls.arch_name} for inference: {_first_line(e)[:160]}") from None
+    needed = sum(t.numel() * 4 for t in chain(blueprint.parameters(), blueprint.buffers()))  # in float32
+    if needed > limits.max_model_bytes:
+        raise CheckpointError(
+            f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would need {_size(needed)} ready for inference (its "
+            f"weights and baked attention biases), above the limit of {_size(limits.max_model_bytes)} ({_RAISE_HINT})"
+        )
+    _fit(blueprint, state, name)
+    del blueprint
+    model = _construct(cls, kwargs, name, device=None)
+    adapted = _fit(model, state, name)
+    try:
+        nn.Module.load_state_dict(model, adapted, strict=True)  # adapted once, above
+    except Exception as e:
+        raise CheckpointError(f"{name}: cannot load the weights into {cls.arch_name}: {_first_line(e)[:160]}") from None
     return model.eval()
 
 
+def _construct(cls: type[ESCModelBase], kwargs: Mapping[str, Any], name: str, *, device: str | None) -> ESCModelBase:
+    try:
+        if device is None:
+            return cls(**kwargs)
+        with torch.device(device):
+            return cls(**kwargs)
+    except Exception as e:  # the arguments come from the file: any failure to build is the file's
+        raise CheckpointError(f"{name}: cannot build {cls.arch_name}({_kwargs_text(kwargs)}): {_first_line(e)[:160]}") from None
+
+
 def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return ", ".join(f"{k}={v!r}"[:60] for k, v in kwargs.items())
 
 
-def _load_strict(model: nn.Module, state: StateDict, name: str) -> None:
-    adapted = model.adapt_state_dict(dict(state)) if isinstance(model, ESCModelBase) else dict(state)
+def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> StateDict:
+    """``state`` adapted to ``model`` (upstream quirks), after checking that its keys and shapes are the model's."""
+    try:
+        adapted = model.adapt_state_dict(dict(state)) if isinstance(model, ESCModelBase) else dict(state)
+    except Exception as e:
+        raise CheckpointError(f"{name}: does not fit {getattr(model, 'arch_name', type(model).__name__)}: {_first_line(e)[:160]}") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in adapted]
     unexpected = [k for k in adapted if k not in expected]
@@ -172,7 +501,7 @@ def _load_strict(model: nn.Module, state: StateDict, name: str) -> None:
             raise CheckpointError(
                 f"{name}: shape mismatch for {key}: checkpoint {list(adapted[key].shape)} vs model {list(tensor.shape)}"
             )
-    nn.Module.load_state_dict(model, adapted, strict=True)  # adapted once, above
+    return adapted
 
 
 def save_model(

@@ -95,14 +95,30 @@ def _isqrt_exact(value: int, what: str) -> int:
     return root
 
 
+def _entries_held(state: Mapping[str, Any], prefix: str, count: int) -> None:
+    """Refuse a module list of ``count`` entries that the checkpoint cannot fill. ESC builds every entry of a list
+    (blocks, conv blocks) alike, so ``count`` entries need ``count`` times the tensors of entry 0: checked before
+    anything is built, since the count decides how much is built (and a key ``blocks.999.x`` costs one tensor)."""
+    per_entry = sum(1 for k in state if k.startswith(f"{prefix}.0."))
+    held = sum(1 for k in state if k.startswith(f"{prefix}."))
+    if count * per_entry > held:
+        raise CheckpointError(
+            f"{prefix} has {count} entries but only {held} tensors for them, not {per_entry} for each as {prefix}.0 has"
+        )
+
+
 def _trunk_hyperparameters(state: StateDict, prefix: str = "") -> dict[str, Any]:
     rpb = state[f"{prefix}blocks.0.attn.relative_position_bias"]
     dim = state[f"{prefix}blocks.0.attn.to_qkv.weight"].shape[1]
     hidden = state[f"{prefix}blocks.0.convffns.0.proj.weight"].shape[0]
+    n_blocks = _seq_len(state, f"{prefix}blocks")
+    conv_blocks = _seq_len(state, f"{prefix}blocks.0.pconvs")
+    _entries_held(state, f"{prefix}blocks", n_blocks)
+    _entries_held(state, f"{prefix}blocks.0.pconvs", conv_blocks)
     return {
         "dim": dim,
-        "n_blocks": _seq_len(state, f"{prefix}blocks"),
-        "conv_blocks": _seq_len(state, f"{prefix}blocks.0.pconvs"),
+        "n_blocks": n_blocks,
+        "conv_blocks": conv_blocks,
         "window_size": (math.isqrt(rpb.shape[1]) + 1) // 2,
         "num_heads": rpb.shape[0],
         "exp_ratio": hidden / dim,
@@ -205,13 +221,44 @@ def detect_architecture(state: Mapping[str, Any]) -> str | None:
 def infer_architecture(state: StateDict) -> tuple[type[ESCModelBase], dict[str, Any]]:
     """Detect the ESC variant of a (canonical) state dict and every hyperparameter from its tensors.
 
-    Raises :class:`CheckpointError` (without a file name) when the keys belong to no ESC variant.
+    Raises :class:`CheckpointError` (without a file name) when the keys belong to no ESC variant, or when the
+    tensors it reads cannot be those of the variant (a shape of the wrong rank, a zero width, ...): their shapes
+    come from the file, so any failure to read them is reported as a malformed checkpoint, never another exception.
     """
     variant = detect_variant(state)
     if variant is None:
         closest = min(VARIANTS, key=lambda v: len(v.missing(state)))
         raise CheckpointError(f"not an ESC checkpoint (closest is {closest.name}, which needs {', '.join(closest.missing(state)[:6])})")
     try:
-        return variant.cls, variant.hyperparameters(state)
+        kwargs = variant.hyperparameters(state)
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"incomplete {variant.name} checkpoint (missing {e.args[0]})") from None
+    except Exception as e:  # the shapes come from the file: one that breaks the reading is a malformed file
+        raise CheckpointError(f"malformed {variant.name} checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    bad = next(((k, v) for k, v in kwargs.items() if not _plausible(v)), None)
+    if bad is not None:
+        raise CheckpointError(f"malformed {variant.name} checkpoint: its tensors give {bad[0]}={bad[1]!r}")
+    return variant.cls, kwargs
+
+
+# Sizes read from shapes are positive; anything above this is no ESC (and would overflow the layers' arithmetic).
+_LARGEST_SIZE = 2**31 - 1
+
+
+def _plausible(value: Any) -> bool:
+    if isinstance(value, bool) or isinstance(value, str) or value is None:
+        return True
+    if isinstance(value, int):
+        return 0 < value <= _LARGEST_SIZE
+    if isinstance(value, float):
+        return math.isfinite(value) and 0 < value <= _LARGEST_SIZE
+    if isinstance(value, (tuple, list)):
+        return all(_plausible(v) for v in value)
+    return True
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:160] if lines else type(error).__name__

@@ -50,7 +50,7 @@ from spandrel import (  # noqa: E402
 from typing_extensions import override  # noqa: E402
 
 from ..base import ESCModelBase  # noqa: E402
-from ..checkpoint import canonicalize_state_dict  # noqa: E402
+from ..checkpoint import build_model, canonicalize_state_dict, check_state_dict  # noqa: E402
 from ..detection import VARIANTS, Variant, infer_architecture  # noqa: E402
 from ..errors import CheckpointError  # noqa: E402
 from ..presets import match_preset  # noqa: E402
@@ -104,10 +104,11 @@ class ESCArchitecture(Architecture[ESCModelBase]):
         state = _canonical(state_dict)
         if state is None:
             raise ValueError(f"not a state dict of {self.variant.name}")
+        check_state_dict(state)  # sizes, strides, finiteness: before anything is built (as esc_arch.load_model)
         cls, kwargs = infer_architecture(state)
         if cls is not self.variant.cls:
             raise ValueError(f"state dict was detected as {self.variant.name} but its tensors describe {cls.arch_name}")
-        return describe(cls(**kwargs), state, architecture=self)
+        return describe(build_model(cls, kwargs, state), state, architecture=self)
 
 
 def describe(
