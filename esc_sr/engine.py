@@ -63,6 +63,10 @@ __all__ = [
     "resolve_precision",
     "auto_tile_size",
     "is_out_of_memory",
+    "available_memory",
+    "estimate_memory",
+    "check_memory",
+    "format_bytes",
 ]
 
 TileSpec = Union[Literal["auto"], int, None]
@@ -216,6 +220,91 @@ def _available_ram_bytes() -> int:
         return int(psutil.virtual_memory().available)
     except Exception:
         return 4 << 30  # unknown: assume a modest machine
+
+
+def available_memory() -> int:
+    """Bytes of RAM available now (``MemAvailable`` on Linux; psutil elsewhere; 4 GiB when unknown)."""
+    return _available_ram_bytes()
+
+
+MemorySpec = Union[Literal["auto"], int, None]
+
+
+def _memory_limit(max_memory: MemorySpec) -> tuple[int | None, str]:
+    """``max_memory`` as bytes (None: no limit) and how to describe it."""
+    if max_memory is None:
+        return None, "no limit"
+    if isinstance(max_memory, str) and max_memory == "auto":
+        return available_memory(), "the memory available now"
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
+        raise EngineError(f"max_memory must be 'auto', a positive number of bytes or None, not {max_memory!r}")
+    return max_memory, "the limit set"
+
+
+def format_bytes(nbytes: float) -> str:
+    """``1.5 GB``-style (powers of 1000, as ``--max-memory`` reads them)."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(nbytes) < 1000 or unit == "PB":
+            return f"{nbytes:,.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    raise AssertionError
+
+
+def _output_size(height: int, width: int, outscale: float) -> tuple[int, int]:
+    return max(1, round(height * outscale)), max(1, round(width * outscale))
+
+
+def estimate_memory(
+    height: int, width: int, channels: int, model: nn.Module, *, outscale: float | None = None,
+    bytes_per_sample: int = 1, alpha: str = "model",
+) -> int:
+    """Bytes one :func:`upscale` of a ``height x width x channels`` image needs besides the model and one tile:
+    its float copies, the output canvas at the model's scale, the resized result when ``outscale`` differs from
+    the model's scale, and the output in the input's sample size (``bytes_per_sample``: 1, 2 or 4), twice (the
+    copy the caller encodes). Conservative: measured peaks stay below it."""
+    arbitrary = _is_arbitrary_scale(model)
+    native = None if arbitrary else int(model.scale)
+    if outscale is None and arbitrary:
+        raise EngineError("an arbitrary-scale model needs outscale (the upscaling factor)")
+    outscale = float(native if outscale is None else outscale)
+    colour = 3
+    alpha_channels = 1 if channels in (2, 4) else 0
+    in_px = height * width
+    out_h, out_w = _output_size(height, width, outscale)
+    out_px = out_h * out_w
+    model_px = out_px if arbitrary else (height * native) * (width * native)
+    model_runs = 1 + (alpha_channels if alpha == "model" else 0)
+    need = in_px * channels * 4 * 2 + in_px * colour * 4  # float copy, planes, padded input
+    need += model_px * 4 * colour * model_runs  # canvases (alpha runs as a 3-channel gray image)
+    if arbitrary or outscale != native:
+        need += out_px * channels * 4 * 3  # the resize, its clamp, its planes
+    need += out_px * channels * 4  # the result planes
+    need += out_px * channels * max(1, bytes_per_sample) * 3  # converted, made contiguous, encoded
+    return int(need)
+
+
+def check_memory(
+    height: int, width: int, channels: int, model: nn.Module, *, outscale: float | None = None,
+    bytes_per_sample: int = 1, alpha: str = "model", max_memory: MemorySpec = "auto", batch: int = 1,
+) -> None:
+    """Raise :class:`OutOfMemory` before anything is allocated when :func:`estimate_memory` exceeds ``max_memory``
+    (``'auto'``: the RAM available now; an int: bytes; None: no check), for ``batch`` such images. The message
+    names the image size, the output size, the memory needed, the limit and how to raise it."""
+    limit, what = _memory_limit(max_memory)
+    if limit is None:
+        return
+    need = batch * estimate_memory(height, width, channels, model, outscale=outscale, bytes_per_sample=bytes_per_sample,
+                                   alpha=alpha)
+    if need <= limit:
+        return
+    factor = float(int(model.scale) if outscale is None else outscale)
+    out_h, out_w = _output_size(height, width, factor)
+    images = f"a batch of {batch} {width}x{height} images" if batch > 1 else f"a {width}x{height} image"
+    raise OutOfMemory(
+        f"{images} upscaled x{factor:g} (to {out_w}x{out_h}) needs about {format_bytes(need)} of "
+        f"memory, above {format_bytes(limit)} ({what}); refused before running the model "
+        "(--max-memory, or upscale(max_memory=...), raises the limit)"
+    )
 
 
 def _bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
@@ -698,7 +787,7 @@ def _from_tensor(image: torch.Tensor) -> _Planes:
     if not torch.is_floating_point(x):
         raise EngineError(f"expected a float tensor in [0, 1], got {x.dtype}")
     device, dtype = image.device, image.dtype
-    planes = [x[i : i + 1].detach().to("cpu", torch.float32) for i in range(x.shape[0])]
+    planes = [_finite_input(x[i : i + 1].detach().to("cpu", torch.float32)) for i in range(x.shape[0])]
 
     def restore(outs: list[torch.Tensor]) -> torch.Tensor:
         y = torch.cat(outs, 0).to(device=device, dtype=dtype)
@@ -719,7 +808,7 @@ def _from_numpy(image: np.ndarray) -> _Planes:
         raise EngineError(str(exc)) from None
     layout_2d = image.ndim == 2
     hwc = values[:, :, None] if layout_2d else values
-    planes = [torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None]]
+    planes = [_finite_input(torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None])]
 
     def restore(outs: list[torch.Tensor]) -> np.ndarray:
         result = outs[0][0].numpy().transpose(1, 2, 0)  # a view of the engine's own output canvas
@@ -728,6 +817,22 @@ def _from_numpy(image: np.ndarray) -> _Planes:
         return np.ascontiguousarray(images.from_float(result, dtype, inplace=True))
 
     return _Planes(planes, restore)
+
+
+def _finite_input(planes: torch.Tensor) -> torch.Tensor:
+    """Input pixels as the model can take them: NaN and -Inf become 0, +Inf becomes 1, with a warning.
+
+    One NaN would spread through every window and layer it touches (the whole output, past the first global
+    average), and a float TIFF can hold them; the documented choice is to clamp them, as out-of-range values are
+    clamped, and say so."""
+    if not planes.is_floating_point() or bool(torch.isfinite(planes).all()):
+        return planes
+    bad = int((~torch.isfinite(planes)).sum())
+    warnings.warn(
+        f"the image has {bad:,} non-finite pixel value{'s' * (bad != 1)} (NaN or Inf); replaced: NaN and -Inf by 0, "
+        "+Inf by 1", RuntimeWarning, stacklevel=4,
+    )
+    return torch.nan_to_num(planes, nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def _from_pil(image: Any) -> _Planes:
@@ -759,6 +864,7 @@ def upscale(
     precision: str = "auto",
     alpha: Literal["model", "resize"] = "model",
     progress: ProgressSpec = False,
+    max_memory: MemorySpec = "auto",
 ) -> Any:
     """Upscale ``image`` with ``model``; see the module docstring for the full behaviour.
 
@@ -775,13 +881,21 @@ def upscale(
         alpha: how alpha is upscaled: ``'model'`` (as a gray image through the model) or
             ``'resize'`` (chainner-ext Lanczos).
         progress: ``True`` for a tqdm bar over tiles, or a callback ``(done, total)``.
+        max_memory: the memory the image's copies and output may take (:func:`estimate_memory`): ``'auto'`` (the
+            RAM available now), a number of bytes, or None (no check). A larger job is refused before the model
+            runs, instead of failing (or being killed) when its output is allocated.
+
+    Non-finite input values (NaN, Inf: possible in float images) are replaced, NaN and -Inf by 0 and +Inf by 1,
+    with a ``RuntimeWarning``. A non-finite output is never returned: it raises :class:`EngineError`.
 
     Returns:
         The upscaled image, of the same kind, channel layout and dtype as ``image``.
 
     Raises:
-        EngineError: a bad argument or an unsupported precision on this device.
-        OutOfMemory: out of memory with tiling disabled, or even at the smallest tile.
+        EngineError: a bad argument, an empty image, an unsupported precision on this device, or a non-finite
+            output.
+        OutOfMemory: the job needs more than ``max_memory``; out of memory with tiling disabled, or even at the
+            smallest tile.
     """
     if alpha not in ("model", "resize"):
         raise EngineError(f"alpha must be 'model' or 'resize', not {alpha!r}")
@@ -789,6 +903,23 @@ def upscale(
         raise EngineError("overlap must be >= 0")
     if isinstance(tile, bool) or (tile is not None and tile != "auto" and not isinstance(tile, int)):
         raise EngineError(f"tile must be 'auto', a positive int or None, not {tile!r}")
+
+    arbitrary = _is_arbitrary_scale(model)
+    native = None if arbitrary else int(model.scale)
+    if outscale is None:
+        if arbitrary:
+            raise EngineError("an arbitrary-scale model needs outscale (the upscaling factor)")
+        outscale = float(native)
+    if isinstance(outscale, bool) or not isinstance(outscale, (int, float)) or not (outscale > 0 and math.isfinite(outscale)):
+        raise EngineError(f"outscale must be a positive number, not {outscale!r}")
+
+    height, width, channels, batch, sample_bytes = _geometry(image)
+    if batch == 0:
+        raise EngineError("the batch is empty (0 images): nothing to upscale")
+    if height == 0 or width == 0:
+        raise EngineError(f"the image has no pixels ({width}x{height}): nothing to upscale")
+    check_memory(height, width, channels, model, outscale=outscale, bytes_per_sample=sample_bytes, alpha=alpha,
+                 max_memory=max_memory, batch=batch)
 
     if isinstance(image, torch.Tensor):
         kind = _from_tensor(image)
@@ -798,15 +929,6 @@ def upscale(
         kind = _from_pil(image)
     else:
         raise EngineError(f"unsupported image type {type(image).__name__}: use a torch tensor, numpy array or PIL image")
-
-    arbitrary = _is_arbitrary_scale(model)
-    native = None if arbitrary else int(model.scale)
-    if outscale is None:
-        if arbitrary:
-            raise EngineError("an arbitrary-scale model needs outscale (the upscaling factor)")
-        outscale = float(native)
-    if not (outscale > 0 and math.isfinite(outscale)):
-        raise EngineError(f"outscale must be a positive number, not {outscale!r}")
 
     if precision == "auto" and not getattr(model, "supports_half", True):
         precision = "fp32"  # e.g. LTE: its query coordinates need more than fp16's 11 bits of mantissa
@@ -847,10 +969,37 @@ def upscale(
                     color = run_rgb(x[:, :3]) if channels == 4 else run_gray(x[:, :1])
                     a = run_alpha(x[:, channels - 1 :], tuple(color.shape[-2:]))
                     y = torch.cat([color, a], 1)
+                if not bool(torch.isfinite(y).all()):
+                    bad = int((~torch.isfinite(y)).sum())
+                    raise EngineError(
+                        f"the model's output has {bad:,} non-finite values (NaN or Inf) of {y.numel():,}: the weights "
+                        "or this image's values overflow; no output is returned"
+                    )
                 outs.append(y.clamp_(0.0, 1.0))
         finally:
             bar.close()
     return kind.restore(outs)
+
+
+def _geometry(image: Any) -> tuple[int, int, int, int, int]:
+    """``(height, width, channels, batch, bytes per sample)`` of an image of any kind, read from its shape alone
+    (unrecognised kinds and layouts give zeros here and are reported by the conversion)."""
+    if isinstance(image, torch.Tensor):
+        shape = tuple(image.shape)
+        if image.ndim == 3:
+            shape = (1, *shape)
+        if len(shape) != 4:
+            return 1, 1, 3, 1, 4
+        return shape[2], shape[3], shape[1], shape[0], 4
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            return 1, 1, 3, 1, 1
+        channels = 1 if image.ndim == 2 else image.shape[2]
+        return image.shape[0], image.shape[1], channels, 1, max(1, min(4, image.dtype.itemsize))
+    if _is_pil(image):
+        width, height = image.size
+        return height, width, max(1, min(4, len(image.getbands()))), 1, 1 if image.mode in ("1", "L", "LA", "P", "RGB", "RGBA") else 4
+    return 1, 1, 3, 1, 1
 
 
 def _target_size(lr: torch.Tensor, outscale: float) -> tuple[int, int]:

@@ -36,15 +36,18 @@ from typing import Union
 import numpy as np
 
 from esc_arch import atomic
-from esc_arch.errors import ESCError
+from esc_arch.errors import ESCError, os_error_reason
+from esc_arch.inputs import UnusableFile, open_regular_file
 
 __all__ = [
     "Image",
+    "ImageInfo",
     "ImageReadError",
     "ImageWriteError",
     "READABLE_EXTENSIONS",
     "WRITABLE_EXTENSIONS",
     "read_image",
+    "probe_image",
     "write_image",
     "encode_image",
     "write_bytes_atomic",
@@ -113,50 +116,171 @@ class Image:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_image(path: PathLike) -> Image:
-    """Decode an image file into an :class:`Image` (see the module docstring for the layouts).
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file's header declares, read without decoding its pixels (:func:`probe_image`).
+
+    Attributes:
+        width, height: the stored size (before any EXIF rotation).
+        channels: channels of the array :func:`read_image` returns (1-4).
+        bytes_per_sample: 1 (8-bit), 2 (16-bit) or 4 (float) in that array.
+        format: Pillow's name for the format.
+        frames: frames in the file (more than one: an animation or a multi-page file).
+        decode_bytes: the memory decoding it takes at its peak (estimate, from the size and mode).
+    """
+
+    width: int
+    height: int
+    channels: int
+    bytes_per_sample: int
+    format: str
+    frames: int
+    decode_bytes: int
+
+
+_MemorySpec = Union[str, int, None]
+
+
+def _memory_limit(max_memory: _MemorySpec) -> tuple[int | None, str]:
+    from .engine import _memory_limit as engine_limit
+
+    return engine_limit(max_memory)
+
+
+def probe_image(path: PathLike) -> ImageInfo | None:
+    """The header of an image file (:class:`ImageInfo`), read without decoding its pixels; None for a format only
+    OpenCV knows (its header cannot be read on its own).
 
     Raises:
-        ImageReadError: missing, empty, truncated, corrupt or unsupported file (one-line message).
+        ImageReadError: not a regular file, unreadable, empty, or a header Pillow cannot parse.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageReadError(path, "no such file") from None
-    except IsADirectoryError:
-        raise ImageReadError(path, "is a directory, not an image file") from None
-    except OSError as exc:
-        raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from None
+    handle, _size = _open(path)
+    with handle:
+        try:
+            head = handle.read(32)
+            handle.seek(0)
+        except OSError as exc:
+            raise ImageReadError(path, f"cannot read file ({os_error_reason(exc)})") from None
+        pil = _open_pil(path, handle)
+        if pil is None:
+            return None
+        with pil:
+            return _info(pil, head)
+
+
+def read_image(path: PathLike, *, max_memory: _MemorySpec = "auto") -> Image:
+    """Decode an image file into an :class:`Image` (see the module docstring for the layouts).
+
+    Only a regular file is read. Its declared size is checked before decoding: an image whose decoding needs
+    more than ``max_memory`` (``'auto'``: the RAM available now; a number of bytes; None: no check) is refused.
+    A file with several frames (an animated GIF, PNG or WebP, a multi-page TIFF) is refused rather than reduced
+    to its first frame.
+
+    Raises:
+        ImageReadError: missing, empty, truncated, corrupt, too large, animated or unsupported file (one line).
+    """
+    path = Path(path)
+    limit, limit_text = _memory_limit(max_memory)
+    handle, size = _open(path)
+    with handle:
+        if limit is not None and size > limit:
+            raise ImageReadError(path, f"the file is {_bytes(size)}, above {_bytes(limit)} ({limit_text}; "
+                                       "--max-memory, or max_memory=..., raises the limit)")
+        try:
+            data = handle.read()
+        except OSError as exc:
+            raise ImageReadError(path, f"cannot read file ({os_error_reason(exc)})") from None
     if not data:
         raise ImageReadError(path, "empty file (0 bytes)")
+    return _decode(path, data, limit, limit_text)
 
+
+def _open(path: Path):
+    try:
+        return open_regular_file(path)
+    except UnusableFile as exc:
+        raise ImageReadError(path, str(exc)) from None
+
+
+def _bytes(nbytes: float) -> str:
+    from .engine import format_bytes
+
+    return format_bytes(nbytes)
+
+
+def _open_pil(path: Path, stream):
+    """Pillow's lazy image for ``stream`` (header parsed, pixels not decoded), or None if Pillow does not know it."""
     from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
 
-    # Pillow refuses images above ~179 megapixels as "decompression bombs"; a file the user asked
-    # to upscale is decoded whatever its size (the engine tiles it), so lift the limit meanwhile.
+    # Pillow refuses images above ~179 megapixels as "decompression bombs"; the size is checked here instead,
+    # against the memory the job needs, so lift Pillow's fixed limit while the header is read.
     limit, PILImage.MAX_IMAGE_PIXELS = PILImage.MAX_IMAGE_PIXELS, None
     try:
-        return _decode(path, data)
+        return PILImage.open(stream)
+    except UnidentifiedImageError:
+        return None
+    except Exception as exc:  # Pillow raises assorted errors for damaged headers
+        raise ImageReadError(path, f"corrupt image header ({_short(exc)})") from None
     finally:
         PILImage.MAX_IMAGE_PIXELS = limit
 
 
-def _decode(path: Path, data: bytes) -> Image:
-    from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
+# Bands of the array read_image returns, per Pillow mode, and bytes per band of Pillow's own storage.
+_OUT_CHANNELS = {"1": 1, "L": 1, "I": 1, "F": 1, "LA": 2, "La": 2, "PA": 4, "RGBA": 4, "RGBa": 4}
+_PIL_BYTES = {"I": 4, "F": 4}
 
-    try:
-        pil = PILImage.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        # Pillow does not know the format; OpenCV might (and gives the final word).
+
+def _info(pil, head: bytes) -> ImageInfo:
+    width, height = pil.size
+    mode = pil.mode
+    if mode == "P":
+        channels = 4 if "transparency" in pil.info else 3
+    else:
+        channels = 1 if mode.startswith("I;16") else _OUT_CHANNELS.get(mode, 3)
+    pixels = width * height
+    if _is_16bit_colour(pil, head):
+        sample = 2
+        decode = pixels * channels * 2 * 3  # OpenCV's array, its RGB copy, the orientation copy
+    else:
+        sample = 2 if mode.startswith("I;16") else 4 if mode == "F" else 2 if mode == "I" else 1
+        pil_bytes = 2 if mode.startswith("I;16") else _PIL_BYTES.get(mode, 1)
+        # Pillow holds up to 4 bytes per band-pixel, and conversion / EXIF rotation make a second image.
+        decode = pixels * (8 * pil_bytes + channels * sample)
+    frames = 1
+    if getattr(pil, "is_animated", False) and pil.format != "MPO":  # MPO: a camera JPEG with extra pictures
+        try:
+            frames = int(getattr(pil, "n_frames", 2))
+        except Exception:
+            frames = 2
+    return ImageInfo(width, height, channels, sample, pil.format or "unknown", frames, int(decode))
+
+
+def _decode(path: Path, data: bytes, limit: int | None = None, limit_text: str = "") -> Image:
+    pil = _open_pil(path, io.BytesIO(data))
+    if pil is None:
+        # Pillow does not know the format; OpenCV might (and gives the final word). Its header cannot be read
+        # first: OpenCV's own cap on decoded pixels (OPENCV_IO_MAX_IMAGE_PIXELS) bounds it, then the result is checked.
         pixels = _decode_with_opencv(data, orientation=1)
         if pixels is None:
             raise ImageReadError(path, "not a recognised image format (or the file is corrupt)") from None
+        if limit is not None and pixels.nbytes > limit:
+            raise ImageReadError(path, f"a {pixels.shape[1]}x{pixels.shape[0]} image of {_bytes(pixels.nbytes)}, above "
+                                       f"{_bytes(limit)} ({limit_text}; --max-memory, or max_memory=..., raises the limit)")
         return Image(pixels=pixels, format="unknown")
-    except Exception as exc:  # Pillow raises assorted errors for damaged headers
-        raise ImageReadError(path, f"corrupt image header ({_short(exc)})") from None
 
+    info = _info(pil, data[:32])
+    if limit is not None and info.decode_bytes > limit:
+        raise ImageReadError(
+            path, f"a {info.width}x{info.height} image ({pil.mode}) needs about {_bytes(info.decode_bytes)} to decode, "
+                  f"above {_bytes(limit)} ({limit_text}); not decoded (--max-memory, or max_memory=..., raises the limit)"
+        )
+    if info.frames > 1:
+        raise ImageReadError(
+            path, f"has {info.frames} frames (an animation or a multi-page file); esc-sr upscales single images and "
+                  "would keep only the first: extract the frames first (e.g. ffmpeg -i in.gif frame_%04d.png)"
+        )
     fmt = pil.format or "unknown"
     orientation = _exif_orientation(pil)
     try:
@@ -303,11 +427,17 @@ def encode_image(pixels: np.ndarray, extension: str, *, quality: int = 95, icc_p
 
     PNG and TIFF keep 8 or 16 bits (float data is stored as 16-bit PNG or float TIFF). JPEG, WebP
     and BMP are 8-bit: 16-bit data is rounded down to 8 bits. JPEG and BMP cannot store alpha, so
-    an image with alpha raises ``ValueError`` rather than silently losing it.
+    an image with alpha raises ``ValueError`` rather than silently losing it; so do float pixels with
+    NaN or Inf (they would be written as black or as NaN) and a ``quality`` outside 0..100.
     """
     ext = extension.lower() if extension.startswith(".") else "." + extension.lower()
     if ext not in WRITABLE_EXTENSIONS:
         raise ValueError(f"cannot write {ext!r} files; use one of {', '.join(sorted(WRITABLE_EXTENSIONS))}")
+    if isinstance(quality, bool) or not isinstance(quality, (int, np.integer)) or not 0 <= quality <= 100:
+        raise ValueError(f"quality must be an integer from 0 to 100, not {quality!r}")
+    if np.issubdtype(pixels.dtype, np.floating) and not bool(np.isfinite(pixels).all()):
+        bad = int(np.count_nonzero(~np.isfinite(pixels)))
+        raise ValueError(f"the pixels hold {bad:,} non-finite values (NaN or Inf); nothing was written")
     pixels = np.ascontiguousarray(pixels)
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
