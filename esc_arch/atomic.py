@@ -5,7 +5,7 @@ benchmark results, the demo) goes through :func:`atomic_write`. The data goes to
 own folder (so the final rename never crosses a filesystem), is flushed to disk, gets the permissions a plain
 ``open(path, "w")`` would give under the current umask, and is renamed over the target. A crash or a kill at any
 moment leaves either the old file or the new one, plus at worst a hidden ``.esc-sr-tmp-*`` file, never a truncated
-target.
+target; :func:`remove_stale` sweeps such leftovers (``esc-sr upscale`` does, in its output folders).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 
 #: Prefix of the temporary files; a folder can be swept for leftovers of killed runs by it.
 TEMP_PREFIX = ".esc-sr-tmp-"
+#: A temporary file untouched for this long is a leftover (a write takes seconds: the data is ready before it starts).
+STALE_AFTER_SECONDS = 3600
 
 
 def current_umask() -> int:
@@ -64,6 +66,31 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, suffix: str | None
 def write_text(path: str | os.PathLike[str], text: str, *, suffix: str | None = None) -> None:
     """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`."""
     write_bytes(path, text.encode("utf-8"), suffix=suffix)
+
+
+def remove_stale(folder: str | os.PathLike[str], *, older_than: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Delete the temporary files (:data:`TEMP_PREFIX`) in ``folder`` not modified for ``older_than`` seconds:
+    leftovers of runs killed mid-write (SIGKILL, power loss; a Python exception or SIGTERM handled as one removes
+    its own). Younger ones may belong to a write in progress and are kept. Returns what was removed; a file that
+    cannot be removed is left alone."""
+    import time
+
+    removed = []
+    cutoff = time.time() - older_than
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -28,23 +28,27 @@ import functools
 import glob
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["main", "build_parser", "load_cli_model", "describe_model", "CliError", "EXIT_OK", "EXIT_FAILED",
-           "EXIT_USAGE", "EXIT_INTERRUPTED"]
+           "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
 PROG = "esc-sr"
 ISSUES_URL = "https://github.com/esc-sr/esc-sr/issues"
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 # Copies of library constants for help texts and defaults: importing their modules would load torch, which
 # `esc-sr --help` must not. tests/test_cli.py checks that they agree.
 _DEFAULT_OVERLAP = 64  # esc_sr.engine.DEFAULT_OVERLAP
+_DEFAULT_MAX_PARAMETERS = 50_000_000  # esc_arch.checkpoint.DEFAULT_MAX_PARAMETERS
 _ONNX_OPSET = 17  # esc_sr.onnx_export.OPSET
 _ATTENTION_BACKENDS = ("sdpa", "flex", "naive")  # esc_arch.ATTENTION_BACKENDS
 _PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -98,13 +102,38 @@ def _exit_status(exc: BaseException) -> int:
     return EXIT_FAILED
 
 
+def _printable(text: object) -> str:
+    """One line of plain characters: a copy of :func:`esc_arch.errors.printable` (which loads torch with esc_arch;
+    tests/test_cli.py checks that they agree). Control and format characters (newline, ESC, bidi overrides) and
+    undecodable bytes of file names become Python escapes, so a file name can neither split a line nor reach the
+    terminal raw."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in text)
+
+
 def _one_line(exc: BaseException) -> str:
     """The message of a user-facing error on one line; other exceptions get their type name in front."""
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = f"{exc.filename}: {exc.strerror}"
     else:
         text = " ".join(str(exc).split()) or type(exc).__name__
+    text = _printable(text)
     return text if _is_user_error(exc) else f"{type(exc).__name__}: {text}"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that every temporary file is removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _interrupted_status(exc: BaseException) -> int:
+    return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,11 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     command = f"{PROG} {args.command}"
     debug = getattr(args, "debug", False)
+    # SIGTERM (a service manager, `kill`, a closed job) unwinds like Ctrl-C: atomic writes remove their temporary
+    # files, and upscale prints its summary. Only the main thread can install a handler.
+    handle_term = hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if handle_term else None
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print(f"{command}: {'terminated' if isinstance(exc, _Terminated) else 'interrupted'}", file=sys.stderr)
+        return _interrupted_status(exc)
     except Exception as exc:
         if debug:
             traceback.print_exc()
@@ -133,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+    finally:
+        if handle_term:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # ------------------------------------------------------------------------------------------- parser
@@ -196,6 +232,50 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _quality_arg(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 100, not {text}")
+    return value
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _number_with_unit(text: str, units: dict[str, int]) -> int:
+    stripped = text.strip().lower().replace("_", "").replace(",", "")
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = stripped[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if not (value >= 1 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return int(value)
+
+
+def _memory_arg(text: str) -> int | str | None:
+    """``auto`` (the RAM available when each image starts), ``none`` (no check), or a size: ``16G``, ``512MiB``."""
+    if text.strip().lower() in ("auto", "none"):
+        return text.strip().lower() if text.strip().lower() == "auto" else None
+    return _number_with_unit(text, _UNITS)
+
+
+def _count_arg(text: str) -> int:
+    """A count such as ``100000000``, ``100M`` or ``1e8``."""
+    return _number_with_unit(text, {"": 1, "k": 10**3, "m": 10**6, "g": 10**9})
+
+
+def _add_max_parameters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-parameters", type=_count_arg, default=None, metavar="N",
+        help=f"refuse checkpoints that declare more parameters (default {_DEFAULT_MAX_PARAMETERS:,}, four times "
+        "ESC-XL; the other checkpoint limits follow it)",
+    )
+
+
 def _tile_arg(text: str) -> int | str | None:
     if text.lower() == "auto":
         return "auto"
@@ -206,10 +286,11 @@ def _tile_arg(text: str) -> int | str | None:
 # ------------------------------------------------------------------------------------------- models
 
 
-def load_cli_model(name: str, *, attention: str | None = None):
+def load_cli_model(name: str, *, attention: str | None = None, max_parameters: int | None = None):
     """Load ``-m/--model``: ``default``, a checkpoint path, or an official name (via :mod:`esc_sr.hub`).
 
     A model that cannot be had is a usage error (:class:`CliError`, exit 2), reported in one line.
+    ``max_parameters`` (``--max-parameters``) bounds what the checkpoint may declare (see esc_arch.load_model).
     """
     import esc_arch
 
@@ -222,7 +303,7 @@ def load_cli_model(name: str, *, attention: str | None = None):
             if source.is_dir():
                 raise _usage_error(f"{source}: is a directory, not a checkpoint file")
             source = str(source)
-        model = esc_arch.load_model(source)
+        model = esc_arch.load_model(source, max_parameters=max_parameters)
     except (esc_arch.CheckpointError, hub.HubError) as exc:
         raise _usage_error(_one_line(exc)) from exc
     if attention:
@@ -265,10 +346,15 @@ def _add_upscale(subparsers: Any) -> None:
                         help="output format (default: same as the input where writable, else png)")
     parser.add_argument("--alpha", choices=["model", "resize"], default="model",
                         help="how to upscale alpha: through the model (default) or a Lanczos resize")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    parser.add_argument("--quality", type=_quality_arg, default=95, metavar="Q",
+                        help="JPEG/WebP quality, 0-100 (default 95)")
     parser.add_argument("-r", "--recursive", action="store_true", help="also take images in sub-folders")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--max-memory", type=_memory_arg, default="auto", metavar="SIZE",
+                        help="refuse, before decoding, an image whose job needs more memory (its copies and the "
+                        "output at --outscale): 'auto' (default: the RAM available), a size such as 16G, or 'none'")
+    _add_max_parameters(parser)
     parser.set_defaults(func=upscale_command)
 
 
@@ -308,7 +394,7 @@ def collect_inputs(patterns: Sequence[str], *, recursive: bool = False) -> tuple
     seen: set[Path] = set()
 
     def add(path: Path, root: Path | None) -> None:
-        key = path.resolve()
+        key = _resolved(path)
         if key not in seen:
             seen.add(key)
             found.append((path, root))
@@ -331,8 +417,30 @@ def collect_inputs(patterns: Sequence[str], *, recursive: bool = False) -> tuple
             for file in files:
                 add(file, None)
         else:
-            errors.append((pattern, "no such file or directory"))
+            errors.append((pattern, _missing_reason(path)))
     return found, errors
+
+
+def _resolved(path: Path) -> Path:
+    """``path.resolve()``, or the absolute path when a symlink loop stops it (RuntimeError before Python 3.13)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
+
+
+def _missing_reason(path: Path) -> str:
+    """Why ``path`` (neither a folder nor an existing file) cannot be read: a dangling link or a symlink loop is
+    not 'no such file'."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        from esc_arch.errors import os_error_reason
+
+        reason = os_error_reason(exc)
+        return "no such file or directory" if reason == "no such file" and not path.is_symlink() else (
+            "a symbolic link to nothing (dangling)" if reason == "no such file" else reason)
+    return "no such file or directory"
 
 
 def _default_suffix(outscale: float) -> str:
@@ -361,7 +469,7 @@ def plan_outputs(
             relative = source.relative_to(root).parent if root is not None else Path()
             target = output / relative / f"{source.stem}{suffix}{_output_extension(source, ext)}"
         job = _Job(source, target)
-        key = target.resolve()
+        key = _resolved(target)
         if key in claimed:
             job.error = f"output {target} would also be written for {claimed[key]}; rename one or use --suffix"
         else:
@@ -372,20 +480,18 @@ def plan_outputs(
 
 def upscale_command(args: argparse.Namespace) -> int:
     """Run ``esc-sr upscale``; returns 0 if every image was written or skipped, 1 if any failed."""
+    from esc_arch import atomic
+
     from . import engine, images
 
+    if args.suffix is not None and _bad_suffix(args.suffix):
+        raise _usage_error(f"--suffix {_printable(args.suffix)!r}: {_bad_suffix(args.suffix)}")
     inputs, input_errors = collect_inputs(args.inputs, recursive=args.recursive)
     summary = _Summary(failed=list(input_errors))
     for argument, reason in input_errors:
         _report(f"{argument}: {reason}")
     if not inputs:
         raise _usage_error("no input images (see above)")
-
-    model = load_cli_model(args.model, attention=args.attention)
-    if model.arbitrary_scale and args.outscale is None:
-        raise _usage_error(f"{args.model}: the arbitrary-scale model needs --outscale (e.g. --outscale 3.5)")
-    outscale = args.outscale if args.outscale is not None else float(model.scale)
-    model, device, _dtype = engine.prepare_model(model, args.device, args.precision)
 
     output = Path(args.output).expanduser()
     single_file = (
@@ -394,14 +500,35 @@ def upscale_command(args: argparse.Namespace) -> int:
     )
     if single_file and args.ext != "auto" and output.suffix.lower() != "." + args.ext:
         raise _usage_error(f"--ext {args.ext} contradicts the output file name {output}")
+    if not single_file and (output.exists() or output.is_symlink()) and not output.is_dir():
+        raise _usage_error(f"{output}: exists and is not a folder (-o must be a folder here: several inputs, a folder "
+                           "or an output name without an image extension)")
+    try:
+        engine.resolve_precision(args.precision, engine.resolve_device(args.device))
+    except engine.EngineError as exc:
+        raise _usage_error(f"--device {args.device} --precision {args.precision}: {_one_line(exc)}") from exc
+
+    model = load_cli_model(args.model, attention=args.attention, max_parameters=args.max_parameters)
+    if model.arbitrary_scale and args.outscale is None:
+        raise _usage_error(f"{args.model}: the arbitrary-scale model needs --outscale (e.g. --outscale 3.5)")
+    outscale = args.outscale if args.outscale is not None else float(model.scale)
+    model, device, _dtype = engine.prepare_model(model, args.device, args.precision)
+
     suffix = _default_suffix(outscale) if args.suffix is None else args.suffix
     jobs = plan_outputs(inputs, output, suffix=suffix, ext=args.ext, single_file=single_file)
+    for folder in sorted({job.target.parent for job in jobs if job.target is not None and job.target.parent.is_dir()}):
+        removed = atomic.remove_stale(folder)
+        if removed:
+            _report(f"{folder}: removed {len(removed)} temporary file{'s' * (len(removed) != 1)} left by a killed run "
+                    f"({atomic.TEMP_PREFIX}*, untouched for {atomic.STALE_AFTER_SECONDS // 3600} h)")
 
     progress = not args.quiet and sys.stderr.isatty()
     bar = _progress_bar(jobs, enabled=progress and len(jobs) > 1)
     try:
         for job in bar:
-            status, message = _upscale_one(job, model, args, outscale=outscale, device=device, progress=progress)
+            status, message, notes = _upscale_one(job, model, args, outscale=outscale, device=device, progress=progress)
+            for note in notes:
+                _report(f"{job.source}: warning: {note}", bar)
             if status == "written":
                 summary.written.append(job.target)
             elif status == "skipped":
@@ -410,10 +537,11 @@ def upscale_command(args: argparse.Namespace) -> int:
             else:
                 summary.failed.append((str(job.source), message))
                 _report(f"{job.source}: {message}", bar)
-    except KeyboardInterrupt:
-        _report("interrupted; files written so far are complete", bar)
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        _report(f"{what}; files written so far are complete", bar)
         _print_summary(summary)
-        return EXIT_INTERRUPTED
+        return _interrupted_status(exc)
     finally:
         if hasattr(bar, "close"):
             bar.close()
@@ -421,34 +549,76 @@ def upscale_command(args: argparse.Namespace) -> int:
     return EXIT_FAILED if summary.failed else EXIT_OK
 
 
-def _upscale_one(job: _Job, model, args: argparse.Namespace, *, outscale: float, device, progress: bool) -> tuple[str, str]:
-    """Process one image: ('written' | 'skipped' | 'failed', message). Never raises for a bad file."""
+def _bad_suffix(suffix: str) -> str | None:
+    """Why ``--suffix`` cannot be part of a file name, or None: it is appended to a name, never a path."""
+    separators = [sep for sep in ("/", os.sep, os.altsep) if sep]
+    if any(sep in suffix for sep in separators):
+        return "contains a path separator; the suffix is appended to file names and cannot lead elsewhere"
+    if "\0" in suffix:
+        return "contains a NUL character"
+    return None
+
+
+def _upscale_one(
+    job: _Job, model, args: argparse.Namespace, *, outscale: float, device, progress: bool
+) -> tuple[str, str, list[str]]:
+    """Process one image: ('written' | 'skipped' | 'failed', message, warnings). Never raises for a bad file:
+    reading, the memory check, the model, resizing and writing all fail for this file alone."""
     from . import engine, images
 
     if job.error:
-        return "failed", job.error
+        return "failed", job.error, []
     target = job.target
     assert target is not None
-    same_as_input = target.resolve() == job.source.resolve()
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            status, message = _process(job.source, target, model, args, outscale=outscale, device=device,
+                                       progress=progress)
+        except KeyboardInterrupt:
+            raise
+        except images.ImageReadError as exc:
+            status, message = "failed", exc.reason  # the line names the input file already
+        except images.ImageWriteError as exc:
+            status, message = "failed", f"output {exc}"
+        except Exception as exc:
+            if getattr(args, "debug", False):
+                traceback.print_exc()
+            if engine.is_out_of_memory(exc) and not _is_user_error(exc):
+                status, message = "failed", f"out of memory ({_one_line(exc)})"
+            else:
+                status, message = "failed", _one_line(exc)
+        for record in caught:
+            note = _printable(" ".join(str(record.message).split()))
+            if note not in notes:
+                notes.append(note)
+    return status, message, notes
+
+
+def _process(source: Path, target: Path, model, args: argparse.Namespace, *, outscale: float, device,
+             progress: bool) -> tuple[str, str]:
+    from . import engine, images
+
+    same_as_input = _resolved(target) == _resolved(source)
     if target.exists() and not args.overwrite:
         what = "is the input file" if same_as_input else "exists"
         return "skipped", f"{target}: skipped, output {what} (use --overwrite to replace it)"
     try:
-        image = images.read_image(job.source)
-        result = engine.upscale(
-            model, image.pixels, outscale=outscale, tile=args.tile, overlap=args.overlap, device=device,
-            precision=args.precision, alpha=args.alpha, progress=progress,
-        )
         target.parent.mkdir(parents=True, exist_ok=True)
-        images.write_image(target, result, quality=args.quality, icc_profile=image.icc_profile)
-    except KeyboardInterrupt:
-        raise
-    except (images.ImageReadError, images.ImageWriteError) as exc:
-        return "failed", exc.reason  # the line names the input file already
-    except Exception as exc:
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        return "failed", _one_line(exc)
+    except OSError as exc:
+        raise images.ImageWriteError(target, f"cannot create its folder {target.parent} ({exc.strerror or exc})") from None
+    # The declared size first: a job whose output cannot fit is refused before decoding, and before the model.
+    info = images.probe_image(source)
+    if info is not None:
+        engine.check_memory(info.height, info.width, info.channels, model, outscale=outscale,
+                            bytes_per_sample=info.bytes_per_sample, alpha=args.alpha, max_memory=args.max_memory)
+    image = images.read_image(source, max_memory=args.max_memory)
+    result = engine.upscale(
+        model, image.pixels, outscale=outscale, tile=args.tile, overlap=args.overlap, device=device,
+        precision=args.precision, alpha=args.alpha, progress=progress, max_memory=args.max_memory,
+    )
+    images.write_image(target, result, quality=args.quality, icc_profile=image.icc_profile)
     return "written", str(target)
 
 
@@ -461,6 +631,7 @@ def _progress_bar(jobs: list[_Job], *, enabled: bool):
 
 
 def _report(message: str, bar: Any = None) -> None:
+    message = _printable(message)
     if bar is not None and hasattr(bar, "write"):
         bar.write(message, file=sys.stderr)
     else:
@@ -476,7 +647,7 @@ def _print_summary(summary: _Summary) -> None:
     if summary.failed:
         print("failed:", file=sys.stderr)
         for name, reason in summary.failed:
-            print(f"  {name}: {reason}", file=sys.stderr)
+            print(_printable(f"  {name}: {reason}"), file=sys.stderr)
 
 
 
@@ -496,6 +667,7 @@ def _add_info(subparsers: Any) -> None:
     parser.add_argument("--attention", choices=_ATTENTION_BACKENDS, default=None,
                         help="report for this attention backend instead of the model's")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_max_parameters(parser)
     parser.set_defaults(func=info_command)
 
 
@@ -522,9 +694,12 @@ def info_command(args: argparse.Namespace) -> int:
 
     from . import engine
 
-    model = load_cli_model(args.model, attention=args.attention)
-    device = engine.resolve_device(args.device)
-    dtype = engine.resolve_precision(args.precision, device)
+    try:
+        device = engine.resolve_device(args.device)
+        dtype = engine.resolve_precision(args.precision, device)
+    except engine.EngineError as exc:
+        raise _usage_error(f"--device {args.device} --precision {args.precision}: {_one_line(exc)}") from exc
+    model = load_cli_model(args.model, attention=args.attention, max_parameters=args.max_parameters)
     facts = describe_model(model, device=device, dtype=dtype)
     facts = {"model": args.model, **facts}
     if args.json:
@@ -557,13 +732,14 @@ def _add_convert(subparsers: Any) -> None:
             "Read a checkpoint in any supported format (official .pth, BasicSR, neosr, traiNNer-redux, "
             ".safetensors) and write a .safetensors file with the model's metadata, which loads "
             "without executing code. Weights are stored un-fused, as upstream stores them: "
-            "esc_arch.fuse() is an in-memory inference cache that load_model rebuilds in milliseconds."
+            "esc_arch.fuse() bakes the inference constants in memory, cheaply, after loading."
         ),
     )
     parser.add_argument("model", metavar="MODEL", help="checkpoint file or official name")
     parser.add_argument("out", metavar="OUT.safetensors", help="file to write")
     parser.add_argument("--half", action="store_true", help="store weights as fp16 (half the size)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_max_parameters(parser)
     parser.set_defaults(func=convert_command)
 
 
@@ -579,7 +755,7 @@ def convert_command(args: argparse.Namespace) -> int:
 
     out = Path(args.out).expanduser()
     _check_output(out, ".safetensors", overwrite=args.overwrite)
-    model = load_cli_model(args.model)
+    model = load_cli_model(args.model, max_parameters=args.max_parameters)
     source = Path(args.model).expanduser()
     if source.exists() and source.resolve() == out.resolve():
         raise _usage_error(f"{out}: is the input checkpoint; write to another file")
