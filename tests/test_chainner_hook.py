@@ -1,24 +1,35 @@
-"""The chaiNNer route (b): `esc-sr chainner install` puts a lazy startup hook into a Python's
-site-packages, and chaiNNer's own loading sequence then loads ESC checkpoints.
+"""The chaiNNer route (b): `esc-sr chainner install` puts this esc-sr and a lazy startup hook into a
+Python, and chaiNNer's own loading sequence then loads ESC checkpoints.
 
-Every test runs fresh interpreters of a throw-away virtual environment (made with `venv`, no pip)
-so that `site` really processes the installed `.pth` file at start-up, as in chaiNNer's Python.
-The environment sees this checkout and the test venv's packages through a plain path `.pth`.
+Every test runs fresh interpreters of throw-away virtual environments, so that `site` really
+processes the installed `.pth` file at start-up, as in chaiNNer's Python:
+
+* the hook's own tests use small venvs (made with `venv`, no pip) that see this checkout and the
+  test venv's packages through a plain path `.pth`;
+* the one-command tests use one venv per session shaped like chaiNNer's Python: `python -m venv`
+  (no system site-packages) with torch 2.13.0 (CPU, `-c constraints.txt`), spandrel 0.4.1 and
+  spandrel_extra_arches 0.2.0 installed by pip, and no esc-sr until `esc-sr chainner install` puts it
+  there, offline.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import sysconfig
 import textwrap
+import time
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from esc_sr import cli
-from esc_sr.chainner_hook import HOOK_MODULE, HookError, install_hook, locate, uninstall_hook
+from esc_sr import cli, distribution
+from esc_sr.chainner_hook import HOOK_MODULE, HookError, install, install_hook, locate, uninstall, uninstall_hook
 
 from golden import GOLDEN_DIR
 
@@ -159,25 +170,37 @@ def test_hook_reports_in_one_line_when_esc_sr_is_missing_but_spandrel_loads(tmp_
     assert len(warnings) == 1 and "esc_arch is not importable" in warnings[0]
 
 
-def test_install_refuses_a_python_without_esc_sr_and_names_the_fix(tmp_path: Path) -> None:
+def test_install_hook_alone_refuses_a_python_without_esc_sr_and_names_the_fix(tmp_path: Path) -> None:
     bare = _make_python(tmp_path / "bare", paths=[])
 
-    with pytest.raises(HookError, match=r"esc-sr is not installed in .*-m pip install esc-sr"):
+    with pytest.raises(HookError, match=r"esc-sr is not installed in .*`esc-sr chainner install --python .*` installs it"):
         install_hook(bare)
     assert not (locate(bare).site_packages / f"{HOOK_MODULE}.pth").exists()
 
 
-def test_cli_install_is_idempotent_and_uninstall_removes_everything(full_python: Path, capsys) -> None:
+def test_install_needs_pip_in_the_target_and_says_so(tmp_path: Path) -> None:
+    bare = _make_python(tmp_path / "bare", paths=[])  # venv without pip
+
+    with pytest.raises(HookError, match=r"has no pip \(`.* -m ensurepip` adds it\)"):
+        install(bare)
+    assert not (locate(bare).site_packages / f"{HOOK_MODULE}.pth").exists()
+
+
+def test_cli_hook_only_install_is_idempotent_and_uninstall_leaves_a_foreign_esc_sr(full_python: Path, capsys) -> None:
     site_packages = locate(full_python).site_packages
 
-    assert cli.main(["chainner", "install", "--python", str(full_python)]) == 0
-    assert cli.main(["chainner", "install", "--python", str(full_python)]) == 0
+    assert cli.main(["chainner", "install", "--hook-only", "--python", str(full_python)]) == 0
+    assert cli.main(["chainner", "install", "--hook-only", "--python", str(full_python)]) == 0
     assert (site_packages / f"{HOOK_MODULE}.pth").read_text().strip().endswith(f"import {HOOK_MODULE}")
     assert (site_packages / f"{HOOK_MODULE}.py").exists()
+    assert json.loads((site_packages / f"{HOOK_MODULE}.json").read_text())["installed_esc_sr"] is False
+    assert "installed esc-sr" not in capsys.readouterr().out  # --hook-only: no package step
 
     assert cli.main(["chainner", "uninstall", "--python", str(full_python)]) == 0
-    assert not (site_packages / f"{HOOK_MODULE}.pth").exists()
-    assert not (site_packages / f"{HOOK_MODULE}.py").exists()
+    out = capsys.readouterr().out
+    # esc-sr reaches this Python through a path .pth (not put there by install): it stays.
+    assert "was not installed by `esc-sr chainner install`; left in place" in out
+    assert not any(site_packages.glob(f"{HOOK_MODULE}.*"))
     assert cli.main(["chainner", "uninstall", "--python", str(full_python)]) == 0
     assert "nothing to remove" in capsys.readouterr().out
     after = _run(full_python, "import sys; print('esc_sr_chainner_hook' in sys.modules)")
@@ -199,3 +222,200 @@ def test_cli_reports_a_missing_python_in_one_line(capsys) -> None:
     assert cli.main(["chainner", "install", "--python", "/nonexistent/python3"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["esc-sr chainner: error: /nonexistent/python3: no such Python executable"]
+
+
+# -- one command: esc-sr itself and the hook, into a fresh Python shaped like chaiNNer's -------------------
+
+
+@pytest.fixture(scope="session")
+def chainner_python(tmp_path_factory) -> Path:
+    """A venv like chaiNNer's integrated Python: its own pip-installed torch and spandrel, no esc-sr.
+
+    Built once per session (about a minute: the torch wheel is local, see constraints.txt)."""
+    root = tmp_path_factory.mktemp("chainner") / "python"
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, timeout=600, cwd=root.parent)
+    python = root / "bin" / "python"
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(REPO / "constraints.txt"),
+         "torch==2.13.0", "spandrel==0.4.1", "spandrel_extra_arches==0.2.0"],
+        capture_output=True, text=True, timeout=1200, cwd=root.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    where = locate(python)
+    assert not where.esc_arch_importable and where.esc_sr_version is None and where.has_pip
+    return python
+
+
+def _offline(monkeypatch, tmp_path: Path) -> None:
+    """Any index or network access the installation tried would fail (it must need none)."""
+    empty = tmp_path / "no-wheels"
+    empty.mkdir(exist_ok=True)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+
+
+def _torch_fingerprint(python: Path) -> tuple[str, float, str]:
+    done = _run(python, """
+        import importlib.metadata as md, importlib.util, os
+        spec = importlib.util.find_spec("torch")
+        print(md.version("torch"), os.stat(spec.origin).st_mtime_ns, spec.origin)
+    """)
+    assert done.returncode == 0, done.stderr
+    version, mtime, origin = done.stdout.split()
+    return version, float(mtime), origin
+
+
+# chaiNNer's sequence again (as above), once with its fp16 setting off and once on, writing every output for
+# comparison: out of the box, the first call in the process is the import of spandrel.
+REPLAY = """
+    import json, sys
+    state_at_start = {name: name in sys.modules for name in ("esc_sr_chainner_hook", "torch", "esc_arch", "spandrel")}
+
+    import torch
+    from spandrel import MAIN_REGISTRY, ModelLoader
+    from spandrel_extra_arches import EXTRA_REGISTRY
+
+    MAIN_REGISTRY.add(*EXTRA_REGISTRY)
+
+    def load_model_node(path, fp16):
+        model = ModelLoader(torch.device("cpu")).load_from_file(path)
+        for parameter in model.model.parameters():
+            parameter.requires_grad = False
+        model.eval()
+        return model.half() if fp16 and model.supports_half else model.float()
+
+    results = []
+    for path, settings in zip(sys.argv[1::2], sys.argv[2::2]):  # settings: "fp32" or "fp32,fp16"
+        image = torch.load(path + ".input.pt")
+        for fp16 in [setting == "fp16" for setting in settings.split(",")]:
+            model = load_model_node(path, fp16)
+            out = model(image.to(model.dtype))
+            torch.save(out.float(), f"{path}.{'fp16' if fp16 else 'fp32'}.out.pt")
+            results.append({"arch": model.architecture.id, "scale": model.scale, "dtype": str(out.dtype)})
+    print(json.dumps({"start": state_at_start, "results": results}))
+"""
+
+
+def test_one_command_installs_esc_sr_and_the_hook_offline_and_chainner_loads_official_checkpoints(
+    chainner_python: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import esc_arch
+
+    _offline(monkeypatch, tmp_path)
+    torch_before = _torch_fingerprint(chainner_python)
+    site_packages = locate(chainner_python).site_packages
+
+    started = time.perf_counter()
+    assert cli.main(["chainner", "install", "--python", str(chainner_python)]) == 0
+    install_s = time.perf_counter() - started
+    out = capsys.readouterr().out
+    assert f"installed esc-sr {distribution.origin().version} from " in out
+    assert f"into {chainner_python} (pip --no-deps --no-index; its torch 2.13.0+cpu untouched)" in out
+    assert cli.main(["chainner", "install", "--python", str(chainner_python)]) == 0  # idempotent: refreshed
+    capsys.readouterr()
+
+    where = locate(chainner_python)
+    assert where.esc_arch_importable and where.esc_sr_version == distribution.origin().version
+    assert _torch_fingerprint(chainner_python) == torch_before  # the same torch files, untouched
+    assert install_s < 120
+
+    # Official checkpoints (dslisleedh/ESC BasicSR files): ESC x4 and ESCRealM with the DySample head, the
+    # latter also with chaiNNer's fp16 setting on (fp16 convolutions are slow on CPU; DySample is the head
+    # with fp32 islands). Sizes are multiples of the window: spandrel adds no padding, esc_arch runs the same pixels.
+    cases = {"esc_x4.ckpt.pth": ((32, 32), "fp32"), "escrealm_dysample_x4.ckpt.pth": ((48, 32), "fp32,fp16")}
+    files, arguments = [], []
+    for name, ((h, w), settings) in cases.items():
+        path = tmp_path / name
+        path.write_bytes((GOLDEN_DIR / name).read_bytes())
+        torch.save(torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(len(files))), f"{path}.input.pt")
+        files.append(str(path))
+        arguments += [str(path), settings]
+
+    done = _run(chainner_python, REPLAY, *arguments)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "esc-sr chainner hook" not in done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["start"] == {"esc_sr_chainner_hook": True, "torch": False, "esc_arch": False, "spandrel": False}
+    assert [(r["arch"], r["scale"], r["dtype"]) for r in report["results"]] == [
+        ("ESC", 4, "torch.float32"), ("ESCRealM", 4, "torch.float32"), ("ESCRealM", 4, "torch.float16"),
+    ]
+    for file in files:
+        model = esc_arch.load_model(file)
+        x = torch.load(f"{file}.input.pt")
+        with torch.no_grad():
+            expected = model(x).clamp(0, 1)
+        fp32 = torch.load(f"{file}.fp32.out.pt")
+        assert fp32.shape == expected.shape == (1, 3, 4 * x.shape[-2], 4 * x.shape[-1])
+        assert (fp32 - expected).abs().max() <= 1e-4, file
+    fp16 = torch.load(f"{files[1]}.fp16.out.pt")
+    assert (fp16 - expected).abs().max() <= 0.02  # the last expected: ESCRealM's
+
+    assert cli.main(["chainner", "uninstall", "--python", str(chainner_python)]) == 0
+    out = capsys.readouterr().out
+    assert f"uninstalled esc-sr {distribution.origin().version} from {chainner_python}" in out
+    where = locate(chainner_python)
+    assert not where.esc_arch_importable and where.esc_sr_version is None
+    assert not any(site_packages.glob(f"{HOOK_MODULE}*")) and not any(site_packages.glob("esc_sr*"))
+    assert not (chainner_python.parent / "esc-sr").exists()  # its console script went with it
+    assert _torch_fingerprint(chainner_python) == torch_before
+    # Back to chaiNNer's own state: ESC is unsupported again. (The shim, loaded from its file, lets this venv's
+    # CUDA-built torchvision import next to CPU torch; the hook did that before; chaiNNer's torchvision needs none.)
+    shim = REPO / "esc_arch" / "_compat" / "torchvision_shim.py"
+    without = _run(chainner_python, textwrap.dedent(f"""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("torchvision_shim", {str(shim)!r})
+        shim = importlib.util.module_from_spec(spec); spec.loader.exec_module(shim)
+        shim.ensure_torchvision_importable()
+    """) + textwrap.dedent(REPLAY), files[0], "fp32")
+    assert without.returncode != 0 and "UnsupportedModelError" in without.stderr, without.stderr[-2000:]
+
+
+def test_an_installed_esc_sr_rebuilds_the_same_wheel_and_uninstall_says_what_it_replaced(
+    chainner_python: Path, tmp_path: Path, monkeypatch
+) -> None:
+    _offline(monkeypatch, tmp_path)
+    ours = distribution.wheel_of_this(tmp_path / "ours")  # this checkout: an editable install, built from source
+    assert ours.origin.kind == "editable" and ours.origin.source == REPO
+    # Installed by hand first (as the old instructions said): install replaces it and remembers that.
+    by_hand = subprocess.run(
+        [str(chainner_python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(ours.path)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert by_hand.returncode == 0, by_hand.stderr
+    try:
+        report = install(chainner_python)
+        assert report.package.startswith(f"esc-sr {ours.origin.version} from its source folder {REPO}")
+        state = json.loads(report.where.state_file.read_text())
+        assert state["installed_esc_sr"] is True and state["replaced"] == ours.origin.version
+
+        # In that Python esc-sr is a regular installation now, from a wheel file that no longer exists:
+        # a wheel is assembled from its installed files, with the same contents.
+        done = _run(chainner_python, """
+            import sys
+            from esc_sr import distribution
+            wheel = distribution.wheel_of_this(sys.argv[1])
+            print(wheel.origin.kind, wheel.path)
+        """, str(tmp_path / "theirs"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        kind, path = done.stdout.split()
+        assert kind == "installed"
+
+        def contents(wheel: Path) -> dict[str, bytes]:
+            with zipfile.ZipFile(wheel) as archive:
+                return {n: archive.read(n) for n in archive.namelist() if not n.endswith(".dist-info/RECORD")}
+
+        assert Path(path).name == ours.path.name
+        assert contents(Path(path)) == contents(ours.path)
+        with zipfile.ZipFile(path) as archive:
+            record = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/RECORD"))).decode()
+        assert len(record.splitlines()) == len(archive.namelist())
+    finally:
+        removed = uninstall(chainner_python)
+    assert removed.package == f"esc-sr {ours.origin.version}"
+    assert removed.notes == [f"esc-sr {ours.origin.version}, which install replaced, is not restored"]
+    assert locate(chainner_python).esc_sr_version is None
