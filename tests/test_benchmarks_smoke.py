@@ -125,3 +125,17 @@ def test_sizes_parse_as_height_by_width():
     assert parse_size("180x320") == (180, 320)
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         parse_size("180")
+
+
+def test_onnx_speed_writes_both_runtimes_their_ratio_and_the_load(tmp_path, capsys):
+    from benchmarks import onnx_speed
+
+    out = tmp_path / "onnx_speed.json"
+    assert onnx_speed.main(["--preset", "esc_tiny", "--size", "24x40", "--runs", "2", "--note", "smoke", "--out", str(out)]) == 0
+    results = json.loads(out.read_text(encoding="utf-8"))
+    result = results["result"]
+    assert set(result["times_ms"]) == {"pytorch", "onnxruntime"} and all(len(v) == 2 for v in result["times_ms"].values())
+    assert result["output_shape"] == [1, 3, 96, 160] and result["max_abs_diff_at_size"] <= 1e-4
+    assert result["onnxruntime_over_pytorch"] > 0 and result["threads"]["onnxruntime_intra_op"] == 1
+    assert results["note"] == "smoke" and len(results["load_average_at_end"]) == 3
+    assert "onnxruntime / PyTorch" in capsys.readouterr().out
