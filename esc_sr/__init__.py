@@ -5,7 +5,8 @@
 * :mod:`esc_sr.engine`  -- :func:`upscale`: tiled, memory-bounded inference on tensors, numpy arrays and PIL images;
 * :mod:`esc_sr.images`  -- image files in and out (bit depths, alpha, EXIF), atomic writes;
 * :mod:`esc_sr.hub`     -- the official weights, downloaded once into a cache;
-* :mod:`esc_sr.demo`, :mod:`esc_sr.onnx_export`, :mod:`esc_sr.chainner_hook`, :mod:`esc_sr.cli` (``esc-sr``).
+* :mod:`esc_sr.demo`, :mod:`esc_sr.onnx_export`, :mod:`esc_sr.chainner_hook` (with :mod:`esc_sr.distribution`,
+  a wheel of the running esc-sr), :mod:`esc_sr.cli` (``esc-sr``).
 
 Imports go one way: ``esc_sr`` uses ``esc_arch``, never the reverse.
 
