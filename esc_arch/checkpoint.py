@@ -445,11 +445,7 @@ def build_model(
             f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would have {values:,} parameters, above the limit of "
             f"{limits.max_parameters:,} ({_RAISE_HINT})"
         )
-    try:
-        blueprint.fuse()
-    except Exception as e:
-        raise CheckpointError(f"{name}: cannot prepare {cls.arch_name} for inference: {_first_line(e)[:160]}") from None
-    needed = sum(t.numel() * 4 for t in chain(blueprint.parameters(), blueprint.buffers()))  # in float32
+    needed = _inference_bytes(blueprint)
     if needed > limits.max_model_bytes:
         raise CheckpointError(
             f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would need {_size(needed)} ready for inference (its "
@@ -464,6 +460,23 @@ def build_model(
     except Exception as e:
         raise CheckpointError(f"{name}: cannot load the weights into {cls.arch_name}: {_first_line(e)[:160]}") from None
     return model.eval()
+
+
+def _inference_bytes(model: nn.Module) -> int:
+    """Bytes ``model`` holds once :func:`esc_arch.fuse` has baked its constants, in float32, from its modules'
+    sizes alone (so it can be asked of a model on the meta device): every parameter and buffer, the ensembled large
+    kernel of each shared-kernel trunk, and each window attention's (heads, ws^2, ws^2) bias where it is baked."""
+    from .attention import BAKE_LIMIT_BYTES, WindowAttention
+    from .base import SharedKernelTrunk
+
+    total = sum(t.numel() * 4 for t in chain(model.parameters(), model.buffers()))
+    for module in model.modules():
+        if isinstance(module, SharedKernelTrunk):
+            total += module.plk_filter.numel() * 4
+        elif isinstance(module, WindowAttention):
+            bias = module.num_heads * module.window_size**4 * 4
+            total += bias if bias <= BAKE_LIMIT_BYTES else 0
+    return total
 
 
 def _construct(cls: type[ESCModelBase], kwargs: Mapping[str, Any], name: str, *, device: str | None) -> ESCModelBase:

@@ -9,13 +9,13 @@ import sys
 _NOT_FOR_THE_CORE = ("PIL", "cv2", "tqdm", "chainner_ext", "spandrel", "basicsr", "torchvision", "onnx",
                      "onnxruntime", "yaml", "matplotlib", "esc_sr", "comfyui_nodes", "basicsr_plugin")
 
+# The application's packages are made absent as Python sees an uninstalled package: ``sys.modules[name] = None``
+# makes ``import name`` fail and ``importlib.util.find_spec(name)`` answer None (torch's own optional-dependency
+# probes, e.g. torch._dynamo's, ask find_spec and carry on).
 _PROBE = f"""
-import importlib.abc, sys
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {_NOT_FOR_THE_CORE!r}:
-            raise ImportError("the core imported " + name)
-sys.meta_path.insert(0, Refuse())
+import sys
+for name in {_NOT_FOR_THE_CORE!r}:
+    sys.modules[name] = None
 import torch, esc_arch
 model = esc_arch.load_model("default")
 with torch.no_grad():
@@ -23,7 +23,7 @@ with torch.no_grad():
 assert out.shape == (1, 3, 80, 96), out.shape
 for name in esc_arch.PRESETS:
     esc_arch.PRESETS[name]()
-print("ok", sorted(m for m in sys.modules if m.split(".")[0] in {_NOT_FOR_THE_CORE!r}))
+print("ok", sorted(m for m, module in sys.modules.items() if m.split(".")[0] in {_NOT_FOR_THE_CORE!r} and module))
 """
 
 
