@@ -8,7 +8,7 @@ How this esc-sr was installed decides where the wheel comes from (``importlib.me
   files themselves, as listed in the installation's ``RECORD`` (the ``.dist-info`` metadata included;
   scripts are left out, the target's pip writes its own from ``entry_points.txt``);
 * **editable** (``pip install -e``), or not installed at all (run from a checkout): the source folder is
-  copied (its top-level packages and the files at its root) and built with this Python's own build backend
+  copied (its top-level packages and the build files at its root: ``pyproject.toml``, readme, licence ...) and built with this Python's own build backend
   (``pip wheel --no-build-isolation --no-index``), so nothing is downloaded.
 
 Every route works without a network.  The wheel is pure Python (``py3-none-any``) and is installed
@@ -18,6 +18,7 @@ with ``--no-deps``, so the target's torch, numpy and safetensors are left exactl
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import importlib.metadata
 import json
@@ -39,6 +40,8 @@ __all__ = ["DIST_NAME", "DistributionError", "Origin", "WheelOfThis", "origin", 
 DIST_NAME = "esc-sr"
 #: Files of an installed ``.dist-info`` that describe that installation, not the package.
 _INSTALLATION_ONLY = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
+#: Files at a source folder's root that a build of it may read.
+_BUILD_FILES = ("pyproject.toml", "setup.py", "setup.cfg", "MANIFEST.in", "README*", "LICEN[CS]E*", "COPYING*", "NOTICE*", "AUTHORS*")
 
 
 class DistributionError(ESCError, RuntimeError):
@@ -205,8 +208,8 @@ def _wheel_from_source(origin_: Origin, out_dir: Path) -> Path:
         ) from None
     staging = out_dir / "source"
     staging.mkdir()
-    for item in source.iterdir():  # pyproject.toml, README.md, setup files, licences ...
-        if item.is_file() and not item.name.startswith("."):
+    for item in source.iterdir():  # what a build reads at the root (not, say, checkpoints lying there)
+        if item.is_file() and any(fnmatch.fnmatch(item.name, pattern) for pattern in _BUILD_FILES):
             shutil.copy2(item, staging / item.name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.onnx", ".esc-sr-tmp-*")
     for name in _top_level_packages(source, origin_.distribution):
