@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_write
+from .attention import WindowAttention
 from .base import ESCModelBase
 from .detection import infer_architecture
 from .errors import CheckpointError
@@ -450,6 +451,13 @@ def build_model(
         raise CheckpointError(
             f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would need {_size(needed)} ready for inference (its "
             f"weights and baked attention biases), above the limit of {_size(limits.max_model_bytes)} ({_RAISE_HINT})"
+        )
+    bias = max((m.num_heads * m.window_size**4 * 4 for m in blueprint.modules() if isinstance(m, WindowAttention)),
+               default=0)
+    if bias > limits.max_model_bytes:  # an unbaked bias is gathered in every forward pass, whatever the image size
+        raise CheckpointError(
+            f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would gather a {_size(bias)} attention bias in every "
+            f"forward pass, above the limit of {_size(limits.max_model_bytes)} ({_RAISE_HINT})"
         )
     _fit(blueprint, state, name)
     del blueprint

@@ -152,6 +152,10 @@ def _hostile_checkpoints(work: Path) -> dict[str, tuple[Path, str]]:
             torch.zeros(4, 1, dtype=torch.long), torch.ones(1), (100000, 100000, 1, 1))
     files["sparse tensor"] = (_save(sparse, work / "sparse.pth"), "sparse")
 
+    window = dict(base)  # a stored window of 500: 8 MB of bias table, but a 500 GB bias in every forward pass
+    window["blocks.0.attn.relative_position_bias"] = torch.zeros(2, (2 * 500 - 1) ** 2)
+    files["huge attention window"] = (_save(window, work / "window.pth"), "attention bias in every forward pass")
+
     wide = dict(base)  # a real, stored 100000-wide qkv: the model it asks for is sized before it is built
     wide["blocks.0.attn.to_qkv.weight"] = torch.zeros(48, 100_000, 1, 1)
     files["stored wide tensor"] = (_save(wide, work / "wide.pth"), "would have")
