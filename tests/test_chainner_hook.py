@@ -125,7 +125,7 @@ def test_chainner_loading_sequence_loads_esc_pth_and_safetensors(full_python: Pa
 def test_without_the_hook_chainner_cannot_load_esc(full_python: Path) -> None:
     # This test venv's torchvision needs the shim to import next to CPU torch (the hook applies it;
     # chaiNNer's matching torchvision does not need it).
-    shim = "from esc_arch._compat import ensure_torchvision_importable; ensure_torchvision_importable()\n"
+    shim = "from esc_arch.compat import ensure_torchvision_importable; ensure_torchvision_importable()\n"
     done = _run(full_python, shim + textwrap.dedent(CHAINNER_SEQUENCE), str(GOLDEN_DIR / "escrealm_pixelshuffle_x4.ckpt.pth"))
 
     assert done.returncode != 0
@@ -154,7 +154,7 @@ def test_hook_reports_in_one_line_when_esc_sr_is_missing_but_spandrel_loads(tmp_
 
     # The shim, loaded from its file (esc_arch itself must stay unimportable here), lets this
     # venv's torchvision import next to CPU torch.
-    shim = REPO / "esc_arch" / "_compat" / "torchvision_shim.py"
+    shim = REPO / "esc_arch" / "compat" / "torchvision_shim.py"
     done = _run(no_esc, f"""
         import importlib.util
         spec = importlib.util.spec_from_file_location("torchvision_shim", {str(shim)!r})
@@ -365,7 +365,7 @@ def test_one_command_installs_esc_sr_and_the_hook_offline_and_chainner_loads_off
     assert _torch_fingerprint(chainner_python) == torch_before
     # Back to chaiNNer's own state: ESC is unsupported again. (The shim, loaded from its file, lets this venv's
     # CUDA-built torchvision import next to CPU torch; the hook did that before; chaiNNer's torchvision needs none.)
-    shim = REPO / "esc_arch" / "_compat" / "torchvision_shim.py"
+    shim = REPO / "esc_arch" / "compat" / "torchvision_shim.py"
     without = _run(chainner_python, textwrap.dedent(f"""
         import importlib.util
         spec = importlib.util.spec_from_file_location("torchvision_shim", {str(shim)!r})

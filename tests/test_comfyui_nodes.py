@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from esc_arch._compat import ensure_torchvision_importable
+from esc_arch.compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()  # spandrel imports torchvision; PyPI's needs this next to a CPU torch
 

@@ -159,7 +159,7 @@ def test_bad_model_path_is_one_clear_error(tmp_path):
 
 
 def test_bicubic_matches_basicsr_matlab_imresize_away_from_the_border():
-    from esc_arch._compat import ensure_torchvision_importable
+    from esc_arch.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from basicsr.utils.matlab_functions import imresize
@@ -178,7 +178,7 @@ def test_bicubic_matches_basicsr_matlab_imresize_away_from_the_border():
 
 
 def test_psnr_y_matches_basicsr_calculate_psnr():
-    from esc_arch._compat import ensure_torchvision_importable
+    from esc_arch.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from basicsr.metrics import calculate_psnr

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .._compat import ensure_torchvision_importable
+from ..compat import ensure_torchvision_importable
 
 # spandrel imports torchvision, which fails next to a CPU-only torch without this (see the shim).
 ensure_torchvision_importable()
