@@ -399,3 +399,21 @@ def test_a_model_whose_output_does_not_match_its_scale_is_a_clear_error(model):
     liar.scale = 3  # the network really upscales x2
     with pytest.raises(EngineError, match=r"not x3 as its \.scale says"):
         upscale(liar, torch.rand(1, 3, 16, 16))
+
+
+def test_auto_runs_untiled_when_the_image_fits_and_tiles_when_it_does_not(monkeypatch):
+    """Untiled is the fastest run (no context computed twice, no statistics pass): 'auto' tiles only when it must."""
+    torch.manual_seed(0)
+    model = esc_arch.esc_tiny(2).eval()
+    x = torch.rand(1, 3, 40, 72)
+    calls: list[tuple[int, int]] = []
+    out = upscale(model, x, tile="auto", progress=lambda done, total: calls.append((done, total)))
+    assert {total for _, total in calls} == {1}  # one pass, one tile: the whole image
+    assert (out - upscale(model, x, tile=None)).abs().max() == 0
+
+    monkeypatch.setattr(engine, "_free_memory_bytes", lambda device: 2 * 40 * 40 * engine._bytes_per_input_pixel(model, torch.float32))
+    assert not engine.fits_untiled(model, torch.device("cpu"), torch.float32, 40, 72)
+    calls.clear()
+    tiled = upscale(model, x, tile="auto", progress=lambda done, total: calls.append((done, total)))
+    assert max(total for _, total in calls) > 1
+    assert (tiled - out).abs().max() <= 1 / 255
