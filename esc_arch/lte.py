@@ -119,20 +119,23 @@ class ESCLTE(ESCModelBase):
         self.phase = nn.Linear(2, hidden_dim // 2, bias=False)
         self.imnet = MLP(hidden_dim, 3, list(mlp_hidden))
 
-    def encode(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the encoder once: (lr, coefficient map, frequency map) for :meth:`query`."""
+    def encode(self, lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run the encoder once, for any number of :meth:`query` calls: (lr, coefficient map, frequency map, the
+        feature map's coordinate grid, its (h, w) as a tensor). What depends only on the LR image is made here,
+        not per query chunk."""
         feat = self.encoder(lr)
-        return lr, self.coef(feat), self.freq(feat)
+        coef, freq = self.coef(feat), self.freq(feat)
+        b, h, w = lr.shape[0], coef.shape[-2], coef.shape[-1]
+        feat_coord = make_coord(h, w, device=lr.device, dtype=lr.dtype).view(1, h, w, 2).permute(0, 3, 1, 2)
+        # Stacked from the shape rather than torch.tensor([h, w]): a traced ONNX export then keeps it symbolic.
+        size = torch.stack([torch.as_tensor(h), torch.as_tensor(w)]).to(device=lr.device, dtype=lr.dtype)
+        return lr, coef, freq, feat_coord.expand(b, 2, h, w), size
 
     def query(self, encoded, coord: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """RGB (B, Q, 3) at ``coord`` with ``cell`` sizes, from :meth:`encode`'s output."""
-        lr, coef, freq = encoded
+        lr, coef, freq, feat_coord, size = encoded
         b, q = coord.shape[:2]
         h, w = coef.shape[-2:]
-        feat_coord = make_coord(h, w, device=coord.device, dtype=coord.dtype).view(1, h, w, 2).permute(0, 3, 1, 2)
-        feat_coord = feat_coord.expand(b, 2, h, w)
-        # Stacked from the shape rather than torch.tensor([h, w]): a traced ONNX export then keeps it symbolic.
-        size = torch.stack([torch.as_tensor(h), torch.as_tensor(w)]).to(device=coord.device, dtype=coord.dtype)
         rel_cell = cell * size
         phase = self.phase(rel_cell.reshape(b * q, 2)).view(b, q, -1)
 
