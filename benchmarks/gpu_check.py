@@ -133,7 +133,7 @@ def make_plan(smoke: bool) -> Plan:
             window_attention=dict(dim=32, heads=2, window=16, size=(32, 32), runs=(1, 2),
                                   rows=(("naive", "fp32"), ("sdpa", "fp32"), ("flex", "fp32"))),
             latency_presets=("esc_tiny",), latency_sizes={4: (16, 16)}, latency_runs=(1, 2),
-            auto_tile=dict(model="default", size=(64, 64), overlap=16, simulated_limit_px=3000),
+            auto_tile=dict(model="default", size=(256, 256), overlap=None, simulated_limit_px=40000),
         )
     return Plan(
         name="full", golden_cases=None, golden_flex_cases=("esc_x4", "esc_fp_x4", "escrealm_dysample_x4"),

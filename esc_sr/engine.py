@@ -672,6 +672,18 @@ def _run_tiles(
     """Tile an image: a statistics pass first when global pools matter (see :class:`_GlobalPooling`)."""
     core = _initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
     runner.pooling = _GlobalPooling(runner.model)  # statistics belong to one image
+    if runner.pooling.relevant and tile is not None and len(_tile_grid(height, width, core)) == 1:
+        # Untiled first (tile='auto' on an image that fits). If that runs out of memory, the tiles that replace it
+        # need the statistics pass, so the halving happens here rather than inside the loop.
+        try:
+            _tile_loop(runner, height=height, width=width, window=window, tile=None, overlap=overlap,
+                       progress=progress, core=core, process=process)
+            return
+        except OutOfMemory:
+            smaller = max(window, core // 2 // window * window)
+            warnings.warn(f"out of memory untiled; retrying with {smaller}px tiles", RuntimeWarning, stacklevel=2)
+            core = smaller
+            runner.pooling = _GlobalPooling(runner.model)
     if runner.pooling.relevant and len(_tile_grid(height, width, core)) > 1:
         runner.pooling.mode = "collect"
         core = _tile_loop(runner, height=height, width=width, window=window, tile=tile, overlap=overlap,

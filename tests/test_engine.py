@@ -417,3 +417,24 @@ def test_auto_runs_untiled_when_the_image_fits_and_tiles_when_it_does_not(monkey
     tiled = upscale(model, x, tile="auto", progress=lambda done, total: calls.append((done, total)))
     assert max(total for _, total in calls) > 1
     assert (tiled - out).abs().max() <= 1 / 255
+
+
+def test_auto_that_runs_out_of_memory_untiled_tiles_with_the_statistics_pass():
+    """An image 'auto' judged to fit, then out of memory: the tiles that replace the untiled run get the whole-image
+    statistics (the result equals an explicitly tiled run), not each tile's own."""
+    model = esc_arch.load_model("default")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    tiled = upscale(model, x, tile=32, overlap=16)
+
+    def out_of_memory_above_3000_px(_module, args):
+        if args[0].ndim == 4 and args[0].shape[-2] * args[0].shape[-1] > 3000:
+            raise torch.OutOfMemoryError("simulated out of memory")
+
+    hooks = [m.register_forward_pre_hook(out_of_memory_above_3000_px) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with pytest.warns(RuntimeWarning, match="out of memory untiled; retrying with 32px tiles"):
+            recovered = upscale(model, x, tile="auto", overlap=16)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert (recovered - tiled).abs().max() == 0
