@@ -11,6 +11,8 @@
 Handlers are thin: they turn parsed arguments into calls of the library (:mod:`esc_sr.engine`,
 :mod:`~esc_sr.images`, :mod:`~esc_sr.hub`, :mod:`~esc_sr.demo`, :mod:`~esc_sr.onnx_export`,
 :mod:`~esc_sr.chainner_hook`, :mod:`esc_arch`) and print the result; the library never imports this module.
+``upscale`` plans its batch with :mod:`esc_sr.batch` and, under ``torchrun``, shares it between the processes
+with :mod:`esc_sr.sharding`.
 
 Errors. An :class:`esc_arch.ESCError` (a problem with the user's input, files or environment) and an
 ``OSError`` become one line ``esc-sr COMMAND: error: MESSAGE``; exit status 2 for a usage error
@@ -25,17 +27,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import math
-import os
 import signal
 import sys
 import threading
 import traceback
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from .batch import Job, Summary, bad_suffix, collect_inputs, default_suffix, plan_outputs, resolved
 
 __all__ = ["main", "build_parser", "load_cli_model", "describe_model", "CliError", "EXIT_OK", "EXIT_FAILED",
            "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_FAILED
     finally:
-        if handle_term:
+        if handle_term and signal.getsignal(signal.SIGTERM) is _on_sigterm:  # SIG_IGN: a finished rank (_upscale)
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
@@ -229,6 +230,13 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1, not 0")
     return value
 
 
@@ -337,7 +345,11 @@ def _add_upscale(subparsers: Any) -> None:
                         help=f"input pixels of context around each tile (default {_DEFAULT_OVERLAP})")
     parser.add_argument("--precision", choices=_PRECISIONS, default="auto",
                         help="auto = fp16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps; under torchrun "
+                        "auto and cuda mean cuda:LOCAL_RANK")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's; under torchrun on CPU, the cores divided among the "
+                        "processes of this machine)")
     parser.add_argument("--attention", choices=_ATTENTION_BACKENDS, default=None,
                         help="attention backend (default: the model's)")
     parser.add_argument("--suffix", default=None,
@@ -359,135 +371,88 @@ def _add_upscale(subparsers: Any) -> None:
 
 
 
-@dataclass
-class _Job:
-    source: Path
-    target: Path | None = None
-    error: str | None = None
-
-
-@dataclass
-class _Summary:
-    written: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _has_glob(text: str) -> bool:
-    return any(ch in text for ch in "*?[")
-
-
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    from .images import READABLE_EXTENSIONS, TEMP_PREFIX
-
-    pattern = "**/*" if recursive else "*"
-    return sorted(
-        p for p in folder.glob(pattern)
-        if p.is_file() and p.suffix.lower() in READABLE_EXTENSIONS and not p.name.startswith((".", TEMP_PREFIX))
-    )
-
-
-def collect_inputs(patterns: Sequence[str], *, recursive: bool = False) -> tuple[list[tuple[Path, Path | None]], list[tuple[str, str]]]:
-    """Expand INPUT arguments into ``(file, folder it came from)`` pairs, plus ``(argument, reason)`` errors."""
-    found: list[tuple[Path, Path | None]] = []
-    errors: list[tuple[str, str]] = []
-    seen: set[Path] = set()
-
-    def add(path: Path, root: Path | None) -> None:
-        key = _resolved(path)
-        if key not in seen:
-            seen.add(key)
-            found.append((path, root))
-
-    for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_dir():
-            images = _images_in(path, recursive)
-            if not images:
-                errors.append((pattern, "folder contains no image files"))
-            for image in images:
-                add(image, path)
-        elif path.exists():
-            add(path, None)
-        elif _has_glob(pattern):
-            matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-            files = [Path(m) for m in matches if Path(m).is_file()]
-            if not files:
-                errors.append((pattern, "no files match this pattern"))
-            for file in files:
-                add(file, None)
-        else:
-            errors.append((pattern, _missing_reason(path)))
-    return found, errors
-
-
-def _resolved(path: Path) -> Path:
-    """``path.resolve()``, or the absolute path when a symlink loop stops it (RuntimeError before Python 3.13)."""
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):
-        return path.absolute()
-
-
-def _missing_reason(path: Path) -> str:
-    """Why ``path`` (neither a folder nor an existing file) cannot be read: a dangling link or a symlink loop is
-    not 'no such file'."""
-    try:
-        os.stat(path)
-    except OSError as exc:
-        from esc_arch.errors import os_error_reason
-
-        reason = os_error_reason(exc)
-        return "no such file or directory" if reason == "no such file" and not path.is_symlink() else (
-            "a symbolic link to nothing (dangling)" if reason == "no such file" else reason)
-    return "no such file or directory"
-
-
-def _default_suffix(outscale: float) -> str:
-    return f"_x{outscale:g}"
-
-
-def _output_extension(source: Path, choice: str) -> str:
-    from .images import WRITABLE_EXTENSIONS
-
-    if choice != "auto":
-        return "." + choice
-    ext = source.suffix.lower()
-    return ext if ext in WRITABLE_EXTENSIONS else ".png"
-
-
-def plan_outputs(
-    inputs: list[tuple[Path, Path | None]], output: Path, *, suffix: str, ext: str, single_file: bool
-) -> list[_Job]:
-    """Decide every output path; flag collisions (two inputs, one output) and input==output."""
-    jobs = []
-    claimed: dict[Path, Path] = {}
-    for source, root in inputs:
-        if single_file:
-            target = output
-        else:
-            relative = source.relative_to(root).parent if root is not None else Path()
-            target = output / relative / f"{source.stem}{suffix}{_output_extension(source, ext)}"
-        job = _Job(source, target)
-        key = _resolved(target)
-        if key in claimed:
-            job.error = f"output {target} would also be written for {claimed[key]}; rename one or use --suffix"
-        else:
-            claimed[key] = source
-        jobs.append(job)
-    return jobs
-
-
 def upscale_command(args: argparse.Namespace) -> int:
-    """Run ``esc-sr upscale``; returns 0 if every image was written or skipped, 1 if any failed."""
-    from esc_arch import atomic
+    """Run ``esc-sr upscale``; returns 0 if every image was written or skipped, 1 if any failed.
 
+    Under torchrun each process does its share of the files, and rank 0 prints the one summary and returns the
+    run's status (:mod:`esc_sr.sharding`); the other ranks return 0 once they have reported to it.
+    """
+    from . import sharding
+
+    with sharding.Session.start() as session:
+        try:
+            return _upscale(args, session)
+        except sharding.RootFailed as stop:
+            return stop.status  # rank 0 failed a step this rank waited for, and said why
+
+
+def _upscale(args: argparse.Namespace, session: Any) -> int:
+    """The run, on one process or as one rank of several: rank 0 checks the arguments and plans the outputs, every
+    rank loads the model (rank 0 first) and upscales its share, and the summaries go to rank 0."""
+    from . import engine, sharding
+
+    inputs, input_errors, output, single_file = session.from_root(lambda: _check_inputs(args),
+                                                                  exit_status=_exit_status)
+    summary = Summary(failed=list(input_errors) if session.is_root else [])
+    model, outscale = session.root_first(lambda: _load_upscale_model(args), exit_status=_exit_status)
+    model, device, _dtype = engine.prepare_model(model, session.device(args.device), args.precision)
+    session.set_threads(args.threads, device.type)
+
+    suffix = default_suffix(outscale) if args.suffix is None else args.suffix
+    jobs, mine = session.split(  # collisions are decided on the whole plan, before it is split
+        lambda: plan_outputs(inputs, output, suffix=suffix, ext=args.ext, single_file=single_file),
+        lambda job: 1 if job.error else sharding.estimate_cost(job.source), exit_status=_exit_status)
+    if session.is_root:
+        _remove_stale(jobs)
+
+    progress = not args.quiet and sys.stderr.isatty() and session.is_root
+    bar = _progress_bar(mine, enabled=progress and len(mine) > 1)
+    try:
+        for job in bar:
+            status, message, notes = _upscale_one(job, model, args, outscale=outscale, device=device, progress=progress)
+            for note in notes:
+                _report(f"{job.source}: warning: {note}", bar)
+            if status == "written":
+                summary.written.append(job.target)
+            elif status == "skipped":
+                summary.skipped.append(job.target)
+                _report(message, bar)
+            else:
+                summary.failed.append((str(job.source), message))
+                _report(f"{job.source}: {message}", bar)
+    except KeyboardInterrupt as exc:  # every rank is interrupted (or stopped by torchrun): no exchange
+        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        _report(f"{what}; files written so far are complete", bar)
+        _print_summary(summary, session.label)
+        return _interrupted_status(exc)
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+    try:
+        parts = session.gather(summary)  # [summary] on one process; None on ranks other than 0
+    except sharding.ShardingError:
+        _print_summary(summary, session.label)
+        raise
+    if parts is None:
+        # Another rank: rank 0 reports this rank's files and returns the run's status. When rank 0 exits with
+        # status 1, torchrun stops the workers still running with SIGTERM; this one, exiting anyway, ignores it
+        # rather than report itself terminated (main() leaves it ignored).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return EXIT_OK
+    summary = Summary.merge(parts, jobs)
+    _print_summary(summary)
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _check_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, Path | None]], list[tuple[str, str]], Path, bool]:
+    """The checks made before the model is loaded (on rank 0 only, under torchrun), and the expanded inputs:
+    ``(inputs, input errors, output, single_file)``. Each input error is reported here."""
     from . import engine, images
 
-    if args.suffix is not None and _bad_suffix(args.suffix):
-        raise _usage_error(f"--suffix {_printable(args.suffix)!r}: {_bad_suffix(args.suffix)}")
+    if args.suffix is not None and bad_suffix(args.suffix):
+        raise _usage_error(f"--suffix {_printable(args.suffix)!r}: {bad_suffix(args.suffix)}")
     inputs, input_errors = collect_inputs(args.inputs, recursive=args.recursive)
-    summary = _Summary(failed=list(input_errors))
     for argument, reason in input_errors:
         _report(f"{argument}: {reason}")
     if not inputs:
@@ -507,60 +472,30 @@ def upscale_command(args: argparse.Namespace) -> int:
         engine.resolve_precision(args.precision, engine.resolve_device(args.device))
     except engine.EngineError as exc:
         raise _usage_error(f"--device {args.device} --precision {args.precision}: {_one_line(exc)}") from exc
+    return inputs, input_errors, output, single_file
 
+
+def _load_upscale_model(args: argparse.Namespace) -> tuple[Any, float]:
+    """``(model, outscale)``: ``-m`` loaded, and the final scale (the arbitrary-scale model needs ``--outscale``)."""
     model = load_cli_model(args.model, attention=args.attention, max_parameters=args.max_parameters)
     if model.arbitrary_scale and args.outscale is None:
         raise _usage_error(f"{args.model}: the arbitrary-scale model needs --outscale (e.g. --outscale 3.5)")
-    outscale = args.outscale if args.outscale is not None else float(model.scale)
-    model, device, _dtype = engine.prepare_model(model, args.device, args.precision)
+    return model, (args.outscale if args.outscale is not None else float(model.scale))
 
-    suffix = _default_suffix(outscale) if args.suffix is None else args.suffix
-    jobs = plan_outputs(inputs, output, suffix=suffix, ext=args.ext, single_file=single_file)
+
+def _remove_stale(jobs: list[Job]) -> None:
+    """Sweep the temporary files that killed runs left in the output folders (:func:`esc_arch.atomic.remove_stale`)."""
+    from esc_arch import atomic
+
     for folder in sorted({job.target.parent for job in jobs if job.target is not None and job.target.parent.is_dir()}):
         removed = atomic.remove_stale(folder)
         if removed:
             _report(f"{folder}: removed {len(removed)} temporary file{'s' * (len(removed) != 1)} left by a killed run "
                     f"({atomic.TEMP_PREFIX}*, untouched for {atomic.STALE_AFTER_SECONDS // 3600} h)")
 
-    progress = not args.quiet and sys.stderr.isatty()
-    bar = _progress_bar(jobs, enabled=progress and len(jobs) > 1)
-    try:
-        for job in bar:
-            status, message, notes = _upscale_one(job, model, args, outscale=outscale, device=device, progress=progress)
-            for note in notes:
-                _report(f"{job.source}: warning: {note}", bar)
-            if status == "written":
-                summary.written.append(job.target)
-            elif status == "skipped":
-                summary.skipped.append(job.target)
-                _report(message, bar)
-            else:
-                summary.failed.append((str(job.source), message))
-                _report(f"{job.source}: {message}", bar)
-    except KeyboardInterrupt as exc:
-        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
-        _report(f"{what}; files written so far are complete", bar)
-        _print_summary(summary)
-        return _interrupted_status(exc)
-    finally:
-        if hasattr(bar, "close"):
-            bar.close()
-    _print_summary(summary)
-    return EXIT_FAILED if summary.failed else EXIT_OK
-
-
-def _bad_suffix(suffix: str) -> str | None:
-    """Why ``--suffix`` cannot be part of a file name, or None: it is appended to a name, never a path."""
-    separators = [sep for sep in ("/", os.sep, os.altsep) if sep]
-    if any(sep in suffix for sep in separators):
-        return "contains a path separator; the suffix is appended to file names and cannot lead elsewhere"
-    if "\0" in suffix:
-        return "contains a NUL character"
-    return None
-
 
 def _upscale_one(
-    job: _Job, model, args: argparse.Namespace, *, outscale: float, device, progress: bool
+    job: Job, model, args: argparse.Namespace, *, outscale: float, device, progress: bool
 ) -> tuple[str, str, list[str]]:
     """Process one image: ('written' | 'skipped' | 'failed', message, warnings). Never raises for a bad file:
     reading, the memory check, the model, resizing and writing all fail for this file alone."""
@@ -600,7 +535,7 @@ def _process(source: Path, target: Path, model, args: argparse.Namespace, *, out
              progress: bool) -> tuple[str, str]:
     from . import engine, images
 
-    same_as_input = _resolved(target) == _resolved(source)
+    same_as_input = resolved(target) == resolved(source)
     if target.exists() and not args.overwrite:
         what = "is the input file" if same_as_input else "exists"
         return "skipped", f"{target}: skipped, output {what} (use --overwrite to replace it)"
@@ -622,7 +557,7 @@ def _process(source: Path, target: Path, model, args: argparse.Namespace, *, out
     return "written", str(target)
 
 
-def _progress_bar(jobs: list[_Job], *, enabled: bool):
+def _progress_bar(jobs: list[Job], *, enabled: bool):
     if not enabled:
         return jobs
     from tqdm.auto import tqdm
@@ -638,12 +573,13 @@ def _report(message: str, bar: Any = None) -> None:
         print(message, file=sys.stderr)
 
 
-def _print_summary(summary: _Summary) -> None:
+def _print_summary(summary: Summary, who: str = "") -> None:
+    """The summary; ``who`` (``"rank 1 of 2: "``) when one rank of several reports its own part only."""
     parts = [f"{len(summary.written)} written"]
     if summary.skipped:
         parts.append(f"{len(summary.skipped)} skipped (output exists)")
     parts.append(f"{len(summary.failed)} failed")
-    print(f"{PROG} upscale: {', '.join(parts)}", file=sys.stderr)
+    print(f"{PROG} upscale: {who}{', '.join(parts)}", file=sys.stderr)
     if summary.failed:
         print("failed:", file=sys.stderr)
         for name, reason in summary.failed:
