@@ -9,6 +9,7 @@ from torch import nn
 
 from .attention import WindowAttention, normalize_backend
 from .layers import geometric_ensemble
+from .streaming import WHOLE, MapRunner
 
 
 class ESCModelBase(nn.Module):
@@ -106,8 +107,8 @@ class SharedKernelTrunk(ESCModelBase):
         """Store the ensembled kernel as a (non-persistent) buffer, so it follows ``.to()`` and ``.half()``."""
         self.register_buffer("fused_large_kernel", geometric_ensemble(self.plk_filter).detach(), persistent=False)
 
-    def run_blocks(self, feat: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, feat: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
         lk = self.large_kernel()
         for block in self.blocks:
-            feat = block(feat, lk)
+            feat = block(feat, lk, maps)
         return feat

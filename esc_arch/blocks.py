@@ -11,6 +11,7 @@ from torch import nn
 
 from .attention import WindowAttention
 from .layers import ConvFFN, LayerNorm2d, per_sample_depthwise_conv
+from .streaming import WHOLE, MapRunner
 
 
 def _dynamic_kernel_mlp(pdim: int, hidden: int) -> nn.Sequential:
@@ -35,10 +36,11 @@ class ConvolutionalAttention(nn.Module):
         nn.init.zeros_(self.dwc_proj[-1].weight)
         nn.init.zeros_(self.dwc_proj[-1].bias)
 
-    def forward(self, x: torch.Tensor, large_kernel: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, large_kernel: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """``pooled``: the global average of ``x[:, :pdim]`` when ``x`` is a tile (the pool of a 1x1 map is itself)."""
         x1, x2 = x[:, : self.pdim], x[:, self.pdim :]
         b = x1.shape[0]
-        dynamic = self.dwc_proj(x1).view(b, self.pdim, 3, 3)
+        dynamic = self.dwc_proj(x1 if pooled is None else pooled).view(b, self.pdim, 3, 3)
         k = large_kernel.shape[-1]
         x1 = F.conv2d(x1, large_kernel, padding=k // 2) + per_sample_depthwise_conv(x1, dynamic, padding=1)
         return torch.cat([x1, x2], dim=1)
@@ -53,12 +55,14 @@ class DecomposedConvolutionalAttention(nn.Module):
         self.pdim = pdim
         self.proj = _dynamic_kernel_mlp(pdim, pdim // 4)
 
-    def forward(self, x: torch.Tensor, large_kernel: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, large_kernel: tuple[torch.Tensor, torch.Tensor], pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
         lk_channel, lk_spatial = large_kernel
         x1, x2 = x[:, : self.pdim], x[:, self.pdim :]
         b = x1.shape[0]
         k = lk_spatial.shape[-1]
-        dynamic = self.proj(x1).view(b, self.pdim, 3, 3)
+        dynamic = self.proj(x1 if pooled is None else pooled).view(b, self.pdim, 3, 3)
         pad = (k - 3) // 2
         kernels = F.pad(dynamic, (pad, pad, pad, pad)) + lk_spatial.view(1, self.pdim, k, k)
         x1 = per_sample_depthwise_conv(F.conv2d(x1, lk_channel), kernels, padding=k // 2)
@@ -73,8 +77,14 @@ class ConvAttentionWrapper(nn.Module):
         self.plk = plk
         self.aggr = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor, large_kernel) -> torch.Tensor:
-        return self.aggr(self.plk(x, large_kernel))
+    def forward(self, x: torch.Tensor, large_kernel, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        return self.aggr(self.plk(x, large_kernel, pooled))
+
+
+def large_kernel_radius(large_kernel) -> int:
+    """Pixels of context the partial convolution needs: half the large kernel (the dynamic 3x3 needs less)."""
+    spatial = large_kernel[-1] if isinstance(large_kernel, tuple) else large_kernel
+    return spatial.shape[-1] // 2
 
 
 class ESCBlock(nn.Module):
@@ -110,13 +120,19 @@ class ESCBlock(nn.Module):
         self.ln_out = LayerNorm2d(dim)
         self.conv_out = nn.Conv2d(dim, dim, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, large_kernel) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, large_kernel, maps: MapRunner = WHOLE) -> torch.Tensor:
+        """``maps`` runs the stages (see :mod:`esc_arch.streaming`); the radii are each stage's context in pixels."""
         skip = x
-        x = self.proj(self.ln_proj(x))  # no residual around the first FFN (upstream)
-        x = x + self.attn(self.ln_attn(x))
+        x = maps.local(lambda t: self.proj(self.ln_proj(t)), x, radius=1)  # no residual around the first FFN (upstream)
+        # Window attention is window-local: no context on tiles aligned to the window grid.
+        x = maps.local(lambda t: t + self.attn(self.ln_attn(t)), x, radius=0)
+        radius = large_kernel_radius(large_kernel)
         for ln, pconv, ffn in zip(self.lns, self.pconvs, self.convffns):
-            x = x + pconv(ffn(ln(x)), large_kernel)
-        return self.conv_out(self.ln_out(x)) + skip
+            y = maps.local(lambda t, ln=ln, ffn=ffn: ffn(ln(t)), x, radius=1)
+            pooled = maps.mean(y[:, : pconv.plk.pdim])  # the dynamic kernel's global pool: whole-map, not per tile
+            x = maps.local(lambda t, u, pconv=pconv, pooled=pooled: t + pconv(u, large_kernel, pooled), x, y, radius=radius)
+            del y
+        return maps.local(lambda t, s: self.conv_out(self.ln_out(t)) + s, x, skip, radius=1)
 
 
 def make_blocks(

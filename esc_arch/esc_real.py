@@ -8,6 +8,7 @@ from torch import nn
 from .base import SharedKernelTrunk
 from .blocks import make_blocks, shared_large_kernel
 from .layers import ReflectConv2d, pad_to_multiple
+from .streaming import WHOLE, MapRunner
 from .upsamplers import DySample, UniUpsample, esc_real_nearest_conv_head, neosr_nearest_conv_head
 
 ESC_REAL_HEADS = ("nearest+conv", "dysample", "nearest+conv-neosr")
@@ -35,9 +36,16 @@ class _RealTrunk(SharedKernelTrunk):
         )
         self.last = nn.Conv2d(dim, dim, 3, padding=1)
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.proj(x)
-        return self.last(self.run_blocks(feat)) + feat + self.skip(x)
+    #: LR pixels of context the upsampling heads get when streamed: the conv heads need at most 3, DySample's learned
+    #: sampling offsets were measured below 1 pixel on the golden checkpoints; 8 leaves a margin for trained ones.
+    head_radius = 8
+
+    def _features(self, x: torch.Tensor, maps: MapRunner) -> torch.Tensor:
+        unshuffle = getattr(self, "unshuffle", 1)  # radii below are in pixels of x, the trunk's input
+        feat = maps.local(self.proj, x, radius=unshuffle)
+        body = self.run_blocks(feat, maps)
+        skip = maps.local(self.skip, x, radius=3 * unshuffle)  # the 7x7 depthwise conv
+        return maps.local(lambda body, feat, skip: self.last(body) + feat + skip, body, feat, skip, radius=1)
 
 
 class ESCReal(_RealTrunk):
@@ -94,8 +102,9 @@ class ESCReal(_RealTrunk):
             self.to_img = neosr_nearest_conv_head(dim, upscaling_factor)
         self.skip = _input_skip(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.to_img(self._features(x))
+    def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
+        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_arch.streaming`)."""
+        return maps.local(self.to_img, self._features(x, maps), radius=self.head_radius)
 
 
 class ESCRealM(_RealTrunk):
@@ -153,11 +162,12 @@ class ESCRealM(_RealTrunk):
             state_dict["to_img.MetaUpsample"] = self.to_img.MetaUpsample.clone()
         return state_dict
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
+        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_arch.streaming`)."""
         h, w = x.shape[-2:]
         if self.unshuffle > 1:
             x = pad_to_multiple(x, self.unshuffle)
-        out = self.to_img(self._features(x))
+        out = maps.local(self.to_img, self._features(x, maps), radius=self.head_radius)
         if self.scale < 1:  # the 'conv' head after unshuffling: nothing to crop
             return out
         return out[:, :, : h * self.scale, : w * self.scale]  # integer arithmetic stays symbolic in exports

@@ -14,6 +14,7 @@ from torch import nn
 
 from .base import ESCModelBase, SharedKernelTrunk
 from .blocks import make_blocks, shared_large_kernel
+from .streaming import WHOLE, MapRunner
 
 
 def make_coord(height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -54,9 +55,10 @@ class ESCEncoder(SharedKernelTrunk):
         )
         self.last = nn.Conv2d(dim, dim, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.proj(x)
-        return self.last(self.run_blocks(feat)) + feat
+    def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
+        feat = maps.local(self.proj, x, radius=1)
+        body = self.run_blocks(feat, maps)
+        return maps.local(lambda body, feat: self.last(body) + feat, body, feat, radius=1)
 
 
 class MLP(nn.Module):

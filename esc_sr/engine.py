@@ -14,21 +14,24 @@ How an image goes through it
 3. **Padding, the official way.** The LR image is reflect-padded on the right and bottom to a
    multiple of ``model.window_size`` and the output cropped back to ``h*scale x w*scale``: the
    evaluation protocol of the ESC paper, so benchmark PSNR matches it.
-4. **Tiling.** The padded image is cut on the window grid into ``tile x tile`` cores; each core
-   is run with ``overlap`` pixels of real image context on every side (rounded up to a multiple
-   of the window so that every attention window of a tile is a window of the whole image) and
-   only the core of the result is kept ("crop-overlap"). ESC's dynamic kernels come from a
-   *global* average of the features, so when a model that uses them is tiled, a first pass over
-   the tiles gathers whole-image averages and the output pass gives them to every tile
-   (:class:`_GlobalPooling`). With the default overlap the tiled output matches the untiled one
-   within 1/255 on 8-bit output, so there are no seams to blend away.
+4. **Tiling.** Only when the image does not fit (or a ``tile`` is asked for). The tiles are cut on the window
+   grid, and by default the model is **layer-streamed** (:mod:`esc_arch.streaming`): each stage of the network
+   runs over every tile before the next stage starts, from whole LR feature maps kept in memory, so a tile needs
+   only its stage's own radius of context, window attention none, and the dynamic kernels' global averages are
+   taken over the whole map. The result is the untiled one up to float rounding, at a few percent more compute
+   (``benchmarks/streamed_tiling.py``). When even the whole feature maps (a few ``dim``-channel LR maps) do not
+   fit, the fallback is **crop-overlap** tiles: each core is run with ``overlap`` pixels of real image context on
+   every side (rounded up to the window) and only its core is kept; a first pass over the tiles gathers the
+   whole-image averages of the global pools and the output pass gives them to every tile
+   (:class:`_GlobalPooling`). With the default overlap that output matches the untiled one within 1/255 on 8-bit
+   output. The arbitrary-scale LTE model always tiles this way.
 5. **Memory.** ``tile='auto'`` runs the image untiled whenever its estimated working set fits half the
-   device's free memory (:func:`fits_untiled`): untiled is the fastest run. Otherwise it picks the largest
-   tile whose working memory fits (capped on CPU, where the OOM killer, not an error, answers an
-   over-allocation). On out-of-memory
-   (CUDA OOM, or a CPU allocation failure) the tile is halved and the remaining tiles are
-   redone; finished tiles are kept. The working memory is bounded by the tile; only the output
-   canvas grows with the image.
+   device's free memory (:func:`fits_untiled`): untiled is the fastest run. Otherwise it streams with the
+   largest tile that fits beside the feature maps (fewest tiles), or, when the maps do not fit, picks the largest
+   crop-overlap tile whose working memory fits (capped on CPU, where the OOM killer, not an error, answers an
+   over-allocation). On out-of-memory (CUDA OOM, or a CPU allocation failure) an untiled run is retried with
+   half-size tiles, streaming falls back to crop-overlap tiles, and a crop-overlap tile is halved and the remaining
+   tiles redone (finished tiles are kept).
 6. **Precision.** ``'auto'`` is fp16 on CUDA/MPS and fp32 on CPU; ``'fp16'``/``'bf16'`` are
    honoured where the device runs them. A half-precision tile that overflows to inf/NaN is
    recomputed in fp32.
@@ -54,6 +57,7 @@ from torch import nn
 import esc_arch
 from esc_arch import pad_to_multiple
 from esc_arch.errors import ESCError
+from esc_arch.streaming import TiledMaps, count_stages
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -494,16 +498,32 @@ class _Runner:
         """
         core = core or (0, tile.shape[-2], 0, tile.shape[-1])
         out = self._forward(self.model, tile, self.dtype, core)
-        if out is not None and self.dtype != torch.float32 and not torch.isfinite(out).all():
-            # fp16 can overflow inside the network on unusual content; redo this tile in fp32.
-            if not self._warned_overflow:
-                warnings.warn("half-precision overflow in a tile; recomputing it in fp32", RuntimeWarning, stacklevel=3)
-                self._warned_overflow = True
-            if self._fp32_model is None:  # from the caller's weights, not a round trip through fp16
-                source = self.original if self.original is not None else self.model
-                self._fp32_model = esc_arch.fuse(copy.deepcopy(source).to(device=self.device, dtype=torch.float32))
-            out = self._forward(self._fp32_model, tile, torch.float32, core)
+        if out is not None and self._overflowed(out):
+            out = self._forward(self._fp32(), tile, torch.float32, core)
         return out
+
+    def stream(self, image: torch.Tensor, maps: TiledMaps) -> torch.Tensor:
+        """The model's output for the whole ``image``, layer-streamed over ``maps``' tiles (float32, CPU)."""
+        out = self._guarded(self.model, lambda: self.model(image.to(device=self.device, dtype=self.dtype), maps))
+        if self._overflowed(out):
+            model = self._fp32()
+            out = model(image.to(device=self.device, dtype=torch.float32), maps)
+        return out.float().cpu()
+
+    def _overflowed(self, out: torch.Tensor) -> bool:
+        """fp16 can overflow inside the network on unusual content: then the work is redone in fp32."""
+        if self.dtype == torch.float32 or bool(torch.isfinite(out).all()):
+            return False
+        if not self._warned_overflow:
+            warnings.warn("half-precision overflow; recomputing it in fp32", RuntimeWarning, stacklevel=4)
+            self._warned_overflow = True
+        return True
+
+    def _fp32(self) -> nn.Module:
+        if self._fp32_model is None:  # from the caller's weights, not a round trip through fp16
+            source = self.original if self.original is not None else self.model
+            self._fp32_model = esc_arch.fuse(copy.deepcopy(source).to(device=self.device, dtype=torch.float32))
+        return self._fp32_model
 
     def call(self, model: nn.Module, fn: Callable[[], torch.Tensor], core, tile_size) -> torch.Tensor | None:
         """Run ``fn()`` (which calls ``model``) with the global-pool hooks for one tile."""
@@ -513,10 +533,17 @@ class _Runner:
         return result if self.pooling.mode != "collect" else None
 
     def _forward(self, model: nn.Module, tile: torch.Tensor, dtype: torch.dtype, core) -> torch.Tensor | None:
+        size = tuple(tile.shape[-2:])
+        out = self._guarded(model, lambda: self.call(model, lambda: model(tile.to(device=self.device, dtype=dtype)), core, size))
+        return None if out is None else out.float().cpu()
+
+    def _guarded(self, model: nn.Module, fn: Callable[[], Any]) -> Any:
+        """``fn()``, with torch's "not implemented for 'Half'" turned into a one-line EngineError."""
         try:
-            out = self.call(model, lambda: model(tile.to(device=self.device, dtype=dtype)), core, tuple(tile.shape[-2:]))
+            return fn()
         except RuntimeError as exc:
             text = str(exc)
+            dtype = next(model.parameters()).dtype
             if dtype != torch.float32 and ("not implemented for" in text and ("Half" in text or "BFloat16" in text)):
                 name = "fp16" if dtype == torch.float16 else "bf16"
                 raise EngineError(
@@ -524,7 +551,6 @@ class _Runner:
                     "use precision fp32"
                 ) from exc
             raise
-        return None if out is None else out.float().cpu()
 
 
 @contextmanager
@@ -697,7 +723,10 @@ def _run_fixed_scale(
     runner: _Runner, lr: torch.Tensor, *, scale: int, window: int, tile: TileSpec, overlap: int,
     progress: _TileProgress,
 ) -> torch.Tensor:
-    """Upscale one ``(1, 3, h, w)`` float32 CPU image with a fixed-scale model; returns ``(1, 3, h*s, w*s)``."""
+    """Upscale one ``(1, 3, h, w)`` float32 CPU image with a fixed-scale model; returns ``(1, 3, h*s, w*s)``.
+
+    Untiled when it fits (or ``tile`` is None); else layer-streamed over tiles when the whole feature maps fit
+    (exact, no context recomputed); else crop-overlap tiles with a statistics pass."""
     h, w = lr.shape[-2:]
     padded = pad_to_multiple(lr, window)
     ph, pw = padded.shape[-2:]
@@ -724,8 +753,68 @@ def _run_fixed_scale(
                 ..., (y0 - iy0) * scale : (oy1 - iy0) * scale, (x0 - ix0) * scale : (ox1 - ix0) * scale
             ]
 
+    if tile is not None and _streams(runner.model):
+        core = _initial_core(runner, tile, window=window, overlap=overlap, height=ph, width=pw)
+        if len(_tile_grid(ph, pw, core)) == 1:
+            try:
+                _run_tiles(runner, height=ph, width=pw, window=window, tile=None, overlap=overlap, progress=progress,
+                           process=process)
+                return out
+            except OutOfMemory:
+                core = tile = max(window, core // 2 // window * window)
+                warnings.warn(f"out of memory untiled; retrying with {core}px tiles", RuntimeWarning, stacklevel=2)
+        stream_tile = _stream_tile(runner, tile, core, ph, pw)
+        if stream_tile is not None:
+            try:
+                progress.start(count_stages(runner.model))
+                result = runner.stream(padded, TiledMaps(stream_tile, window=window, on_stage=progress.advance))
+                out.copy_(result[..., : h * scale, : w * scale])
+                return out
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+            _release_memory(runner.device)
+            warnings.warn("out of memory streaming the feature maps; retrying with overlapping tiles", RuntimeWarning,
+                          stacklevel=2)
+        tile = core
     _run_tiles(runner, height=ph, width=pw, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
     return out
+
+
+# ------------------------------------------------------------------------------------ layer streaming
+
+
+def _streams(model: nn.Module) -> bool:
+    """Models whose forward pass can be layer-streamed (:mod:`esc_arch.streaming`): every fixed-scale ESC model."""
+    return isinstance(model, esc_arch.ESCModelBase) and not model.arbitrary_scale
+
+
+def _streamed_map_bytes(model: nn.Module, dtype: torch.dtype, height: int, width: int) -> float:
+    """Memory the whole feature maps of a layer-streamed ``height x width`` run hold: at most five ``dim``-channel
+    maps alive at once (the stem, a block's input, its running sum, an FFN output, the next sum), the input, and the
+    output at the model's scale (plus its float32 copy)."""
+    element = torch.finfo(dtype).bits // 8
+    dim = int(model.hyperparameters.get("dim", 64))
+    outputs = 3 * float(model.scale) ** 2
+    return height * width * (element * (5 * dim + 3 + outputs) + (4 * outputs if element != 4 else 0))
+
+
+def _stream_tile(runner: _Runner, tile: TileSpec, core: int, height: int, width: int) -> int | None:
+    """The tile to stream with, or None when the whole maps plus one such tile do not fit (in half the free memory).
+
+    ``tile='auto'``: the largest tile that fits beside the maps (fewest tiles), up to the auto-tiling caps."""
+    model, device, dtype = runner.model, runner.device, runner.dtype
+    window = _window_of(model)
+    budget = _free_memory_bytes(device) * _AUTO_MEMORY_FRACTION - _streamed_map_bytes(model, dtype, height, width)
+    # A stage's tile carries at most its radius of context (8 px: the real-world heads); 16 covers it.
+    per_side = lambda side: (side + 16) ** 2 * _bytes_per_input_pixel(model, dtype)  # noqa: E731
+    if tile == "auto":
+        cap = _AUTO_MAX_TILE_CPU if device.type == "cpu" else _AUTO_MAX_TILE_ACCELERATOR
+        side = min(cap, int(math.sqrt(max(budget, 0) / _bytes_per_input_pixel(model, dtype))) - 16)
+        core = side // window * window
+    if core < window or per_side(core) > budget:
+        return None
+    return core
 
 
 def _is_arbitrary_scale(model: nn.Module) -> bool:
@@ -902,7 +991,8 @@ def upscale(
         tile: LR tile side in pixels (rounded down to a multiple of the window), ``'auto'``
             (untiled when the image fits in free memory, else tiles sized from it), or ``None`` to run the
             whole image at once.
-        overlap: LR pixels of context around each tile (rounded up to the window).
+        overlap: LR pixels of context around each crop-overlap tile (rounded up to the window); layer-streamed
+            tiles need none.
         device: ``None`` (the model's device), ``'auto'``, or a torch device string.
         precision: ``'auto'`` (fp16 on CUDA/MPS, fp32 on CPU), ``'fp32'``, ``'fp16'`` or ``'bf16'``.
         alpha: how alpha is upscaled: ``'model'`` (as a gray image through the model) or

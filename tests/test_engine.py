@@ -52,6 +52,13 @@ def max_error_8bit(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int64) - b.astype(np.int64)).max())
 
 
+@pytest.fixture
+def maps_do_not_fit(monkeypatch):
+    """Memory too small for the whole feature maps of layer streaming: explicit tiles then run as crop-overlap tiles
+    with a statistics pass (tests/test_streaming.py covers the streamed path)."""
+    monkeypatch.setattr(engine, "_free_memory_bytes", lambda device: 1 << 20)
+
+
 # ------------------------------------------------------------------------------ official padding
 
 
@@ -85,7 +92,7 @@ def test_any_size_works(model, size):
 # ------------------------------------------------------------------------------------- seams
 
 
-def test_tiles_of_a_1024x768_photo_match_the_untiled_result_within_1_of_255():
+def test_tiles_of_a_1024x768_photo_match_the_untiled_result_within_1_of_255(maps_do_not_fit):
     photo = np.asarray(PILImage.open(PHOTO_1024x768).convert("RGB"))
     assert photo.shape == (768, 1024, 3)
     net = tiny()
@@ -95,7 +102,7 @@ def test_tiles_of_a_1024x768_photo_match_the_untiled_result_within_1_of_255():
     assert max_error_8bit(tiled, untiled) <= 1
 
 
-def test_without_overlap_the_seams_show():
+def test_without_overlap_the_seams_show(maps_do_not_fit):
     """The context around tiles is what makes the seam test pass (so that test can fail)."""
     net = tiny()
     photo = np.asarray(PILImage.open(PHOTO_1024x768).convert("RGB"))[300:396, 400:528]
@@ -130,7 +137,7 @@ def test_every_tile_sees_the_whole_images_global_pool(monkeypatch):
     assert float((upscale(net, x, tile=8, overlap=0) - untiled).abs().max()) > 0.1
 
 
-def test_pools_that_cannot_change_the_output_cost_no_second_pass():
+def test_pools_that_cannot_change_the_output_cost_no_second_pass(maps_do_not_fit):
     untrained = esc_arch.esc_tiny(2, dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1).eval()
     assert not engine._GlobalPooling(untrained).relevant  # upstream zero-init of the predictor
     assert engine._GlobalPooling(tiny()).relevant
@@ -345,7 +352,7 @@ def test_training_mode_is_restored(model):
         model.eval()
 
 
-def test_progress_callback_sees_every_tile(model):
+def test_progress_callback_sees_every_tile(model, maps_do_not_fit):
     calls = []
     upscale(model, torch.rand(1, 3, 40, 40), tile=16, progress=lambda done, total: calls.append((done, total)))
     # Two sweeps over 3x3 tiles: statistics (the model has dynamic kernels), then output.
@@ -419,9 +426,9 @@ def test_auto_runs_untiled_when_the_image_fits_and_tiles_when_it_does_not(monkey
     assert (tiled - out).abs().max() <= 1 / 255
 
 
-def test_auto_that_runs_out_of_memory_untiled_tiles_with_the_statistics_pass():
-    """An image 'auto' judged to fit, then out of memory: the tiles that replace the untiled run get the whole-image
-    statistics (the result equals an explicitly tiled run), not each tile's own."""
+def test_auto_that_runs_out_of_memory_untiled_falls_back_to_exact_tiles():
+    """An image 'auto' judged to fit, then out of memory: the tiles that replace the untiled run are exact (the
+    result equals an explicitly tiled run): streamed, or crop-overlap tiles that get the whole-image statistics."""
     model = esc_arch.load_model("default")
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     tiled = upscale(model, x, tile=32, overlap=16)
