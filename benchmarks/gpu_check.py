@@ -27,6 +27,7 @@ The sections (:data:`SECTIONS`, run in this order):
                         100 runs timed with CUDA events, ``max_memory_allocated`` after
                         ``reset_peak_memory_stats``; ESC / ESC-light / ESC-FP per backend while time lasts;
 * ``auto_tile``         ``esc_sr.upscale(tile='auto')`` on a 4K image against the untiled run (within 1/255),
+                        layer-streamed 512 px tiles (time and peak against untiled),
                         then out-of-memory halving under a forced memory limit
                         (``torch.cuda.set_per_process_memory_fraction``).
 
@@ -846,6 +847,13 @@ def section_auto_tile(ctx: Ctx) -> dict[str, Any]:
         auto, auto_row = run("tile='auto' fp32", "auto", "fp32")
         compare(auto, reference, auto_row, ref_row)
         del auto
+        # Layer-streamed exact tiling (the target on CPU: <= 1.35x the untiled time); its peak is the tile
+        # plus the whole feature maps.
+        streamed, streamed_row = run("tile=512 fp32 (layer-streamed)", 512, "fp32")
+        compare(streamed, reference, streamed_row, ref_row)
+        if "seconds" in streamed_row and "seconds" in ref_row:
+            streamed_row["vs_untiled"] = round(streamed_row["seconds"] / ref_row["seconds"], 3)
+        del streamed
         limited, limited_row = run("tile='auto' fp32, forced memory limit", "auto", "fp32",
                                    limit=lambda: memory_limit(ctx, model, untiled_peak))
         compare(limited, reference, limited_row, ref_row)

@@ -50,7 +50,7 @@ def _model(scale: int, weights: str | None) -> torch.nn.Module:
 def child(case: dict) -> dict:
     """One mode in this (fresh) process: build, then time one call and its peak RSS."""
     import esc_sr
-    from esc_sr import engine
+    from esc_sr import engine, memory
 
     torch.set_num_threads(int(case["threads"]))
     model = _model(case["scale"], case.get("weights"))
@@ -69,9 +69,9 @@ def child(case: dict) -> dict:
         **case,
         "seconds": round(seconds, 2),
         "peak_mb": round((peak_rss_bytes() - before) / MIB, 1),
-        "estimate_untiled_mb": round(side * side * engine._bytes_per_input_pixel(model, dtype) / MIB, 1),
-        "estimate_stream_maps_mb": round(engine._streamed_map_bytes(model, dtype, side, side) / MIB, 1),
-        "estimate_tile_mb": round((case["tile"] + 16) ** 2 * engine._bytes_per_input_pixel(model, dtype) / MIB, 1),
+        "estimate_untiled_mb": round(side * side * memory.bytes_per_input_pixel(model, dtype) / MIB, 1),
+        "estimate_stream_maps_mb": round(memory.streamed_map_bytes(model, dtype, side, side) / MIB, 1),
+        "estimate_tile_mb": round((case["tile"] + 16) ** 2 * memory.bytes_per_input_pixel(model, dtype) / MIB, 1),
     }
 
 

@@ -23,7 +23,7 @@ How an image goes through it
    fit, the fallback is **crop-overlap** tiles: each core is run with ``overlap`` pixels of real image context on
    every side (rounded up to the window) and only its core is kept; a first pass over the tiles gathers the
    whole-image averages of the global pools and the output pass gives them to every tile
-   (:class:`_GlobalPooling`). With the default overlap that output matches the untiled one within 1/255 on 8-bit
+   (:class:`esc_sr.tiling.GlobalPooling`). With the default overlap that output matches the untiled one within 1/255 on 8-bit
    output. The arbitrary-scale LTE model always tiles this way.
 5. **Memory.** ``tile='auto'`` runs the image untiled whenever its estimated working set fits half the
    device's free memory (:func:`fits_untiled`): untiled is the fastest run. Otherwise it streams with the
@@ -43,12 +43,11 @@ How an image goes through it
 from __future__ import annotations
 
 import copy
-import gc
 import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Union
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -56,8 +55,20 @@ from torch import nn
 
 import esc_arch
 from esc_arch import pad_to_multiple
-from esc_arch.errors import ESCError
 from esc_arch.streaming import TiledMaps, count_stages
+
+from .errors import EngineError, OutOfMemory
+from . import memory
+from .memory import (
+    AUTO_MAX_TILE_ACCELERATOR, AUTO_MAX_TILE_CPU, AUTO_MEMORY_FRACTION, MemorySpec, available_memory,
+    bytes_per_input_pixel, check_memory, estimate_memory, fits_untiled, format_bytes, is_out_of_memory,
+    release_memory, streamed_map_bytes, window_of,
+)
+from .planes import from_numpy, from_pil, from_tensor, geometry, is_pil
+from .tiling import (
+    DEFAULT_OVERLAP, GlobalPooling, ProgressSpec, TileProgress, TileSpec, auto_tile_size, context_pixels, initial_core,
+    run_tiles, tile_grid,
+)
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -68,6 +79,7 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "auto_tile_size",
+    "fits_untiled",
     "is_out_of_memory",
     "available_memory",
     "estimate_memory",
@@ -75,31 +87,7 @@ __all__ = [
     "format_bytes",
 ]
 
-TileSpec = Union[Literal["auto"], int, None]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-ProgressSpec = Union[bool, Callable[[int, int], None]]
-
-# LR pixels of context kept around each tile (rounded up to the window). Measured with the golden
-# fixtures' ESC x4 weights (upstream format, random values with every path active) on a photo with 64 px tiles (benchmarks/bench_seams.py): 32 px of
-# context leave errors up to 5/255 at tile borders, 64 px at most 1/255. The context costs
-# about (1 + 2*64/tile)^2 more work: 1.56x at 512 px tiles.
-DEFAULT_OVERLAP = 64
-
-# Upper bounds for the tiles of tile='auto' (when the image does not fit untiled).
-_AUTO_MAX_TILE_CPU = 512
-_AUTO_MAX_TILE_ACCELERATOR = 2048
-# Fraction of free memory tile='auto' lets a tile use, and an absolute cap on CPU, where the
-# kernel's OOM killer (not a catchable error) is what usually answers an over-allocation.
-_AUTO_MEMORY_FRACTION = 0.5
-_AUTO_CPU_BUDGET_CAP = 1 << 30
-
-
-class EngineError(ESCError, RuntimeError):
-    """A request the engine cannot carry out (bad argument, unsupported precision, ...)."""
-
-
-class OutOfMemory(EngineError, MemoryError):
-    """Out of memory even at the smallest tile, or with tiling disabled."""
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -167,311 +155,6 @@ def prepare_model(
     return esc_arch.fuse(copy.deepcopy(model).to(device=device, dtype=dtype)), device, dtype
 
 
-# ------------------------------------------------------------------------------------ out of memory
-
-
-_OOM_MESSAGES = (
-    "out of memory",  # CUDA, MPS, HIP
-    "can't allocate memory",  # CPU DefaultCPUAllocator on Linux/macOS
-    "not enough memory",  # CPU allocator on Windows
-    "failed to allocate",
-    "cannot allocate memory",
-)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA OOM, CPU allocation failures and Python ``MemoryError``."""
-    if isinstance(exc, MemoryError) and not isinstance(exc, OutOfMemory):
-        return True
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
-
-
-def _release_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps" and hasattr(torch, "mps"):
-        torch.mps.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------- auto tile
-
-
-def _free_memory_bytes(device: torch.device) -> int:
-    """Memory a tile may use on ``device``: free device memory, or available RAM on CPU."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        # Memory held by torch's caching allocator but unused is free for us too.
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + cached)
-    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
-        return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
-    return _available_ram_bytes()
-
-
-def _available_ram_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil  # optional; present on many machines (Windows/macOS fallback)
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
-        return 4 << 30  # unknown: assume a modest machine
-
-
-def available_memory() -> int:
-    """Bytes of RAM available now (``MemAvailable`` on Linux; psutil elsewhere; 4 GiB when unknown)."""
-    return _available_ram_bytes()
-
-
-MemorySpec = Union[Literal["auto"], int, None]
-
-
-def _memory_limit(max_memory: MemorySpec) -> tuple[int | None, str]:
-    """``max_memory`` as bytes (None: no limit) and how to describe it."""
-    if max_memory is None:
-        return None, "no limit"
-    if isinstance(max_memory, str) and max_memory == "auto":
-        return available_memory(), "the memory available now"
-    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
-        raise EngineError(f"max_memory must be 'auto', a positive number of bytes or None, not {max_memory!r}")
-    return max_memory, "the limit set"
-
-
-def format_bytes(nbytes: float) -> str:
-    """``1.5 GB``-style (powers of 1000, as ``--max-memory`` reads them)."""
-    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
-        if abs(nbytes) < 1000 or unit == "PB":
-            return f"{nbytes:,.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError
-
-
-def _output_size(height: int, width: int, outscale: float) -> tuple[int, int]:
-    return max(1, round(height * outscale)), max(1, round(width * outscale))
-
-
-def estimate_memory(
-    height: int, width: int, channels: int, model: nn.Module, *, outscale: float | None = None,
-    bytes_per_sample: int = 1, alpha: str = "model",
-) -> int:
-    """Bytes one :func:`upscale` of a ``height x width x channels`` image needs besides the model and one tile:
-    its float copies, the output canvas at the model's scale, the resized result when ``outscale`` differs from
-    the model's scale, and the output in the input's sample size (``bytes_per_sample``: 1, 2 or 4), twice (the
-    copy the caller encodes). Conservative: measured peaks stay below it."""
-    arbitrary = _is_arbitrary_scale(model)
-    native = None if arbitrary else int(model.scale)
-    if outscale is None and arbitrary:
-        raise EngineError("an arbitrary-scale model needs outscale (the upscaling factor)")
-    outscale = float(native if outscale is None else outscale)
-    colour = 3
-    alpha_channels = 1 if channels in (2, 4) else 0
-    in_px = height * width
-    out_h, out_w = _output_size(height, width, outscale)
-    out_px = out_h * out_w
-    model_px = out_px if arbitrary else (height * native) * (width * native)
-    model_runs = 1 + (alpha_channels if alpha == "model" else 0)
-    need = in_px * channels * 4 * 2 + in_px * colour * 4  # float copy, planes, padded input
-    need += model_px * 4 * colour * model_runs  # canvases (alpha runs as a 3-channel gray image)
-    if arbitrary or outscale != native:
-        need += out_px * channels * 4 * 3  # the resize, its clamp, its planes
-    need += out_px * channels * 4  # the result planes
-    need += out_px * channels * max(1, bytes_per_sample) * 3  # converted, made contiguous, encoded
-    return int(need)
-
-
-def check_memory(
-    height: int, width: int, channels: int, model: nn.Module, *, outscale: float | None = None,
-    bytes_per_sample: int = 1, alpha: str = "model", max_memory: MemorySpec = "auto", batch: int = 1,
-) -> None:
-    """Raise :class:`OutOfMemory` before anything is allocated when :func:`estimate_memory` exceeds ``max_memory``
-    (``'auto'``: the RAM available now; an int: bytes; None: no check), for ``batch`` such images. The message
-    names the image size, the output size, the memory needed, the limit and how to raise it."""
-    limit, what = _memory_limit(max_memory)
-    if limit is None:
-        return
-    need = batch * estimate_memory(height, width, channels, model, outscale=outscale, bytes_per_sample=bytes_per_sample,
-                                   alpha=alpha)
-    if need <= limit:
-        return
-    factor = float(int(model.scale) if outscale is None else outscale)
-    out_h, out_w = _output_size(height, width, factor)
-    images = f"a batch of {batch} {width}x{height} images" if batch > 1 else f"a {width}x{height} image"
-    raise OutOfMemory(
-        f"{images} upscaled x{factor:g} (to {out_w}x{out_h}) needs about {format_bytes(need)} of "
-        f"memory, above {format_bytes(limit)} ({what}); refused before running the model "
-        "(--max-memory, or upscale(max_memory=...), raises the limit)"
-    )
-
-
-def _bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
-    """Estimated peak working memory per LR pixel of a tile (activations, not weights).
-
-    From the hyperparameters: the widest feature maps (about a dozen maps of ``dim`` channels alive
-    at once, the qkv projection being 3*dim), the output (3*scale^2 values per LR pixel, in fp32),
-    and, for the 'naive' attention kernel, the full window score matrix (window^2 values per head
-    per pixel, twice for softmax). A conservative estimate: OOM halving catches the rest.
-    """
-    hyper = getattr(model, "hyperparameters", {}) or {}
-    dim = int(hyper.get("dim", 64))
-    mid = int(hyper.get("mid_dim", dim) or dim)
-    width = max(dim, mid) * max(1.0, float(hyper.get("exp_ratio", 1.25)))
-    scale = max(1, int(getattr(model, "scale", 4) or 4))
-    element = torch.finfo(dtype).bits // 8
-    per_pixel = element * 16 * width + 4 * 3 * scale * scale * 3
-    if str(getattr(model, "attn_type", "")).lower() == "naive":
-        window = int(getattr(model, "window_size", 32))
-        heads = int(hyper.get("num_heads", 4))
-        per_pixel += element * 2 * heads * window * window
-    return float(per_pixel)
-
-
-def auto_tile_size(model: nn.Module, device: torch.device, dtype: torch.dtype, *, overlap: int = DEFAULT_OVERLAP) -> int:
-    """The largest tile (LR pixels per side, a multiple of the window) that fits in free memory."""
-    window = _window_of(model)
-    budget = _free_memory_bytes(device) * _AUTO_MEMORY_FRACTION
-    if device.type == "cpu":
-        budget = min(budget, _AUTO_CPU_BUDGET_CAP)
-    per_pixel = _bytes_per_input_pixel(model, dtype)
-    context = 2 * _context_pixels(overlap, window)
-    side = int(math.sqrt(max(budget, 0) / per_pixel)) - context
-    cap = _AUTO_MAX_TILE_CPU if device.type == "cpu" else _AUTO_MAX_TILE_ACCELERATOR
-    side = min(side, cap)
-    return max(window, side // window * window)
-
-
-# ------------------------------------------------------------------------------------------ padding
-
-
-def _window_of(model: nn.Module) -> int:
-    return max(1, int(getattr(model, "window_size", 1) or 1))
-
-
-def _context_pixels(overlap: int, window: int) -> int:
-    return int(math.ceil(max(0, overlap) / window) * window)
-
-
-# ------------------------------------------------------------------------------ global pooling
-
-
-class _StatisticsCollected(Exception):
-    """Raised from a hook to stop a statistics pass once the last global pool has been seen."""
-
-
-class _GlobalPooling:
-    """Makes every tile see the whole image's global average pools.
-
-    ESC's convolutional attention predicts its dynamic 3x3 kernel from a global average pool of
-    the features (``AdaptiveAvgPool2d(1)``). Run per tile, each tile would get its own kernel and
-    the tiles would disagree at their borders whatever the overlap. So, when there is more than
-    one tile, a first pass over the tiles accumulates each pool's input summed over the tile
-    *cores* (which partition the image) into whole-image means, and the output pass replaces each
-    pool's per-tile result by that mean: every tile then uses the same dynamic kernels, as the
-    untiled run does. (In the first pass the pools of later layers see features computed with
-    per-tile kernels of earlier layers, a second-order effect: measured < 1/255 on 8-bit output.)
-
-    Pools are found by module name, so the hooks also apply to a copy of the model (the fp32
-    fallback of a half-precision run). Pools whose predictor ends in an all-zero layer (untrained
-    ESC: the upstream zero-init) cannot change the output and are ignored.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.names = [name for name in _global_pool_names(model) if not _pool_is_inert(model, name)]
-        self.mode: str | None = None  # None | "collect" | "apply"
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
-        self.means: dict[str, torch.Tensor] = {}
-
-    @property
-    def relevant(self) -> bool:
-        return bool(self.names)
-
-    @contextmanager
-    def hooks(self, model: nn.Module, core: tuple[int, int, int, int], tile_size: tuple[int, int]) -> Iterator[None]:
-        """Install the hooks of the current mode on ``model`` for one tile.
-
-        ``core`` is the kept box inside the tile (tile pixel coordinates), ``tile_size`` the tile's
-        ``(height, width)``; feature maps at other resolutions (pixel-unshuffled trunks) are scaled.
-        """
-        if self.mode is None or not self.names:
-            yield
-            return
-        handles = []
-        pending: dict[str, tuple[torch.Tensor, int]] = {}
-        last = self.names[-1]
-
-        def collect(name: str):
-            def hook(_module, args):
-                x = args[0]
-                fy, fx = x.shape[-2] / tile_size[0], x.shape[-1] / tile_size[1]
-                y0, y1, x0, x1 = core
-                box = x[..., round(y0 * fy) : round(y1 * fy), round(x0 * fx) : round(x1 * fx)]
-                pending[name] = (box.double().sum(dim=(-2, -1)).cpu(), box.shape[-2] * box.shape[-1])
-                if name == last:
-                    raise _StatisticsCollected
-            return hook
-
-        def apply(name: str):
-            def hook(_module, _args, output):
-                return self.means[name].to(device=output.device, dtype=output.dtype).view_as(output)
-            return hook
-
-        try:
-            for name in self.names:
-                module = model.get_submodule(name)
-                if self.mode == "collect":
-                    handles.append(module.register_forward_pre_hook(collect(name)))
-                else:
-                    handles.append(module.register_forward_hook(apply(name)))
-            try:
-                yield
-            except _StatisticsCollected:
-                pass
-            # Commit a tile's sums only once it has finished (an OOM mid-tile must not count twice).
-            for name, (total, count) in pending.items():
-                self._sums[name] = self._sums.get(name, 0) + total
-                self._counts[name] = self._counts.get(name, 0) + count
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def finish_collecting(self) -> None:
-        self.means = {name: (self._sums[name] / self._counts[name]).float() for name in self.names if name in self._sums}
-        missing = [n for n in self.names if n not in self.means]
-        if missing:  # a pool that never ran (unusual control flow): leave it per-tile
-            self.names = [n for n in self.names if n in self.means]
-        self.mode = "apply"
-
-
-def _global_pool_names(model: nn.Module) -> list[str]:
-    return [
-        name for name, module in model.named_modules()
-        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1))
-    ]
-
-
-def _pool_is_inert(model: nn.Module, pool_name: str) -> bool:
-    """True if the pool feeds an ``nn.Sequential`` whose last layer is all zeros (output constant)."""
-    parent_name, _, index = pool_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not isinstance(parent, nn.Sequential) or index != "0":
-        return False
-    last = parent[-1]
-    if not isinstance(last, (nn.Conv2d, nn.Linear)):
-        return False
-    bias_zero = last.bias is None or not bool(last.bias.detach().any())
-    return bias_zero and not bool(last.weight.detach().any())
-
-
 # ------------------------------------------------------------------------------------------ running
 
 
@@ -482,19 +165,19 @@ class _Runner:
     model: nn.Module
     device: torch.device
     dtype: torch.dtype
-    pooling: _GlobalPooling | None = None
+    pooling: GlobalPooling | None = None
     original: nn.Module | None = field(default=None, repr=False)  # the caller's model (fp32 source)
     _fp32_model: nn.Module | None = field(default=None, repr=False)
     _warned_overflow: bool = False
 
     def __post_init__(self) -> None:
         if self.pooling is None:
-            self.pooling = _GlobalPooling(self.model)
+            self.pooling = GlobalPooling(self.model)
 
     def __call__(self, tile: torch.Tensor, core: tuple[int, int, int, int] | None = None) -> torch.Tensor | None:
-        """Model output for ``tile`` (float32, CPU); ``core``: the box of the tile that will be kept.
+        """Model output for ``tile`` (on the device); ``core``: the box of the tile that will be kept.
 
-        In the statistics pass of :class:`_GlobalPooling` this returns None (no output needed).
+        In the statistics pass of :class:`GlobalPooling` this returns None (no output needed).
         """
         core = core or (0, tile.shape[-2], 0, tile.shape[-1])
         out = self._forward(self.model, tile, self.dtype, core)
@@ -503,12 +186,12 @@ class _Runner:
         return out
 
     def stream(self, image: torch.Tensor, maps: TiledMaps) -> torch.Tensor:
-        """The model's output for the whole ``image``, layer-streamed over ``maps``' tiles (float32, CPU)."""
+        """The model's output for the whole ``image``, layer-streamed over ``maps``' tiles (on the device)."""
         out = self._guarded(self.model, lambda: self.model(image.to(device=self.device, dtype=self.dtype), maps))
         if self._overflowed(out):
             model = self._fp32()
             out = model(image.to(device=self.device, dtype=torch.float32), maps)
-        return out.float().cpu()
+        return out
 
     def _overflowed(self, out: torch.Tensor) -> bool:
         """fp16 can overflow inside the network on unusual content: then the work is redone in fp32."""
@@ -535,7 +218,7 @@ class _Runner:
     def _forward(self, model: nn.Module, tile: torch.Tensor, dtype: torch.dtype, core) -> torch.Tensor | None:
         size = tuple(tile.shape[-2:])
         out = self._guarded(model, lambda: self.call(model, lambda: model(tile.to(device=self.device, dtype=dtype)), core, size))
-        return None if out is None else out.float().cpu()
+        return out  # on the device: the caller copies only the core it keeps to the host
 
     def _guarded(self, model: nn.Module, fn: Callable[[], Any]) -> Any:
         """``fn()``, with torch's "not implemented for 'Half'" turned into a one-line EngineError."""
@@ -563,174 +246,18 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-class _TileProgress:
-    """A tqdm bar over tiles, a user callback ``(done, total)``, or nothing."""
-
-    def __init__(self, spec: ProgressSpec):
-        self._callback = spec if callable(spec) else None
-        self._enabled = bool(spec) and not callable(spec)
-        self._bar = None
-        self.done = 0
-        self.total = 0
-
-    def start(self, total: int) -> None:
-        self.done, self.total = 0, total
-        if self._enabled and total > 1:
-            from tqdm.auto import tqdm
-
-            if self._bar is None:
-                self._bar = tqdm(total=total, desc="tiles", unit="tile", leave=False, dynamic_ncols=True)
-            else:
-                self._bar.reset(total=total)
-        self._report()
-
-    def advance(self) -> None:
-        self.done += 1
-        if self._bar is not None:
-            self._bar.update(1)
-        self._report()
-
-    def _report(self) -> None:
-        if self._callback is not None:
-            self._callback(self.done, self.total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-def _tile_grid(height: int, width: int, core: int) -> list[tuple[int, int, int, int]]:
-    return [
-        (y, min(y + core, height), x, min(x + core, width))
-        for y in range(0, height, core)
-        for x in range(0, width, core)
-    ]
-
-
-def _covered(core: tuple[int, int, int, int], done: list[tuple[int, int, int, int]]) -> bool:
-    y0, y1, x0, x1 = core
-    return any(a <= y0 and y1 <= b and c <= x0 and x1 <= d for a, b, c, d in done)
-
-
-def fits_untiled(model: nn.Module, device: torch.device, dtype: torch.dtype, height: int, width: int) -> bool:
-    """Whether the untiled working set of a ``height x width`` LR image fits the memory free on ``device`` (with
-    the auto-tiling margin). Untiled is the fastest way to run an image: no context is computed twice and the
-    global pools need no statistics pass. The estimate per pixel is conservative: measured peaks on CPU were
-    0.46x (the default model) and 0.51-0.56x (ESC x4) of it."""
-    window = _window_of(model)
-    pixels = (-(-height // window) * window) * (-(-width // window) * window)
-    return pixels * _bytes_per_input_pixel(model, dtype) <= _free_memory_bytes(device) * _AUTO_MEMORY_FRACTION
-
-
-def _initial_core(runner: _Runner, tile: TileSpec, *, window: int, overlap: int, height: int, width: int) -> int:
-    if tile == "auto" and fits_untiled(runner.model, runner.device, runner.dtype, height, width):
-        core = max(height, width)
-    elif tile == "auto":
-        core = auto_tile_size(runner.model, runner.device, runner.dtype, overlap=overlap)
-    elif tile is None:
-        core = max(height, width)
-    else:
-        if int(tile) <= 0:
-            raise EngineError("tile must be a positive size, 'auto', or None to disable tiling")
-        core = max(window, int(tile) // window * window)
-    # A tile covering the whole image is the untiled run.
-    return min(core, -(-max(height, width) // window) * window)
-
-
-def _tile_loop(
-    runner: _Runner,
-    *,
-    height: int,
-    width: int,
-    window: int,
-    tile: TileSpec,
-    overlap: int,
-    progress: _TileProgress,
-    core: int,
-    process: Callable[[tuple[int, int, int, int]], None],
-) -> int:
-    """Call ``process(box)`` for every ``core``-sized box of a ``height x width`` grid; returns the
-    core size finally used (smaller than asked after out-of-memory halving).
-
-    Cores are ``(y0, y1, x0, x1)`` LR boxes on the window grid. After an OOM the tile is halved
-    and only the cores not inside an already finished core are redone (halving a multiple of
-    the window refines the grid, so finished work is kept).
-    """
-    done: list[tuple[int, int, int, int]] = []
-    while True:
-        grid = [c for c in _tile_grid(height, width, core) if not _covered(c, done)]
-        progress.start(len(grid))
-        try:
-            for box in grid:
-                process(box)
-                done.append(box)
-                progress.advance()
-            return core
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-        # Outside the except block, so the traceback (and the tensors it holds) is released first.
-        _release_memory(runner.device)
-        if tile is None:
-            raise OutOfMemory(
-                f"out of memory upscaling a {width}x{height} image without tiling on {runner.device}; "
-                "enable tiling (tile='auto' or a tile size)"
-            )
-        if core <= window:
-            raise OutOfMemory(f"out of memory even with the smallest tile ({window}x{window} px) on {runner.device}")
-        smaller = max(window, core // 2 // window * window)
-        warnings.warn(f"out of memory with {core}px tiles; retrying with {smaller}px tiles", RuntimeWarning, stacklevel=3)
-        core = smaller
-
-
-def _run_tiles(
-    runner: _Runner,
-    *,
-    height: int,
-    width: int,
-    window: int,
-    tile: TileSpec,
-    overlap: int,
-    progress: _TileProgress,
-    process: Callable[[tuple[int, int, int, int]], None],
-) -> None:
-    """Tile an image: a statistics pass first when global pools matter (see :class:`_GlobalPooling`)."""
-    core = _initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
-    runner.pooling = _GlobalPooling(runner.model)  # statistics belong to one image
-    if runner.pooling.relevant and tile is not None and len(_tile_grid(height, width, core)) == 1:
-        # Untiled first (tile='auto' on an image that fits). If that runs out of memory, the tiles that replace it
-        # need the statistics pass, so the halving happens here rather than inside the loop.
-        try:
-            _tile_loop(runner, height=height, width=width, window=window, tile=None, overlap=overlap,
-                       progress=progress, core=core, process=process)
-            return
-        except OutOfMemory:
-            smaller = max(window, core // 2 // window * window)
-            warnings.warn(f"out of memory untiled; retrying with {smaller}px tiles", RuntimeWarning, stacklevel=2)
-            core = smaller
-            runner.pooling = _GlobalPooling(runner.model)
-    if runner.pooling.relevant and len(_tile_grid(height, width, core)) > 1:
-        runner.pooling.mode = "collect"
-        core = _tile_loop(runner, height=height, width=width, window=window, tile=tile, overlap=overlap,
-                          progress=progress, core=core, process=process)
-        runner.pooling.finish_collecting()
-    _tile_loop(runner, height=height, width=width, window=window, tile=tile, overlap=overlap,
-               progress=progress, core=core, process=process)
-
-
 def _run_fixed_scale(
     runner: _Runner, lr: torch.Tensor, *, scale: int, window: int, tile: TileSpec, overlap: int,
-    progress: _TileProgress,
+    progress: TileProgress,
 ) -> torch.Tensor:
     """Upscale one ``(1, 3, h, w)`` float32 CPU image with a fixed-scale model; returns ``(1, 3, h*s, w*s)``.
 
     Untiled when it fits (or ``tile`` is None); else layer-streamed over tiles when the whole feature maps fit
     (exact, no context recomputed); else crop-overlap tiles with a statistics pass."""
     h, w = lr.shape[-2:]
-    padded = pad_to_multiple(lr, window)
+    padded = pad_to_multiple(lr.to(runner.device), window)  # on the device once (float32: the fp32 fallback's input)
     ph, pw = padded.shape[-2:]
-    context = _context_pixels(overlap, window)
+    context = context_pixels(overlap, window)
     out = torch.empty((1, 3, h * scale, w * scale), dtype=torch.float32)
 
     def process(box: tuple[int, int, int, int]) -> None:
@@ -754,11 +281,11 @@ def _run_fixed_scale(
             ]
 
     if tile is not None and _streams(runner.model):
-        core = _initial_core(runner, tile, window=window, overlap=overlap, height=ph, width=pw)
-        if len(_tile_grid(ph, pw, core)) == 1:
+        core = initial_core(runner, tile, window=window, overlap=overlap, height=ph, width=pw)
+        if len(tile_grid(ph, pw, core)) == 1:
             try:
-                _run_tiles(runner, height=ph, width=pw, window=window, tile=None, overlap=overlap, progress=progress,
-                           process=process)
+                run_tiles(runner, height=ph, width=pw, window=window, tile=None, overlap=overlap, progress=progress,
+                          process=process)
                 return out
             except OutOfMemory:
                 core = tile = max(window, core // 2 // window * window)
@@ -773,11 +300,11 @@ def _run_fixed_scale(
             except Exception as exc:
                 if not is_out_of_memory(exc):
                     raise
-            _release_memory(runner.device)
+            release_memory(runner.device)
             warnings.warn("out of memory streaming the feature maps; retrying with overlapping tiles", RuntimeWarning,
                           stacklevel=2)
         tile = core
-    _run_tiles(runner, height=ph, width=pw, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
+    run_tiles(runner, height=ph, width=pw, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
     return out
 
 
@@ -789,35 +316,28 @@ def _streams(model: nn.Module) -> bool:
     return isinstance(model, esc_arch.ESCModelBase) and not model.arbitrary_scale
 
 
-def _streamed_map_bytes(model: nn.Module, dtype: torch.dtype, height: int, width: int) -> float:
-    """Memory the whole feature maps of a layer-streamed ``height x width`` run hold: at most five ``dim``-channel
-    maps alive at once (the stem, a block's input, its running sum, an FFN output, the next sum), the input, and the
-    output at the model's scale (plus its float32 copy)."""
-    element = torch.finfo(dtype).bits // 8
-    dim = int(model.hyperparameters.get("dim", 64))
-    outputs = 3 * float(model.scale) ** 2
-    return height * width * (element * (5 * dim + 3 + outputs) + (4 * outputs if element != 4 else 0))
-
-
 def _stream_tile(runner: _Runner, tile: TileSpec, core: int, height: int, width: int) -> int | None:
     """The tile to stream with, or None when the whole maps plus one such tile do not fit (in half the free memory).
 
     ``tile='auto'``: the largest tile that fits beside the maps (fewest tiles), up to the auto-tiling caps."""
     model, device, dtype = runner.model, runner.device, runner.dtype
-    window = _window_of(model)
-    budget = _free_memory_bytes(device) * _AUTO_MEMORY_FRACTION - _streamed_map_bytes(model, dtype, height, width)
+    window = window_of(model)
+    budget = memory.free_memory_bytes(device) * AUTO_MEMORY_FRACTION - streamed_map_bytes(model, dtype, height, width)
     # A stage's tile carries at most its radius of context (8 px: the real-world heads); 16 covers it.
-    per_side = lambda side: (side + 16) ** 2 * _bytes_per_input_pixel(model, dtype)  # noqa: E731
+    per_side = lambda side: (side + 16) ** 2 * bytes_per_input_pixel(model, dtype)  # noqa: E731
     if tile == "auto":
-        cap = _AUTO_MAX_TILE_CPU if device.type == "cpu" else _AUTO_MAX_TILE_ACCELERATOR
-        side = min(cap, int(math.sqrt(max(budget, 0) / _bytes_per_input_pixel(model, dtype))) - 16)
+        cap = AUTO_MAX_TILE_CPU if device.type == "cpu" else AUTO_MAX_TILE_ACCELERATOR
+        side = min(cap, int(math.sqrt(max(budget, 0) / bytes_per_input_pixel(model, dtype))) - 16)
         core = side // window * window
     if core < window or per_side(core) > budget:
         return None
     return core
 
 
-def _is_arbitrary_scale(model: nn.Module) -> bool:
+# ------------------------------------------------------------------------------------ arbitrary scale
+
+
+def is_arbitrary_scale(model: nn.Module) -> bool:
     return getattr(model, "arbitrary_scale", False)
 
 
@@ -828,7 +348,7 @@ def _output_centres(out_size: int, in_size: int) -> np.ndarray:
 
 def _run_arbitrary_scale(
     runner: _Runner, lr: torch.Tensor, *, factor: float, window: int, tile: TileSpec, overlap: int,
-    progress: _TileProgress, max_queries: int = 16384,
+    progress: TileProgress, max_queries: int = 16384,
 ) -> torch.Tensor:
     """ESCLTE: the factor goes to the model.
 
@@ -840,11 +360,12 @@ def _run_arbitrary_scale(
     ``overlap`` supplies.
     """
     model = runner.model
+    lr = lr.to(runner.device)  # once, not per tile
     h, w = lr.shape[-2:]
     out_h, out_w = max(1, round(h * factor)), max(1, round(w * factor))
     cell = np.array(model.query_cell((h, w), (out_h, out_w)))
     centre_y, centre_x = _output_centres(out_h, h), _output_centres(out_w, w)
-    context = _context_pixels(overlap, window)
+    context = context_pixels(overlap, window)
     out = torch.empty((1, 3, out_h, out_w), dtype=torch.float32)
 
     def process(box: tuple[int, int, int, int]) -> None:
@@ -875,94 +396,10 @@ def _run_arbitrary_scale(
             dim=1,
         )
         rows, cols = ry[1] - ry[0], rx[1] - rx[0]
-        out[..., ry[0] : ry[1], rx[0] : rx[1]] = rgb.float().cpu().transpose(1, 2).reshape(1, 3, rows, cols)
+        out[..., ry[0] : ry[1], rx[0] : rx[1]] = rgb.transpose(1, 2).reshape(1, 3, rows, cols)  # one host copy
 
-    _run_tiles(runner, height=h, width=w, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
+    run_tiles(runner, height=h, width=w, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
     return out
-
-
-# ------------------------------------------------------------------------------------- kinds/layout
-
-
-@dataclass
-class _Planes:
-    """An image as ``(1, C, H, W)`` float32 planes plus what is needed to give it back as it came."""
-
-    planes: list[torch.Tensor]  # one (1, C, H, W) tensor per batch item
-    restore: Callable[[list[torch.Tensor]], Any]
-
-
-def _from_tensor(image: torch.Tensor) -> _Planes:
-    if image.ndim not in (3, 4):
-        raise EngineError(f"expected an NCHW or CHW tensor, got shape {tuple(image.shape)}")
-    batched = image.ndim == 4
-    x = image if batched else image.unsqueeze(0)
-    if x.shape[1] not in (1, 2, 3, 4):
-        raise EngineError(f"expected 1-4 channels (gray, gray+alpha, RGB, RGBA), got {x.shape[1]}")
-    if not torch.is_floating_point(x):
-        raise EngineError(f"expected a float tensor in [0, 1], got {x.dtype}")
-    device, dtype = image.device, image.dtype
-    planes = [_finite_input(x[i : i + 1].detach().to("cpu", torch.float32)) for i in range(x.shape[0])]
-
-    def restore(outs: list[torch.Tensor]) -> torch.Tensor:
-        y = torch.cat(outs, 0).to(device=device, dtype=dtype)
-        return y if batched else y[0]
-
-    return _Planes(planes, restore)
-
-
-def _from_numpy(image: np.ndarray) -> _Planes:
-    from . import images
-
-    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 2, 3, 4)):
-        raise EngineError(f"expected an HxW or HxWxC (C = 1..4) array, got shape {image.shape}")
-    dtype = image.dtype
-    try:
-        values = images.to_float(image)
-    except TypeError as exc:
-        raise EngineError(str(exc)) from None
-    layout_2d = image.ndim == 2
-    hwc = values[:, :, None] if layout_2d else values
-    planes = [_finite_input(torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None])]
-
-    def restore(outs: list[torch.Tensor]) -> np.ndarray:
-        result = outs[0][0].numpy().transpose(1, 2, 0)  # a view of the engine's own output canvas
-        if layout_2d:
-            result = result[:, :, 0]
-        return np.ascontiguousarray(images.from_float(result, dtype, inplace=True))
-
-    return _Planes(planes, restore)
-
-
-def _finite_input(planes: torch.Tensor) -> torch.Tensor:
-    """Input pixels as the model can take them: NaN and -Inf become 0, +Inf becomes 1, with a warning.
-
-    One NaN would spread through every window and layer it touches (the whole output, past the first global
-    average), and a float TIFF can hold them; the documented choice is to clamp them, as out-of-range values are
-    clamped, and say so."""
-    if not planes.is_floating_point() or bool(torch.isfinite(planes).all()):
-        return planes
-    bad = int((~torch.isfinite(planes)).sum())
-    warnings.warn(
-        f"the image has {bad:,} non-finite pixel value{'s' * (bad != 1)} (NaN or Inf); replaced: NaN and -Inf by 0, "
-        "+Inf by 1", RuntimeWarning, stacklevel=4,
-    )
-    return torch.nan_to_num(planes, nan=0.0, posinf=1.0, neginf=0.0)
-
-
-def _from_pil(image: Any) -> _Planes:
-    from . import images
-
-    inner = _from_numpy(images.pil_to_array(image))
-    return _Planes(inner.planes, lambda outs: images.array_to_pil(inner.restore(outs)))
-
-
-def _is_pil(image: Any) -> bool:
-    try:
-        from PIL import Image as PILImage
-    except ImportError:
-        return False
-    return isinstance(image, PILImage.Image)
 
 
 # ------------------------------------------------------------------------------------------ upscale
@@ -1021,7 +458,7 @@ def upscale(
     if isinstance(tile, bool) or (tile is not None and tile != "auto" and not isinstance(tile, int)):
         raise EngineError(f"tile must be 'auto', a positive int or None, not {tile!r}")
 
-    arbitrary = _is_arbitrary_scale(model)
+    arbitrary = is_arbitrary_scale(model)
     native = None if arbitrary else int(model.scale)
     if outscale is None:
         if arbitrary:
@@ -1030,7 +467,7 @@ def upscale(
     if isinstance(outscale, bool) or not isinstance(outscale, (int, float)) or not (outscale > 0 and math.isfinite(outscale)):
         raise EngineError(f"outscale must be a positive number, not {outscale!r}")
 
-    height, width, channels, batch, sample_bytes = _geometry(image)
+    height, width, channels, batch, sample_bytes = geometry(image)
     if batch == 0:
         raise EngineError("the batch is empty (0 images): nothing to upscale")
     if height == 0 or width == 0:
@@ -1039,11 +476,11 @@ def upscale(
                  max_memory=max_memory, batch=batch)
 
     if isinstance(image, torch.Tensor):
-        kind = _from_tensor(image)
+        kind = from_tensor(image)
     elif isinstance(image, np.ndarray):
-        kind = _from_numpy(image)
-    elif _is_pil(image):
-        kind = _from_pil(image)
+        kind = from_numpy(image)
+    elif is_pil(image):
+        kind = from_pil(image)
     else:
         raise EngineError(f"unsupported image type {type(image).__name__}: use a torch tensor, numpy array or PIL image")
 
@@ -1051,8 +488,8 @@ def upscale(
         precision = "fp32"  # e.g. LTE: its query coordinates need more than fp16's 11 bits of mantissa
     prepared, run_device, dtype = prepare_model(model, device, precision)
     runner = _Runner(prepared, run_device, dtype, original=model)
-    window = _window_of(prepared)
-    bar = _TileProgress(progress)
+    window = window_of(prepared)
+    bar = TileProgress(progress)
 
     def run_rgb(rgb: torch.Tensor) -> torch.Tensor:
         if arbitrary:
@@ -1096,27 +533,6 @@ def upscale(
         finally:
             bar.close()
     return kind.restore(outs)
-
-
-def _geometry(image: Any) -> tuple[int, int, int, int, int]:
-    """``(height, width, channels, batch, bytes per sample)`` of an image of any kind, read from its shape alone
-    (unrecognised kinds and layouts give zeros here and are reported by the conversion)."""
-    if isinstance(image, torch.Tensor):
-        shape = tuple(image.shape)
-        if image.ndim == 3:
-            shape = (1, *shape)
-        if len(shape) != 4:
-            return 1, 1, 3, 1, 4
-        return shape[2], shape[3], shape[1], shape[0], 4
-    if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3):
-            return 1, 1, 3, 1, 1
-        channels = 1 if image.ndim == 2 else image.shape[2]
-        return image.shape[0], image.shape[1], channels, 1, max(1, min(4, image.dtype.itemsize))
-    if _is_pil(image):
-        width, height = image.size
-        return height, width, max(1, min(4, len(image.getbands()))), 1, 1 if image.mode in ("1", "L", "LA", "P", "RGB", "RGBA") else 4
-    return 1, 1, 3, 1, 1
 
 
 def _target_size(lr: torch.Tensor, outscale: float) -> tuple[int, int]:

@@ -142,7 +142,7 @@ _MemorySpec = Union[str, int, None]
 
 
 def _memory_limit(max_memory: _MemorySpec) -> tuple[int | None, str]:
-    from .engine import _memory_limit as engine_limit
+    from .memory import memory_limit as engine_limit
 
     return engine_limit(max_memory)
 
@@ -204,7 +204,7 @@ def _open(path: Path):
 
 
 def _bytes(nbytes: float) -> str:
-    from .engine import format_bytes
+    from .memory import format_bytes
 
     return format_bytes(nbytes)
 

@@ -18,7 +18,7 @@ from PIL import Image as PILImage
 from torch import nn
 
 import esc_arch
-from esc_sr import engine, images
+from esc_sr import engine, images, memory, tiling
 from esc_sr.engine import DEFAULT_OVERLAP, EngineError, OutOfMemory, upscale
 from golden import SHARED_DIR  # noqa: E402
 
@@ -56,7 +56,7 @@ def max_error_8bit(a: np.ndarray, b: np.ndarray) -> int:
 def maps_do_not_fit(monkeypatch):
     """Memory too small for the whole feature maps of layer streaming: explicit tiles then run as crop-overlap tiles
     with a statistics pass (tests/test_streaming.py covers the streamed path)."""
-    monkeypatch.setattr(engine, "_free_memory_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 1 << 20)
 
 
 # ------------------------------------------------------------------------------ official padding
@@ -133,14 +133,14 @@ def test_every_tile_sees_the_whole_images_global_pool(monkeypatch):
     untiled = upscale(net, x, tile=None)
     torch.testing.assert_close(upscale(net, x, tile=8, overlap=0), untiled, atol=1e-6, rtol=0)
     # Without the statistics pass each tile would use its own mean: visible steps at tile borders.
-    monkeypatch.setattr(engine._GlobalPooling, "relevant", property(lambda self: False))
+    monkeypatch.setattr(tiling.GlobalPooling, "relevant", property(lambda self: False))
     assert float((upscale(net, x, tile=8, overlap=0) - untiled).abs().max()) > 0.1
 
 
 def test_pools_that_cannot_change_the_output_cost_no_second_pass(maps_do_not_fit):
     untrained = esc_arch.esc_tiny(2, dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1).eval()
-    assert not engine._GlobalPooling(untrained).relevant  # upstream zero-init of the predictor
-    assert engine._GlobalPooling(tiny()).relevant
+    assert not tiling.GlobalPooling(untrained).relevant  # upstream zero-init of the predictor
+    assert tiling.GlobalPooling(tiny()).relevant
     calls = []
     upscale(untrained, torch.rand(1, 3, 40, 40), tile=16, progress=lambda d, t: calls.append((d, t)))
     assert [c for c in calls if c[0] == c[1]] == [(9, 9)]
@@ -234,12 +234,12 @@ def test_other_errors_are_not_mistaken_for_out_of_memory():
 
 def test_auto_tile_follows_free_memory(model, monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(engine, "_free_memory_bytes", lambda device: 64 << 30)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 64 << 30)
     assert engine.auto_tile_size(model, cpu, torch.float32) == 512  # capped on CPU
-    monkeypatch.setattr(engine, "_free_memory_bytes", lambda device: 200 << 20)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 200 << 20)
     small = engine.auto_tile_size(model, cpu, torch.float32)
     assert 16 <= small < 512 and small % 16 == 0
-    monkeypatch.setattr(engine, "_free_memory_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 1 << 20)
     assert engine.auto_tile_size(model, cpu, torch.float32) == 16  # never below one window
     big = esc_arch.esc(4)
     assert engine.auto_tile_size(big, cpu, torch.float32) % 32 == 0
@@ -418,7 +418,7 @@ def test_auto_runs_untiled_when_the_image_fits_and_tiles_when_it_does_not(monkey
     assert {total for _, total in calls} == {1}  # one pass, one tile: the whole image
     assert (out - upscale(model, x, tile=None)).abs().max() == 0
 
-    monkeypatch.setattr(engine, "_free_memory_bytes", lambda device: 2 * 40 * 40 * engine._bytes_per_input_pixel(model, torch.float32))
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 2 * 40 * 40 * memory.bytes_per_input_pixel(model, torch.float32))
     assert not engine.fits_untiled(model, torch.device("cpu"), torch.float32, 40, 72)
     calls.clear()
     tiled = upscale(model, x, tile="auto", progress=lambda done, total: calls.append((done, total)))

@@ -8,7 +8,7 @@ import torch
 
 import esc_arch
 from esc_arch.streaming import WHOLE, TiledMaps, count_stages
-from esc_sr import engine, upscale
+from esc_sr import engine, memory, upscale
 from golden import checkpoint_path, golden_cases
 
 # One checkpoint per distinct forward pass: classic, FP, the real-world trunk with each kind of head, the
@@ -60,9 +60,9 @@ def test_the_engine_streams_when_the_image_does_not_fit_untiled_but_its_feature_
     model = _load("esc_x4")
     x = torch.rand(1, 3, 96, 100, generator=torch.Generator().manual_seed(1))
     untiled = upscale(model, x, tile=None)
-    maps = engine._streamed_map_bytes(model, torch.float32, 96, 128)
+    maps = memory.streamed_map_bytes(model, torch.float32, 96, 128)
     # Room for the maps and a 32 px tile, far from room for the untiled run.
-    monkeypatch.setattr(engine, "_free_memory_bytes", lambda device: 2 * (maps + 64**2 * engine._bytes_per_input_pixel(model, torch.float32)))
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 2 * (maps + 64**2 * memory.bytes_per_input_pixel(model, torch.float32)))
     assert not engine.fits_untiled(model, torch.device("cpu"), torch.float32, 96, 100)
     calls = []
     streamed = upscale(model, x, tile="auto", progress=lambda done, total: calls.append((done, total)))
