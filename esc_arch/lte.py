@@ -121,12 +121,12 @@ class ESCLTE(ESCModelBase):
         self.phase = nn.Linear(2, hidden_dim // 2, bias=False)
         self.imnet = MLP(hidden_dim, 3, list(mlp_hidden))
 
-    def encode(self, lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def encode(self, lr: torch.Tensor, maps: MapRunner = WHOLE) -> tuple[torch.Tensor, ...]:
         """Run the encoder once, for any number of :meth:`query` calls: (lr, coefficient map, frequency map, the
         feature map's coordinate grid, its (h, w) as a tensor). What depends only on the LR image is made here,
-        not per query chunk."""
-        feat = self.encoder(lr)
-        coef, freq = self.coef(feat), self.freq(feat)
+        not per query chunk. ``maps``: whole or layer-streamed (:mod:`esc_arch.streaming`)."""
+        feat = self.encoder(lr, maps)
+        coef, freq = maps.local(self.coef, feat, radius=1), maps.local(self.freq, feat, radius=1)
         b, h, w = lr.shape[0], coef.shape[-2], coef.shape[-1]
         feat_coord = make_coord(h, w, device=lr.device, dtype=lr.dtype).view(1, h, w, 2).permute(0, 3, 1, 2)
         # Stacked from the shape rather than torch.tensor([h, w]): a traced ONNX export then keeps it symbolic.
@@ -191,11 +191,12 @@ class ESCLTE(ESCModelBase):
         *,
         size: tuple[int, int] | None = None,
         max_queries: int = 65536,
+        maps: MapRunner = WHOLE,
     ) -> torch.Tensor:
         """Upscale a (B, 3, h, w) image by any real ``factor`` (or to ``size`` = (H, W)).
 
-        The encoder runs once; the output pixels are decoded in chunks of ``max_queries`` so memory
-        stays bounded for any output size.  Cells follow :meth:`query_cell`.
+        The encoder runs once (whole or layer-streamed by ``maps``); the output pixels are decoded in chunks of
+        ``max_queries`` so memory stays bounded for any output size.  Cells follow :meth:`query_cell`.
         """
         h, w = lr.shape[-2:]
         if size is None:
@@ -205,7 +206,7 @@ class ESCLTE(ESCModelBase):
         out_h, out_w = size
         coord = make_coord(out_h, out_w, device=lr.device, dtype=lr.dtype)
         cell = torch.tensor(self.query_cell((h, w), size), device=lr.device, dtype=lr.dtype).expand_as(coord)
-        encoded = self.encode(lr)
+        encoded = self.encode(lr, maps)
         b = lr.shape[0]
         chunks = []
         for start in range(0, coord.shape[0], max_queries):

@@ -133,9 +133,11 @@ class _CountingMaps(WholeMaps):
 
 @torch.no_grad()
 def count_stages(model: torch.nn.Module) -> int:
-    """How many stages ``model``'s forward pass runs (the same for any input size): one tiny whole forward."""
+    """How many stages ``model``'s forward pass (an arbitrary-scale model's ``encode``) runs, the same for any input
+    size: one tiny whole forward."""
     parameter = next(model.parameters())
     window = int(getattr(model, "window_size", 8))
     counter = _CountingMaps()
-    model(torch.zeros(1, 3, window, window, device=parameter.device, dtype=parameter.dtype), counter)
+    forward = model.encode if getattr(model, "arbitrary_scale", False) else model
+    forward(torch.zeros(1, 3, window, window, device=parameter.device, dtype=parameter.dtype), counter)
     return counter.stages

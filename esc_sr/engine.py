@@ -24,7 +24,7 @@ How an image goes through it
    every side (rounded up to the window) and only its core is kept; a first pass over the tiles gathers the
    whole-image averages of the global pools and the output pass gives them to every tile
    (:class:`esc_sr.tiling.GlobalPooling`). With the default overlap that output matches the untiled one within 1/255 on 8-bit
-   output. The arbitrary-scale LTE model always tiles this way.
+   output.
 5. **Memory.** ``tile='auto'`` runs the image untiled whenever its estimated working set fits half the
    device's free memory (:func:`fits_untiled`): untiled is the fastest run. Otherwise it streams with the
    largest tile that fits beside the feature maps (fewest tiles), or, when the maps do not fit, picks the largest
@@ -88,6 +88,10 @@ __all__ = [
 ]
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+# Output pixels an arbitrary-scale (LTE) decode query holds at once: its intermediates are ~a dozen (queries x 256)
+# tensors, about 200 MB at this size in fp32.
+MAX_QUERIES = 16384
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -185,13 +189,18 @@ class _Runner:
             out = self._forward(self._fp32(), tile, torch.float32, core)
         return out
 
-    def stream(self, image: torch.Tensor, maps: TiledMaps) -> torch.Tensor:
-        """The model's output for the whole ``image``, layer-streamed over ``maps``' tiles (on the device)."""
-        out = self._guarded(self.model, lambda: self.model(image.to(device=self.device, dtype=self.dtype), maps))
-        if self._overflowed(out):
-            model = self._fp32()
-            out = model(image.to(device=self.device, dtype=torch.float32), maps)
-        return out
+    def stream(self, image: torch.Tensor, maps: TiledMaps, *, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The model's output for the whole ``image``, layer-streamed over ``maps``' tiles (on the device); an
+        arbitrary-scale model renders ``size`` (its queries decoded in chunks)."""
+
+        def run(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+            x = image.to(device=self.device, dtype=dtype)
+            if getattr(model, "arbitrary_scale", False):
+                return model.upscale_by(x, size=size, maps=maps, max_queries=MAX_QUERIES)
+            return model(x, maps)
+
+        out = self._guarded(self.model, lambda: run(self.model, self.dtype))
+        return run(self._fp32(), torch.float32) if self._overflowed(out) else out
 
     def _overflowed(self, out: torch.Tensor) -> bool:
         """fp16 can overflow inside the network on unusual content: then the work is redone in fp32."""
@@ -281,29 +290,14 @@ def _run_fixed_scale(
             ]
 
     if tile is not None and _streams(runner.model):
-        core = initial_core(runner, tile, window=window, overlap=overlap, height=ph, width=pw)
-        if len(tile_grid(ph, pw, core)) == 1:
-            try:
-                run_tiles(runner, height=ph, width=pw, window=window, tile=None, overlap=overlap, progress=progress,
-                          process=process)
-                return out
-            except OutOfMemory:
-                core = tile = max(window, core // 2 // window * window)
-                warnings.warn(f"out of memory untiled; retrying with {core}px tiles", RuntimeWarning, stacklevel=2)
-        stream_tile = _stream_tile(runner, tile, core, ph, pw)
-        if stream_tile is not None:
-            try:
-                progress.start(count_stages(runner.model))
-                result = runner.stream(padded, TiledMaps(stream_tile, window=window, on_stage=progress.advance))
-                out.copy_(result[..., : h * scale, : w * scale])
-                return out
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-            release_memory(runner.device)
-            warnings.warn("out of memory streaming the feature maps; retrying with overlapping tiles", RuntimeWarning,
-                          stacklevel=2)
-        tile = core
+
+        def stream(maps: TiledMaps) -> None:
+            out.copy_(runner.stream(padded, maps)[..., : h * scale, : w * scale])
+
+        tile = _run_exact(runner, tile, height=ph, width=pw, window=window, overlap=overlap, progress=progress,
+                          process=process, stream=stream)
+        if tile is None:
+            return out
     run_tiles(runner, height=ph, width=pw, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
     return out
 
@@ -312,17 +306,51 @@ def _run_fixed_scale(
 
 
 def _streams(model: nn.Module) -> bool:
-    """Models whose forward pass can be layer-streamed (:mod:`esc_arch.streaming`): every fixed-scale ESC model."""
-    return isinstance(model, esc_arch.ESCModelBase) and not model.arbitrary_scale
+    """Models whose forward pass can be layer-streamed (:mod:`esc_arch.streaming`): every ESC model."""
+    return isinstance(model, esc_arch.ESCModelBase)
 
 
-def _stream_tile(runner: _Runner, tile: TileSpec, core: int, height: int, width: int) -> int | None:
+def _run_exact(
+    runner: _Runner, tile: TileSpec, *, height: int, width: int, window: int, overlap: int, progress: TileProgress,
+    process: Callable[[tuple[int, int, int, int]], None], stream: Callable[[TiledMaps], None], outscale: float | None = None,
+) -> int | None:
+    """Run an image exactly: untiled when one tile covers it (``process`` of the whole image), else layer-streamed
+    (``stream``) when the whole maps fit. Returns None when done, else the tile size for crop-overlap tiles (the
+    maps do not fit, or ran out of memory)."""
+    core = initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
+    if len(tile_grid(height, width, core)) == 1:
+        try:
+            run_tiles(runner, height=height, width=width, window=window, tile=None, overlap=overlap, progress=progress,
+                      process=process)
+            return None
+        except OutOfMemory:
+            core = tile = max(window, core // 2 // window * window)
+            warnings.warn(f"out of memory untiled; retrying with {core}px tiles", RuntimeWarning, stacklevel=3)
+    stream_tile = _stream_tile(runner, tile, core, height, width, outscale)
+    if stream_tile is not None:
+        try:
+            progress.start(count_stages(runner.model))
+            stream(TiledMaps(stream_tile, window=window, on_stage=progress.advance))
+            return None
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+        release_memory(runner.device)
+        warnings.warn("out of memory streaming the feature maps; retrying with overlapping tiles", RuntimeWarning,
+                      stacklevel=3)
+    return core
+
+
+def _stream_tile(
+    runner: _Runner, tile: TileSpec, core: int, height: int, width: int, outscale: float | None = None
+) -> int | None:
     """The tile to stream with, or None when the whole maps plus one such tile do not fit (in half the free memory).
 
     ``tile='auto'``: the largest tile that fits beside the maps (fewest tiles), up to the auto-tiling caps."""
     model, device, dtype = runner.model, runner.device, runner.dtype
     window = window_of(model)
-    budget = memory.free_memory_bytes(device) * AUTO_MEMORY_FRACTION - streamed_map_bytes(model, dtype, height, width)
+    maps = streamed_map_bytes(model, dtype, height, width, outscale=outscale)
+    budget = memory.free_memory_bytes(device) * AUTO_MEMORY_FRACTION - maps
     # A stage's tile carries at most its radius of context (8 px: the real-world heads); 16 covers it.
     per_side = lambda side: (side + 16) ** 2 * bytes_per_input_pixel(model, dtype)  # noqa: E731
     if tile == "auto":
@@ -348,7 +376,7 @@ def _output_centres(out_size: int, in_size: int) -> np.ndarray:
 
 def _run_arbitrary_scale(
     runner: _Runner, lr: torch.Tensor, *, factor: float, window: int, tile: TileSpec, overlap: int,
-    progress: TileProgress, max_queries: int = 16384,
+    progress: TileProgress, max_queries: int = MAX_QUERIES,
 ) -> torch.Tensor:
     """ESCLTE: the factor goes to the model.
 
@@ -398,6 +426,15 @@ def _run_arbitrary_scale(
         rows, cols = ry[1] - ry[0], rx[1] - rx[0]
         out[..., ry[0] : ry[1], rx[0] : rx[1]] = rgb.transpose(1, 2).reshape(1, 3, rows, cols)  # one host copy
 
+    if tile is not None and _streams(model):
+
+        def stream(maps: TiledMaps) -> None:
+            out.copy_(runner.stream(lr, maps, size=(out_h, out_w)))
+
+        tile = _run_exact(runner, tile, height=h, width=w, window=window, overlap=overlap, progress=progress,
+                          process=process, stream=stream, outscale=factor)
+        if tile is None:
+            return out
     run_tiles(runner, height=h, width=w, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
     return out
 

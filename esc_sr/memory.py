@@ -211,11 +211,19 @@ def fits_untiled(model: nn.Module, device: torch.device, dtype: torch.dtype, hei
     return pixels * bytes_per_input_pixel(model, dtype) <= free_memory_bytes(device) * AUTO_MEMORY_FRACTION
 
 
-def streamed_map_bytes(model: nn.Module, dtype: torch.dtype, height: int, width: int) -> float:
-    """Memory the whole feature maps of a layer-streamed ``height x width`` run hold: at most five ``dim``-channel
-    maps alive at once (the stem, a block's input, its running sum, an FFN output, the next sum), the input, and the
-    output at the model's scale (plus its float32 copy)."""
+def streamed_map_bytes(
+    model: nn.Module, dtype: torch.dtype, height: int, width: int, *, outscale: float | None = None
+) -> float:
+    """Memory the whole maps of a layer-streamed ``height x width`` run hold on the device: at most five
+    ``dim``-channel maps alive at once (the stem, a block's input, its running sum, an FFN output, the next sum), the
+    input, the output (at ``outscale``, default the model's scale; the caller's host canvas is
+    :func:`estimate_memory`'s), and for the arbitrary-scale model its two ``hidden_dim`` decoder maps and the decoded
+    pixels twice (the chunks and their concatenation)."""
     element = torch.finfo(dtype).bits // 8
-    dim = int(model.hyperparameters.get("dim", 64))
-    outputs = 3 * float(model.scale) ** 2
-    return height * width * (element * (5 * dim + 3 + outputs) + (4 * outputs if element != 4 else 0))
+    hyper = model.hyperparameters
+    channels = 5 * int(hyper.get("dim", 64)) + 3
+    outputs = 3 * float(outscale if outscale is not None else model.scale) ** 2
+    if getattr(model, "arbitrary_scale", False):
+        channels += 2 * int(hyper.get("hidden_dim", 256))
+        outputs *= 2
+    return height * width * element * (channels + outputs)

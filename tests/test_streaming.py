@@ -89,3 +89,15 @@ def test_stage_count_does_not_depend_on_the_image():
     blocks, conv_blocks = model.hyperparameters["n_blocks"], model.hyperparameters["conv_blocks"]
     # stem, per block (FFN, attention, conv_blocks x (FFN, partial conv), output conv), head
     assert count_stages(model) == 1 + blocks * (3 + 2 * conv_blocks) + 1
+
+
+@pytest.mark.parametrize("factor", [2.5, 0.75])
+def test_the_arbitrary_scale_model_streams_its_encoder_and_decodes_every_pixel_once(factor):
+    model = _load("lte_esc")
+    x = torch.rand(1, 3, 50, 70, generator=torch.Generator().manual_seed(3))
+    untiled = upscale(model, x, outscale=factor, tile=None)
+    calls = []
+    streamed = upscale(model, x, outscale=factor, tile=32, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (count_stages(model), count_stages(model))  # streamed, not crop-overlap tiles
+    assert streamed.shape == untiled.shape == (1, 3, round(50 * factor), round(70 * factor))
+    assert float((streamed - untiled).abs().max()) < 1e-5
