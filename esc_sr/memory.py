@@ -12,6 +12,8 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
+from esc_arch.footprint import activation_elements_per_pixel
+
 from .errors import EngineError, OutOfMemory
 
 # Upper bounds for the tiles of tile='auto' (when the image does not fit untiled).
@@ -180,25 +182,16 @@ def check_memory(
 
 
 def bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
-    """Estimated peak working memory per LR pixel of a tile (activations, not weights).
+    """Estimated peak working memory per LR pixel of an untiled run or a tile (activations, not weights).
 
-    From the hyperparameters: the widest feature maps (about a dozen maps of ``dim`` channels alive
-    at once, the qkv projection being 3*dim), the output (3*scale^2 values per LR pixel, in fp32),
-    and, for the 'naive' attention kernel, the full window score matrix (window^2 values per head
-    per pixel, twice for softmax). A conservative estimate: OOM halving catches the rest.
+    :func:`esc_arch.footprint.activation_elements_per_pixel` (the widest phase of the forward pass, read off the
+    model's layers) in ``dtype``, plus the padded input and the model's output kept for the host copy, with a 25 %
+    margin for allocator slack; ``benchmarks/memory_estimate.py`` measures it per variant. OOM halving catches what
+    an estimate misses.
     """
-    hyper = getattr(model, "hyperparameters", {}) or {}
-    dim = int(hyper.get("dim", 64))
-    mid = int(hyper.get("mid_dim", dim) or dim)
-    width = max(dim, mid) * max(1.0, float(hyper.get("exp_ratio", 1.25)))
-    scale = max(1, int(getattr(model, "scale", 4) or 4))
     element = torch.finfo(dtype).bits // 8
-    per_pixel = element * 16 * width + 4 * 3 * scale * scale * 3
-    if str(getattr(model, "attn_type", "")).lower() == "naive":
-        window = int(getattr(model, "window_size", 32))
-        heads = int(hyper.get("num_heads", 4))
-        per_pixel += element * 2 * heads * window * window
-    return float(per_pixel)
+    scale = float(getattr(model, "scale", 4) or 4)
+    return 1.25 * element * (activation_elements_per_pixel(model) + 3 + 3 * scale * scale)
 
 
 def fits_untiled(model: nn.Module, device: torch.device, dtype: torch.dtype, height: int, width: int) -> bool:
