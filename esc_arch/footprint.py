@@ -2,12 +2,13 @@
 
 Inference frees each intermediate as soon as nothing refers to it, so the peak is the widest *phase* of the pass:
 
-* the trunk: an FFN holds about four of its hidden maps (expand, GELU, depthwise, the sum) beside the block's input,
-  its running sum, the stem and a LayerNorm output; window attention holds the qkv projection and its window
-  partition (3 ``dim`` each) and the attention output before and after un-partitioning; the explicit ('naive')
-  kernel also holds every window's score matrix twice (scores and softmax);
+* the trunk: an FFN holds about three of its hidden maps (expand, GELU, depthwise, the sum: each freed as the
+  next is made) beside its input and output; window attention holds the qkv projection and its window partition
+  (3 ``dim`` each) and the attention output before and after un-partitioning; the explicit ('naive') kernel also
+  holds every window's score matrix twice (scores and softmax);
 * the upsampling head: each layer's input and output at their own resolution (a nearest+conv head's last convolution
-  runs at the full output size); DySample holds its sampling offsets (fp32) and the sampled map at the output size;
+  runs at the full output size); DySample holds its sampling offsets and coordinates (fp32) and the sampled map at
+  the output size;
 * the arbitrary-scale model: the trunk, then its two ``hidden_dim`` decoder maps.
 
 Counted in elements, so any precision scales it; ``benchmarks/memory_estimate.py`` checks it against measured peaks.
@@ -31,8 +32,8 @@ def _dim(model: nn.Module) -> int:
 def _trunk(model: nn.Module) -> float:
     dim = _dim(model)
     hidden = max((m.proj.out_channels for m in model.modules() if isinstance(m, ConvFFN)), default=dim)
-    ffn = 4 * hidden + 4 * dim
-    attention = 12 * dim
+    ffn = 3 * hidden + 2 * dim
+    attention = 8 * dim
     for module in model.modules():
         if isinstance(module, WindowAttention) and module.attn_type == "naive":
             attention += 2 * module.num_heads * module.window_size**2
@@ -57,9 +58,9 @@ def _sequential_head(layers: list[nn.Module], channels: int) -> float:
             channels = layer.out_channels
         elif isinstance(layer, DySample):
             s2 = layer.scale**2
-            offsets = layer.offset.out_channels  # 2 * groups * s^2, four fp32 maps of them (offset, scope, product, coords)
+            offsets = layer.offset.out_channels  # 2 * groups * s^2 sampling offsets, and the coordinates from them
             out = layer.end_conv.out_channels if layer.end_conv is not None else channels
-            peak = max(peak, size_in + 4 * 2 * offsets + 2 * channels * s2 * area + out * s2 * area)
+            peak = max(peak, size_in + 2 * offsets * area + channels * s2 * area + out * s2 * area)
             channels, area = out, area * s2
             continue
         elif getattr(layer, "inplace", False):
@@ -88,4 +89,5 @@ def activation_elements_per_pixel(model: nn.Module) -> float:
     peak = max(_trunk(model), _head(model)) + 2 * dim  # + the stem and a block's input, alive throughout
     if getattr(model, "arbitrary_scale", False):
         peak = max(peak, 2 * int(model.hyperparameters.get("hidden_dim", 256)) + dim)
-    return float(peak)
+    # A pixel-unshuffled trunk (ESCRealM below x3) runs on 1/unshuffle^2 of the input pixels, and its head with it.
+    return float(peak) / getattr(model, "unshuffle", 1) ** 2

@@ -197,8 +197,8 @@ def bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
 def fits_untiled(model: nn.Module, device: torch.device, dtype: torch.dtype, height: int, width: int) -> bool:
     """Whether the untiled working set of a ``height x width`` LR image fits the memory free on ``device`` (with
     the auto-tiling margin). Untiled is the fastest way to run an image: no context is computed twice and the
-    global pools need no statistics pass. The estimate per pixel is conservative: measured peaks on CPU were
-    0.46x (the default model) and 0.51-0.56x (ESC x4) of it."""
+    global pools need no statistics pass. The estimate per pixel is conservative: measured peaks of ten variants on
+    CPU were 0.60-0.86x of it (``benchmarks/memory_estimate.py``)."""
     window = window_of(model)
     pixels = (-(-height // window) * window) * (-(-width // window) * window)
     return pixels * bytes_per_input_pixel(model, dtype) <= free_memory_bytes(device) * AUTO_MEMORY_FRACTION
