@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import threads
 from .batch import Job, Summary, bad_suffix, collect_inputs, default_suffix, plan_outputs, resolved
 
 __all__ = ["main", "build_parser", "load_cli_model", "describe_model", "CliError", "EXIT_OK", "EXIT_FAILED",
@@ -142,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Argument errors exit through argparse (``SystemExit(2)``) before anything runs.
     """
+    threads.configure_environment()  # the OpenMP wait policy: only before torch is loaded (esc_sr/threads.py)
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     command = f"{PROG} {args.command}"
     debug = getattr(args, "debug", False)
@@ -348,8 +350,8 @@ def _add_upscale(subparsers: Any) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps; under torchrun "
                         "auto and cuda mean cuda:LOCAL_RANK")
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's; under torchrun on CPU, the cores divided among the "
-                        "processes of this machine)")
+                        help="torch CPU threads (default: for each image, the CPUs not busy with other jobs; under "
+                        "torchrun on CPU, the cores divided among the processes of this machine)")
     parser.add_argument("--attention", choices=_ATTENTION_BACKENDS, default=None,
                         help="attention backend (default: the model's)")
     parser.add_argument("--suffix", default=None,

@@ -59,6 +59,7 @@ from esc_arch.streaming import TiledMaps, count_stages
 
 from .errors import EngineError, OutOfMemory
 from . import memory
+from . import threads as cpu_threads
 from .memory import (
     AUTO_MAX_TILE_ACCELERATOR, AUTO_MAX_TILE_CPU, AUTO_MEMORY_FRACTION, MemorySpec, available_memory,
     bytes_per_input_pixel, check_memory, estimate_memory, fits_untiled, format_bytes, is_out_of_memory,
@@ -535,6 +536,8 @@ def upscale(
         if outscale == native:
             return out
         return _resize_planes(out.clamp_(0.0, 1.0), _target_size(rgb, outscale))  # resize the image, not overshoot
+
+    run_rgb = cpu_threads.scoped(run_rgb, run_device)  # CPU threads from the machine's state, per call (threads.py)
 
     def run_gray(gray: torch.Tensor) -> torch.Tensor:
         return run_rgb(gray.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)

@@ -126,7 +126,8 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> Launch:
 def cpu_threads(launch: Launch, requested: int | None, environ: Mapping[str, str] | None = None) -> int | None:
     """Torch CPU threads for this process, or None to leave torch's own setting.
 
-    ``requested`` (``--threads``) wins. A single process keeps torch's default (``OMP_NUM_THREADS`` included).
+    ``requested`` (``--threads``) wins. A single process: None, and :mod:`esc_sr.threads` chooses the count for
+    each image from the CPUs free at the time (``OMP_NUM_THREADS`` set by the user wins there too).
     Several processes get the cores this process may run on (its CPU affinity) divided among the processes of
     this machine, at least 1 each, so that N processes neither fight over the cores nor leave them idle; torchrun
     sets ``OMP_NUM_THREADS=1`` for its workers when the user did not set it, which would leave all but N cores
@@ -244,13 +245,14 @@ class Session:
         return f"cuda:{index}"
 
     def set_threads(self, requested: int | None, device_type: str) -> int | None:
-        """Set torch's CPU threads (:func:`cpu_threads`) and return them, or None where torch's setting stays.
+        """Set torch's CPU threads (:func:`cpu_threads`) and return them, pinned for the whole run
+        (:func:`esc_sr.threads.set_threads`); None where the per-call policy of :mod:`esc_sr.threads` decides.
         On an accelerator only ``--threads`` changes them: the CPU then decodes and encodes images only."""
         threads = cpu_threads(self.launch, requested) if requested is not None or device_type == "cpu" else None
         if threads is not None:
-            import torch
+            from . import threads as cpu_policy
 
-            torch.set_num_threads(threads)
+            cpu_policy.set_threads(threads)  # pinned: esc_sr.threads' per-call choice leaves it alone
         return threads
 
     # -- exchanges

@@ -139,3 +139,17 @@ def test_onnx_speed_writes_both_runtimes_their_ratio_and_the_load(tmp_path, caps
     assert result["onnxruntime_over_pytorch"] > 0 and result["threads"]["onnxruntime_intra_op"] == 1
     assert results["note"] == "smoke" and len(results["load_average_at_end"]) == 3
     assert "onnxruntime / PyTorch" in capsys.readouterr().out
+
+
+def test_official_cpu_without_the_clone_skips_only_the_official_row(tmp_path):
+    """No clone of dslisleedh/ESC: the benchmark says so and still times ours (both entries) in its worker."""
+    from benchmarks import official_cpu
+
+    assert official_cpu.main(["--official-repo", str(tmp_path / "no-clone"), "--size", "16x24", "--runs", "1",
+                              "--conditions", "idle", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "official_cpu.json").read_text(encoding="utf-8"))
+    assert "no clone of dslisleedh/ESC" in results["official_skipped"]
+    idle = results["conditions"]["idle"]
+    assert set(idle["seconds"]) == {"ours_upscale", "ours_bare"} and "ratio_vs_official" not in idle
+    assert len(idle["ours_upscale_thread_decisions"]) == 1
+    assert "Official row skipped" in (tmp_path / "official_cpu.md").read_text(encoding="utf-8")
