@@ -344,7 +344,7 @@ def _add_upscale(subparsers: Any) -> None:
     parser.add_argument("-t", "--tile", type=_tile_arg, default="auto", metavar="N",
                         help="tile size in input pixels, 'auto' (from free memory; default) or 0 (no tiling)")
     parser.add_argument("--overlap", type=_non_negative_int, default=_DEFAULT_OVERLAP, metavar="PX",
-                        help=f"input pixels of context around each tile (default {_DEFAULT_OVERLAP})")
+                        help=f"input pixels of context around each crop-overlap tile, the fallback when not even the whole feature maps fit (default {_DEFAULT_OVERLAP})")
     parser.add_argument("--precision", choices=_PRECISIONS, default="auto",
                         help="auto = fp16 on GPU, fp32 on CPU")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps; under torchrun "
