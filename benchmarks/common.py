@@ -253,6 +253,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_text(path, text)
 
 
+def write_results(out: str | Path, rows: list[dict[str, Any]], markdown: Callable[[list, dict], str]) -> str:
+    """Write ``rows`` with this machine's description as ``out`` (JSON) and their ``markdown(rows, machine)`` table
+    beside it (``.md``); returns the table."""
+    machine = machine_info(torch.device("cpu"))
+    write_json_atomic(Path(out), {"machine": machine, "results": rows})
+    table = markdown(rows, machine)
+    write_text_atomic(Path(out).with_suffix(".md"), table)
+    return table
+
+
 def log(message: str) -> None:
     """Progress to stderr, so stdout stays machine-readable for the subprocess protocol."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import RESULTS_DIR, log, machine_info, write_json_atomic, write_text_atomic
+from .common import RESULTS_DIR, log, write_results
 from .peak_memory import run_case
 
 # preset:scale[:upsampler or attention backend]
@@ -97,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         row = measure(variant, tuple(args.sizes))
         log(f"{variant}: {row}")
         rows.append(row)
-    machine = machine_info(torch.device("cpu"))
-    write_json_atomic(Path(args.out), {"machine": machine, "results": rows})
-    table = markdown(rows, machine)
-    write_text_atomic(Path(args.out).with_suffix(".md"), table)
-    print(table)
+    print(write_results(args.out, rows, markdown))
     return 0
 
 

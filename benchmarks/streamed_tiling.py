@@ -25,14 +25,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from unittest import mock
 
 import torch
 
 from .common import (
-    MIB, REPO_ROOT, RESULTS_DIR, current_rss_bytes, load_average, log, machine_info, peak_rss_bytes, reset_peak_rss,
-    write_json_atomic, write_text_atomic,
+    MIB, REPO_ROOT, RESULTS_DIR, current_rss_bytes, load_average, log, peak_rss_bytes, reset_peak_rss, write_results,
 )
 
 MODES = ("untiled", "streamed", "overlap")
@@ -135,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         row = run_mode(case, args.timeout)
         log(f"{mode}: " + (row["error"] if "error" in row else f"{row['seconds']:.1f} s, peak {row['peak_mb']:.0f} MB"))
         rows.append(row)
-    machine = machine_info(torch.device("cpu"))
-    write_json_atomic(Path(args.out), {"machine": machine, "results": rows})
-    table = markdown(rows, machine)
-    write_text_atomic(Path(args.out).with_suffix(".md"), table)
-    print(table)
+    print(write_results(args.out, rows, markdown))
     return 0
 
 

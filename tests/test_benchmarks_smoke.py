@@ -153,3 +153,25 @@ def test_official_cpu_without_the_clone_skips_only_the_official_row(tmp_path):
     assert set(idle["seconds"]) == {"ours_upscale", "ours_bare"} and "ratio_vs_official" not in idle
     assert len(idle["ours_upscale_thread_decisions"]) == 1
     assert "Official row skipped" in (tmp_path / "official_cpu.md").read_text(encoding="utf-8")
+
+
+def test_streamed_tiling_benchmark_times_each_mode_in_its_own_process(tmp_path):
+    from benchmarks import streamed_tiling
+
+    out = tmp_path / "streamed.json"
+    assert streamed_tiling.main(["--size", "64", "--tile", "32", "--modes", "untiled", "streamed", "--threads", "1",
+                                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in rows] == ["untiled", "streamed"]
+    assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 and r["peak_mb"] >= 0 for r in rows)
+    assert "| streamed |" in out.with_suffix(".md").read_text()
+
+
+def test_memory_estimate_benchmark_compares_estimate_and_measured_slope(tmp_path):
+    from benchmarks import memory_estimate
+
+    out = tmp_path / "memory.json"
+    assert memory_estimate.main(["--variants", "esc_tiny:4", "--sizes", "32", "48", "--out", str(out)]) == 0
+    [row] = json.loads(out.read_text())["results"]
+    assert row["measured_bytes_per_pixel"] > 0 and row["estimate_over_measured"] == pytest.approx(
+        row["estimate_bytes_per_pixel"] / row["measured_bytes_per_pixel"], rel=0.01)
