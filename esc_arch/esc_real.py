@@ -39,9 +39,11 @@ class _RealTrunk(SharedKernelTrunk):
     #: LR pixels of context the upsampling heads get when streamed: the conv heads need at most 3, DySample's learned
     #: sampling offsets were measured below 1 pixel on the golden checkpoints; 8 leaves a margin for trained ones.
     head_radius = 8
+    #: The trunk runs on pixel-unshuffled input by this factor (ESCRealM below x3 sets it per instance).
+    unshuffle: int = 1
 
     def _features(self, x: torch.Tensor, maps: MapRunner) -> torch.Tensor:
-        unshuffle = getattr(self, "unshuffle", 1)  # radii below are in pixels of x, the trunk's input
+        unshuffle = self.unshuffle  # radii below are in pixels of x, the trunk's input
         feat = maps.local(self.proj, x, radius=unshuffle)
         body = self.run_blocks(feat, maps)
         skip = maps.local(self.skip, x, radius=3 * unshuffle)  # the 7x7 depthwise conv
