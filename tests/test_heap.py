@@ -1,0 +1,123 @@
+"""esc_sr.heap: during a CPU model call freed memory is reused instead of faulted in again, and given back
+afterwards; the user's malloc settings and non-CPU devices are left alone. The page-fault checks run in a fresh
+interpreter so nothing else in the test process allocates meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import esc_arch
+import esc_sr
+from esc_sr import heap
+
+pytestmark = pytest.mark.skipif(heap._glibc() is None, reason="glibc's malloc only (the policy does nothing elsewhere)")
+
+# Runs a small ESC forward twice outside the block and twice inside it, and reports the page faults of each
+# second run and the RSS while the block lasts and after it ended.
+_PROBE = r"""
+import json, resource, torch
+import esc_arch
+from esc_sr import heap
+
+torch.set_num_threads(1)
+model = esc_arch.ESC(dim=32, pdim=8, kernel_size=13, n_blocks=1, conv_blocks=2, window_size=16, num_heads=2,
+                     upscaling_factor=2).eval()
+x = torch.rand(1, 3, 128, 128)
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(x)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+result = {}
+with torch.inference_mode():
+    model(x)
+    result["outside"] = faults()
+    base = rss_mb()
+    with heap.reusing_freed_memory("cpu") as applied:
+        result["applied"] = applied
+        model(x)
+        result["inside"] = faults()
+        result["kept_mb"] = rss_mb() - base
+    result["after_mb"] = rss_mb() - base
+print(json.dumps(result))
+"""
+
+
+def _probe(**env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env={**clean, **env}, capture_output=True, text=True,
+                         check=True, timeout=120)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_freed_memory_is_reused_inside_the_block_and_given_back_after_it():
+    result = _probe()
+    assert result["applied"] is True
+    # by default every forward faults its activations in afresh; inside the block it reuses the freed pages
+    assert result["outside"] > 2_000
+    assert result["inside"] < result["outside"] / 10
+    # what the block kept resident is returned when it ends
+    assert result["kept_mb"] > 5
+    assert result["after_mb"] < result["kept_mb"] - 5
+
+
+def test_the_users_malloc_settings_win():
+    result = _probe(MALLOC_ARENA_MAX="2")
+    assert result["applied"] is False
+    assert result["inside"] > 2_000  # glibc's default behaviour, untouched
+
+
+def test_only_cpu_calls_and_only_the_outermost_block_change_settings(monkeypatch: pytest.MonkeyPatch):
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert heap.applies("cpu") and heap.applies(torch.device("cpu"))
+    assert not heap.applies("cuda") and not heap.applies(torch.device("cuda", 0)) and not heap.applies("mps")
+
+    calls: list[tuple] = []
+
+    class RecordingLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(heap, "_glibc", lambda: RecordingLibc())
+    with heap.reusing_freed_memory("cpu"):
+        with heap.reusing_freed_memory("cpu"):
+            pass
+        assert len(calls) == 2  # set once; the inner block neither set nor restored anything
+    assert calls[-1] == ("trim", 0) and len(calls) == 5
+    with heap.reusing_freed_memory("cuda") as applied:
+        assert applied is False
+    assert len(calls) == 5
+
+
+def test_upscale_runs_the_model_inside_the_block(monkeypatch: pytest.MonkeyPatch):
+    model = esc_arch.ESC(dim=16, pdim=4, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2,
+                         upscaling_factor=2).eval()
+    seen: list[bool] = []
+    forward = model.forward
+
+    def spying_forward(*args, **kwargs):
+        seen.append(heap._depth > 0)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spying_forward)
+    monkeypatch.setattr(heap, "applies", lambda device="cpu": True)
+    esc_sr.upscale(model, torch.rand(1, 3, 16, 16), tile=None)
+    assert seen and all(seen)
+    assert heap._depth == 0
