@@ -194,14 +194,17 @@ def bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
     return 1.25 * element * (activation_elements_per_pixel(model) + 3 + 3 * scale * scale)
 
 
-def fits_untiled(model: nn.Module, device: torch.device, dtype: torch.dtype, height: int, width: int) -> bool:
-    """Whether the untiled working set of a ``height x width`` LR image fits the memory free on ``device`` (with
-    the auto-tiling margin). Untiled is the fastest way to run an image: no context is computed twice and the
+def fits_untiled(
+    model: nn.Module, device: torch.device, dtype: torch.dtype, height: int, width: int, *,
+    fraction: float = AUTO_MEMORY_FRACTION,
+) -> bool:
+    """Whether the untiled working set of a ``height x width`` LR image fits ``fraction`` of the memory free on
+    ``device`` (default: the auto-tiling margin). Untiled is the fastest way to run an image: no context is computed twice and the
     global pools need no statistics pass. The estimate per pixel is conservative: measured peaks of ten variants on
     CPU were 0.60-0.86x of it (``benchmarks/memory_estimate.py``)."""
     window = window_of(model)
     pixels = (-(-height // window) * window) * (-(-width // window) * window)
-    return pixels * bytes_per_input_pixel(model, dtype) <= free_memory_bytes(device) * AUTO_MEMORY_FRACTION
+    return pixels * bytes_per_input_pixel(model, dtype) <= free_memory_bytes(device) * fraction
 
 
 def streamed_map_bytes(

@@ -175,3 +175,4 @@ def test_memory_estimate_benchmark_compares_estimate_and_measured_slope(tmp_path
     [row] = json.loads(out.read_text())["results"]
     assert row["measured_bytes_per_pixel"] > 0 and row["estimate_over_measured"] == pytest.approx(
         row["estimate_bytes_per_pixel"] / row["measured_bytes_per_pixel"], rel=0.01)
+    assert row["measured_bytes_per_pixel_heap_policy"] > 0  # the same upscale, with esc_sr.heap's reuse
