@@ -17,7 +17,9 @@ thread, fresh processes): no page faults left at 180×320 (4.65 s against 5.42 s
 the trim threshold goes back to what glibc's own adaptive rule sets for that mmap threshold (twice it, 64 MiB) and
 ``malloc_trim`` gives the freed pages back, so a host process (ComfyUI, a notebook) is not left holding its peak.
 The mmap threshold stays at 32 MiB, where glibc's adaptive rule takes it anyway once a torch program has freed a
-tensor of that size; it cannot be handed back to that rule (glibc has no call for it).
+tensor of that size; it cannot be handed back to that rule (glibc has no call for it): later CPU work in the process reuses
+memory as well (``benchmarks/official_cpu.py``: a bare ``model(x)`` in the worker that had run ``upscale`` took
+2.14 s against ``upscale``'s 2.18 s).
 
 What it costs is memory: the heap keeps freed blocks it cannot merge, so a process holds more than its live
 tensors. Measured against the live peak (``benchmarks/memory_estimate.py``, untiled upscales in fresh processes):
