@@ -2,30 +2,31 @@
 
 Why. torch's CPU tensors come straight from ``malloc``, and every operator of an ESC forward allocates its output
 afresh. glibc serves blocks over its mmap threshold (128 KiB, rising to at most 32 MiB) with a fresh ``mmap`` and
-returns them with ``munmap`` when freed, and it trims freed memory off the top of its heap as soon as there is
-more than the trim threshold. Either way the next operator's output lands on pages the kernel must fault in and
-zero again: some 315,000 page faults (1.2 GiB) per ESC ×4 forward at 180×320, which is 19 % of its time on the
-2-core AMD EPYC development VM (4.80 s against 3.87 s single-threaded with the memory kept; GELU and the adds,
-the first to touch each new output, were 3× and 2.6× slower).
+returns them with ``munmap`` when freed, and it trims freed memory off the top of its heap as soon as there is more
+than the trim threshold. Either way the next operator's output lands on pages the kernel must fault in and zero
+again: some 315,000 page faults (1.2 GiB) per ESC ×4 forward at 180×320, 12-19 % of its time on the 2-core AMD EPYC
+development VM (single-threaded: 4.80 s against 3.87 s with freed memory kept for the whole process; 4.5-4.8 s
+against 4.0-4.2 s in one process with this module's per-call scope, whose trim at the end costs the next call some
+50,000 faults). GELU and the adds, the first operators to touch each new output, were 3× and 2.6× slower.
 
-So, for the duration of a model call on the CPU (:func:`reusing_freed_memory`, applied by
-:func:`esc_sr.upscale` and by CPU training), blocks up to 32 MiB come from the heap (``M_MMAP_THRESHOLD`` at the
-value glibc's adaptive rule reaches) and freed memory is not trimmed (``M_TRIM_THRESHOLD`` at its largest, 2 GiB): the
-next allocation reuses it. Larger blocks stay mmapped, so they cannot fragment the heap. Measured (ESC ×4, one
-thread, fresh processes): no page faults left at 180×320 (4.65 s against 5.42 s), peak RSS of a 384×384 upscale
-515 MB against 452 MB (+14 %; with mmap disabled altogether it was 782 MB). When the outermost call returns,
-the trim threshold goes back to what glibc's own adaptive rule sets for that mmap threshold (twice it, 64 MiB) and
-``malloc_trim`` gives the freed pages back, so a host process (ComfyUI, a notebook) is not left holding its peak.
-The mmap threshold stays at 32 MiB, where glibc's adaptive rule takes it anyway once a torch program has freed a
-tensor of that size; it cannot be handed back to that rule (glibc has no call for it): later CPU work in the process reuses
-memory as well (``benchmarks/official_cpu.py``: a bare ``model(x)`` in the worker that had run ``upscale`` took
-2.14 s against ``upscale``'s 2.18 s).
+So, for the duration of a model call on the CPU (:func:`reusing_freed_memory`, applied by :func:`esc_sr.upscale` and
+by CPU training), blocks up to 32 MiB come from the heap (``M_MMAP_THRESHOLD`` at the largest value glibc's adaptive
+rule reaches) and freed memory is not trimmed (``M_TRIM_THRESHOLD`` at its largest, 2 GiB): the next allocation
+reuses it. Larger blocks stay mmapped, so they cannot fragment the heap. Measured (ESC ×4, one thread, fresh
+processes): no page faults left at 180×320 (4.65 s against 5.42 s), peak RSS of a 384×384 upscale 515 MB against 452
+MB (+14 %; with mmap disabled altogether it was 782 MB). When the outermost call returns, the trim threshold goes
+back to what glibc's own adaptive rule sets for that mmap threshold (twice it, 64 MiB) and ``malloc_trim`` gives the
+freed pages back, so a host process (ComfyUI, a notebook) is not left holding its peak. The mmap threshold stays at
+32 MiB, where glibc's adaptive rule takes it anyway once a torch program has freed a tensor of that size; it cannot
+be handed back to that rule (glibc has no call for it): later CPU work in the process reuses memory as well
+(``benchmarks/official_cpu.py``: a bare ``model(x)`` in the worker that had run ``upscale`` took 2.14 s against
+``upscale``'s 2.18 s).
 
-What it costs is memory: the heap keeps freed blocks it cannot merge, so a process holds more than its live
-tensors. Measured against the live peak (``benchmarks/memory_estimate.py``, untiled upscales in fresh processes):
-1.04-2.4x at 64-128 px inputs, where every block comes from the heap (ESC-XL 2.4x, ESC 2.1x), and about 1.04x
-for ESC at 256-512 px, where the large maps are mmapped. :data:`WORST_RETENTION` rounds that up; the engine keeps freed memory only where that multiple of
-its memory estimate fits the free memory, and otherwise leaves glibc as it is.
+What it costs is memory: the heap keeps freed blocks it cannot merge, so a process holds more than its live tensors.
+Measured against the live peak (``benchmarks/memory_estimate.py``, untiled upscales in fresh processes): 1.04-2.4x
+at 64-128 px inputs, where every block comes from the heap (ESC-XL 2.4x, ESC 2.1x), and about 1.04x for ESC at
+256-512 px, where the large maps are mmapped. :data:`WORST_RETENTION` rounds that up; the engine keeps freed memory
+only where that multiple of its memory estimate fits the free memory, and otherwise leaves glibc as it is.
 
 Not applied when the user tunes malloc (any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable in
 ``GLIBC_TUNABLES``), or off glibc (musl, macOS, Windows: there is no such call, and nothing is changed). The
@@ -41,7 +42,7 @@ import functools
 import os
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 __all__ = ["reusing_freed_memory", "applies", "WORST_RETENTION"]
 
@@ -50,7 +51,7 @@ WORST_RETENTION = 2.5
 
 # mallopt parameters (malloc/malloc.h) and limits (malloc/malloc.c)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_LARGEST_MMAP_THRESHOLD = 32 * 2**20  # glibc refuses more (half its 64 MiB arena heap size)
+_LARGEST_MMAP_THRESHOLD = 32 * 2**20  # where glibc's adaptive threshold stops (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
 _LARGEST_TRIM = 2**31 - 1  # mallopt takes an int: 2 GiB of free heap top is the most it can be told to keep
 _ADAPTIVE_TRIM = 2 * _LARGEST_MMAP_THRESHOLD  # glibc's own rule: trim threshold = twice the mmap threshold
 
@@ -70,7 +71,7 @@ def _glibc() -> Any | None:
         return None
 
 
-def _user_tunes_malloc(environ: os._Environ | dict[str, str]) -> bool:
+def _user_tunes_malloc(environ: Mapping[str, str]) -> bool:
     return any(name.startswith("MALLOC_") for name in environ) \
         or "glibc.malloc" in environ.get("GLIBC_TUNABLES", "")
 
