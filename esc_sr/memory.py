@@ -199,9 +199,9 @@ def fits_untiled(
     fraction: float = AUTO_MEMORY_FRACTION,
 ) -> bool:
     """Whether the untiled working set of a ``height x width`` LR image fits ``fraction`` of the memory free on
-    ``device`` (default: the auto-tiling margin). Untiled is the fastest way to run an image: no context is computed twice and the
-    global pools need no statistics pass. The estimate per pixel is conservative: measured peaks of ten variants on
-    CPU were 0.60-0.86x of it (``benchmarks/memory_estimate.py``)."""
+    ``device`` (default: the auto-tiling margin). Untiled is the fastest way to run an image: no context is computed
+    twice and the global pools need no statistics pass. The estimate per pixel is conservative: measured live peaks
+    of ten variants on CPU were 0.60-0.86x of it, 0.84-1.45x with the heap policy (``benchmarks/memory_estimate.py``)."""
     window = window_of(model)
     pixels = (-(-height // window) * window) * (-(-width // window) * window)
     return pixels * bytes_per_input_pixel(model, dtype) <= free_memory_bytes(device) * fraction
