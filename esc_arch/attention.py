@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .layers import pad_reflect
 
 AttentionBackend = Literal["sdpa", "flex", "naive"]
@@ -64,7 +65,7 @@ def relative_position_index(window_size: int, device: torch.device | str = "cpu"
     One table per (window size, device), built on that device and shared by every block, so a forward pass never
     copies it from the host. Under tracing (torch.compile / export) it is built inline instead.
     """
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if onednn.tracing():
         return _build_relative_index(window_size, device)
     return _shared_relative_index(window_size, torch.device(device))
 
@@ -133,12 +134,6 @@ def _query_rows_per_call(window_size: int) -> int:
     return -(-window_size // calls)
 
 
-def _tracing() -> bool:
-    """Under ONNX export, TorchScript tracing, torch.export or torch.compile: one attention call, no slice writes."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() \
-        or torch.compiler.is_exporting()
-
-
 class WindowAttention(nn.Module):
     """Non-overlapping window attention over an NCHW feature map (no shift, no mask).
 
@@ -184,9 +179,10 @@ class WindowAttention(nn.Module):
             self.fused_bias = self.attention_bias(self.relative_position_bias.dtype).detach()
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over ``x``, projected by ``to_out``, plus ``add`` (the caller's residual; fused on the CPU)."""
         if self.attn_type == "sdpa" and x.device.type == "cpu":
-            return self._forward_sdpa_cpu(x)
+            return self._forward_sdpa_cpu(x, add)
         # naive (the reference, as upstream's 'Naive' path), flex, and sdpa off the CPU (the layout the GPU check
         # measured; the CPU one was tuned for torch's CPU flash kernel only): the 1x1 convolution, then the projections
         # partitioned into (windows, heads, tokens, c) by one permuting copy.
@@ -207,10 +203,10 @@ class WindowAttention(nn.Module):
         del qkv, q, k, v  # free the partitioned projections before un-partitioning (peak memory)
 
         out = out.view(b, nh, nw, heads, ws, ws, c).permute(0, 3, 6, 1, 4, 2, 5)
-        out = out.reshape(b, self.dim, hp, wp).to(dtype)[:, :, :h, :w]
-        return self.to_out(out)
+        out = self.to_out(out.reshape(b, self.dim, hp, wp).to(dtype)[:, :, :h, :w])
+        return out if add is None else out + add
 
-    def _forward_sdpa_cpu(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_sdpa_cpu(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """The sdpa path on CPU, laid out for torch's CPU flash kernel: the arithmetic of :meth:`forward`, other copies.
 
         Profile of the old path (window 32, dim 64, 4 heads, 256x256 map, 1 thread, a 2-core AMD EPYC with a training
@@ -231,7 +227,9 @@ class WindowAttention(nn.Module):
           256 queries x 512 keys, whose 512 KiB score block is half this core's L2; below, in blocks of 64 queries
           (the kernel alone, 64 windows, two calls of 512 queries: 465 against 550 ms for one call, median of 8);
         * copies the kernel's output, (heads, tokens, windows, c) in memory, once into raster order (pixels,
-          channels; rows of c contiguous), from which the ``to_out`` GEMM writes NCHW directly.
+          channels; rows of c contiguous), from which the ``to_out`` GEMM writes NCHW directly; on the oneDNN path
+          (:mod:`esc_arch.onednn`: inference) both GEMMs are oneDNN matmuls, ``to_out`` writes a channels-last map
+          and adds the residual in the same pass.
 
         The layer, interleaved with the old path in one process: 603 against 767 ms (median of 9; 1.27x); the flash
         kernel is then about 80 % of the pass, bound by its own GEMMs (``benchmarks/README.md``, window attention).
@@ -246,7 +244,7 @@ class WindowAttention(nn.Module):
 
         # (b, dim, nh, ws, nw, ws) -> (b, nh, nw, ws, ws, dim): window-major, channels last
         pixels = x.reshape(b, dim, nh, ws, nw, ws).permute(0, 2, 4, 3, 5, 1).reshape(-1, dim)
-        qkv = torch.addmm(self.to_qkv.bias, pixels, self.to_qkv.weight.reshape(3 * dim, dim).t())
+        qkv = onednn.linear(pixels, self.to_qkv.weight.reshape(3 * dim, dim), self.to_qkv.bias)
         del pixels
         # channels are (qkv, head, c): (windows, tokens, qkv, heads, c) -> q, k, v as (heads, windows, tokens, c) views
         q, k, v = qkv.view(windows, tokens, 3, heads, c).permute(2, 3, 0, 1, 4).unbind(0)
@@ -254,7 +252,7 @@ class WindowAttention(nn.Module):
         mask = self.attention_bias(q.dtype).unsqueeze(1)
 
         rows = _query_rows_per_call(ws)
-        if rows >= ws or torch.is_grad_enabled() or _tracing():
+        if rows >= ws or torch.is_grad_enabled() or onednn.tracing():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             del q, k, v, mask  # free the projections before un-partitioning (peak memory)
             # (heads, b, nh, nw, ws, ws, c) -> (b, nh, ws, nw, ws, heads, c): raster-order pixels, channels last
@@ -271,8 +269,18 @@ class WindowAttention(nn.Module):
             out = out.view(b, hp * wp, dim)
 
         weight = self.to_out.weight.reshape(dim, dim)
-        out = torch.baddbmm(self.to_out.bias.view(1, dim, 1), weight.expand(b, dim, dim), out.transpose(1, 2))
-        return out.view(b, dim, hp, wp)[:, :, :h, :w].contiguous()
+        if onednn.applies(out):  # the output rows are raster-order pixels: to_out's matmul writes a channels-last map
+            if add is not None and (hp, wp) == (h, w):
+                rows = onednn.linear(out.view(-1, dim), weight, self.to_out.bias,
+                                     add=onednn.pixels(onednn.channels_last(add)))
+                return onednn.as_map(rows, b, hp, wp)
+            out = onednn.as_map(onednn.linear(out.view(-1, dim), weight, self.to_out.bias), b, hp, wp)[:, :, :h, :w]
+            if add is None:
+                return out.contiguous(memory_format=torch.channels_last)
+        else:
+            out = torch.baddbmm(self.to_out.bias.view(1, dim, 1), weight.expand(b, dim, dim), out.transpose(1, 2))
+            out = out.view(b, dim, hp, wp)[:, :, :h, :w].contiguous()
+        return out if add is None else out + add
 
     def _attend(self, q, k, v, bias):
         if self.attn_type == "sdpa":

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .attention import WindowAttention
 from .layers import ConvFFN, LayerNorm2d, per_sample_depthwise_conv
 from .streaming import WHOLE, MapRunner
@@ -70,15 +71,17 @@ class DecomposedConvolutionalAttention(nn.Module):
 
 
 class ConvAttentionWrapper(nn.Module):
-    """Partial convolutional attention followed by a 1x1 channel mix (``plk`` then ``aggr``)."""
+    """Partial convolutional attention followed by a 1x1 channel mix (``plk`` then ``aggr``), plus ``add``."""
 
     def __init__(self, dim: int, plk: nn.Module) -> None:
         super().__init__()
         self.plk = plk
         self.aggr = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor, large_kernel, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        return self.aggr(self.plk(x, large_kernel, pooled))
+    def forward(
+        self, x: torch.Tensor, large_kernel, pooled: torch.Tensor | None = None, add: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return onednn.pointwise_conv(self.aggr, self.plk(x, large_kernel, pooled), add=add)
 
 
 def large_kernel_radius(large_kernel) -> int:
@@ -122,15 +125,16 @@ class ESCBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, large_kernel, maps: MapRunner = WHOLE) -> torch.Tensor:
         """``maps`` runs the stages (see :mod:`esc_arch.streaming`); the radii are each stage's context in pixels."""
+        x = onednn.channels_last(x)  # CPU inference: the maps stay channels-last from here on
         skip = x
         x = maps.local(lambda t: self.proj(self.ln_proj(t)), x, radius=1)  # no residual around the first FFN (upstream)
         # Window attention is window-local: no context on tiles aligned to the window grid.
-        x = maps.local(lambda t: t + self.attn(self.ln_attn(t)), x, radius=0)
+        x = maps.local(lambda t: self.attn(self.ln_attn(t), add=t), x, radius=0)
         radius = large_kernel_radius(large_kernel)
         for ln, pconv, ffn in zip(self.lns, self.pconvs, self.convffns):
             y = maps.local(lambda t, ln=ln, ffn=ffn: ffn(ln(t)), x, radius=1)
             pooled = maps.mean(y[:, : pconv.plk.pdim])  # the dynamic kernel's global pool: whole-map, not per tile
-            x = maps.local(lambda t, u, pconv=pconv, pooled=pooled: t + pconv(u, large_kernel, pooled), x, y, radius=radius)
+            x = maps.local(lambda t, u, pconv=pconv, pooled=pooled: pconv(u, large_kernel, pooled, add=t), x, y, radius=radius)
             del y
         return maps.local(lambda t, s: self.conv_out(self.ln_out(t)) + s, x, skip, radius=1)
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
+
 __all__ = [
     "LayerNorm2d",
     "ConvFFN",
@@ -33,7 +35,11 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class ConvFFN(nn.Module):
-    """1x1 expand -> GELU -> 3x3 depthwise (+ residual inside) -> GELU -> 1x1 project."""
+    """1x1 expand -> GELU -> 3x3 depthwise (+ residual inside) -> GELU -> 1x1 project.
+
+    ``add``: a map added to the output (the caller's residual), fused into the last convolution on the oneDNN path
+    (:mod:`esc_arch.onednn`), where the activations are also applied in place.
+    """
 
     def __init__(self, dim: int, kernel_size: int = 3, exp_ratio: float = 2.0) -> None:
         super().__init__()
@@ -42,10 +48,15 @@ class ConvFFN(nn.Module):
         self.dwc = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden)
         self.aggr = nn.Conv2d(hidden, dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.proj(x))
-        x = F.gelu(self.dwc(x)) + x
-        return self.aggr(x)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        x = onednn.pointwise_conv(self.proj, x, gelu=True)
+        if onednn.applies(x):
+            y = self.dwc(x)
+            torch._C._nn.gelu_(y)  # no autograd on this path: nothing needs the pre-activation
+            x = y.add_(x)
+        else:
+            x = F.gelu(self.dwc(x)) + x
+        return onednn.pointwise_conv(self.aggr, x, add=add)
 
 
 def pad_reflect(x: torch.Tensor, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0) -> torch.Tensor:

@@ -104,7 +104,7 @@ class TiledMaps:
             if out is None:
                 out_factor = (_ratio(result.shape[-2], cy1 - cy0), _ratio(result.shape[-1], cx1 - cx0))
                 shape = (*result.shape[:-2], _scaled(height, out_factor[0], "output"), _scaled(width, out_factor[1], "output"))
-                out = result.new_empty(shape)
+                out = torch.empty(shape, dtype=result.dtype, device=result.device, memory_format=_layout(result))
             fy, fx = out_factor
             ry0, ry1 = _scaled(y0 - cy0, fy, "output"), _scaled(y1 - cy0, fy, "output")
             rx0, rx1 = _scaled(x0 - cx0, fx, "output"), _scaled(x1 - cx0, fx, "output")
@@ -120,6 +120,12 @@ class TiledMaps:
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         # The whole map's average, as the model's AdaptiveAvgPool2d(1) would take it untiled.
         return x.mean(dim=(-2, -1), keepdim=True)
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    """The memory format of a stage's output, kept for the whole map (channels-last on the oneDNN path)."""
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class _CountingMaps(WholeMaps):

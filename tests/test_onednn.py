@@ -1,0 +1,120 @@
+"""CPU inference on oneDNN (esc_arch.onednn): channels-last maps and 1x1 convolutions as fused oneDNN matmuls give the
+outputs of the plain PyTorch path, are taken exactly where they may be (fp32 CPU inference), and never where autograd,
+tracing or the user's switch rules them out."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import esc_arch
+from esc_arch import onednn
+from esc_arch.layers import ConvFFN
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.fixture
+def plain(monkeypatch):
+    """A switch to the plain PyTorch path inside a test (what ``ESC_SR_ONEDNN=0`` does for a process)."""
+
+    def use(enabled: bool) -> None:
+        monkeypatch.setattr(onednn, "available", (lambda: True) if enabled else (lambda: False))
+
+    return use
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+def _random_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """The constructor's initialisation, perturbed so that zero-initialised layers (the dynamic kernels) act too."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    return model
+
+
+@pytest.mark.skipif(not X86 or not torch.backends.mkldnn.is_available(), reason="the path is for x86-64 oneDNN builds")
+def test_the_path_is_available_on_an_x86_torch_with_onednn():
+    if os.environ.get("ESC_SR_ONEDNN", "").strip() == "0":
+        pytest.skip("turned off by ESC_SR_ONEDNN=0 in this environment")
+    assert onednn.available()
+
+
+@pytest.mark.parametrize("preset, scale", [("esc", 4), ("esc_fp", 2), ("esc_real", 4), ("esc_xl", 2), ("esc_lte", None)])
+def test_inference_equals_the_plain_path(preset, scale, plain):
+    if not onednn.available():
+        pytest.skip("no oneDNN path on this platform: nothing to compare")
+    kwargs = {} if scale is None else {"scale": scale}
+    overrides = {"window_size": 8, "n_blocks": 2} if preset != "esc_xl" else {"window_size": 16, "n_blocks": 1}
+    model = esc_arch.fuse(_random_weights(esc_arch.PRESETS[preset](**kwargs, **overrides)))
+    x = torch.rand(1, 3, 21, 30, generator=torch.Generator().manual_seed(1))  # not a window multiple: crops too
+    run = (lambda: model.upscale_by(x, size=(50, 70))) if model.arbitrary_scale else (lambda: model(x))
+    with torch.inference_mode():
+        plain(False)
+        expected = run()
+        plain(True)
+        assert "mkldnn::_linear_pointwise" in _ops(run)
+        out = run()
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_a_batch_and_channels_last_outputs_of_a_block_stage(plain):
+    if not onednn.available():
+        pytest.skip("no oneDNN path on this platform")
+    ffn = _random_weights(ConvFFN(16, 3, 1.25)).eval()
+    x = torch.randn(3, 16, 9, 11)
+    residual = torch.randn(3, 16, 9, 11)
+    with torch.no_grad():  # no_grad takes the path as inference_mode does
+        plain(False)
+        expected = ffn(x, add=residual)
+        plain(True)
+        out = ffn(x, add=residual)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_training_and_grad_enabled_calls_stay_on_plain_pytorch():
+    model = esc_arch.PRESETS["esc_tiny"](window_size=8)
+    x = torch.rand(2, 3, 16, 16)
+    ops = _ops(lambda: model(x).mean().backward())
+    assert "mkldnn::_linear_pointwise" not in ops
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_tracing_sees_plain_convolutions():
+    model = esc_arch.fuse(esc_arch.PRESETS["esc_tiny"](window_size=8))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.rand(1, 3, 16, 16), check_trace=False)
+    assert "_linear_pointwise" not in str(traced.inlined_graph)
+
+
+def test_other_dtypes_and_kernels_fall_back():
+    conv3 = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(onednn.pointwise_conv(conv3, x), conv3(x))  # not a 1x1 convolution: the conv itself
+        assert not onednn.applies(x.to(torch.bfloat16))
+        assert not onednn.applies(x.to(torch.float64))
+    with pytest.raises(ValueError, match="GELU or an addition"):
+        onednn.pointwise_conv(nn.Conv2d(8, 8, 1), x, gelu=True, add=x)
+
+
+def test_the_environment_switch_turns_it_off():
+    probe = "from esc_arch import onednn; print(onednn.available())"
+    env = {**os.environ, "ESC_SR_ONEDNN": "0"}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert proc.stdout.strip() == "False"
