@@ -23,10 +23,11 @@ be handed back to that rule (glibc has no call for it): later CPU work in the pr
 ``upscale``'s 2.18 s).
 
 What it costs is memory: the heap keeps freed blocks it cannot merge, so a process holds more than its live tensors.
-Measured against the live peak (``benchmarks/memory_estimate.py``, untiled upscales in fresh processes): 1.04-2.4x
-at 64-128 px inputs, where every block comes from the heap (ESC-XL 2.4x, ESC 2.1x), and about 1.04x for ESC at
-256-512 px, where the large maps are mmapped. :data:`WORST_RETENTION` rounds that up; the engine keeps freed memory
-only where that multiple of its memory estimate fits the free memory, and otherwise leaves glibc as it is.
+Measured (``benchmarks/memory_estimate.py``, untiled upscales in fresh processes) at 64-128 px inputs, where every
+block comes from the heap: 1.2-2.6x the live peak (ESC+LTE 2.6x, ESC-XL 2.4x, ESC 2.3x), at most 1.81x the engine's
+memory estimate; about 1.04x the live peak for ESC at 256-512 px, where the large maps are mmapped.
+:data:`WORST_RETENTION` rounds the worst up; the engine keeps freed memory only where that multiple of its memory
+estimate fits the free memory, and otherwise leaves glibc as it is.
 
 Not applied when the user tunes malloc (any ``MALLOC_*`` variable or a ``glibc.malloc`` tunable in
 ``GLIBC_TUNABLES``), or off glibc (musl, macOS, Windows: there is no such call, and nothing is changed). The
@@ -46,7 +47,7 @@ from typing import Any, Iterator, Mapping
 
 __all__ = ["reusing_freed_memory", "applies", "WORST_RETENTION"]
 
-#: The most the process may hold under the policy, as a multiple of the live working set (measured: 2.4x).
+#: The most the process may hold under the policy, as a multiple of the engine's memory estimate (measured: 1.81x).
 WORST_RETENTION = 2.5
 
 # mallopt parameters (malloc/malloc.h) and limits (malloc/malloc.c)
