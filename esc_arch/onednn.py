@@ -6,12 +6,13 @@ GFLOP/s per core at 2048^3 and at 16-58 GFLOP/s at attention-sized shapes, while
 arithmetic, runs at 227 GFLOP/s; a 1x1 convolution (MKL at one thread, oneDNN's NCHW convolution at two) at 70-135
 GFLOP/s. A 1x1 convolution on a channels-last map *is* a matmul, ``(pixels, in) @ (out, in)^T``, with no copy on
 either side, and oneDNN adds GELU or a residual to its output in the same pass. Measured (ESC's ConvFFN, 64
-channels, 192x320): 57.5 -> 23.5 ms at 1 thread, 21.4 -> 11.3 ms at 2 (``benchmarks/README.md``, CPU layout).
+channels, 192x320): 57.5 -> 23.5 ms at 1 thread, 21.4 -> 11.3 ms at 2 (``benchmarks/README.md``, "CPU inference on oneDNN").
 Depthwise convolutions and LayerNorm are faster channels-last as well.
 
 When. :func:`applies` says whether a call takes this path: a float32 CPU tensor, no autograd (oneDNN's fused
 matmul has no backward), not under tracing or export (ONNX, TorchScript, ``torch.compile`` see plain
-convolutions), an x86-64 CPU (where it was measured), and a torch built with oneDNN and its fused matmul
+convolutions), oneDNN not switched off (``torch.backends.mkldnn.flags(enabled=False)``), an x86-64 CPU (where it was
+measured), and a torch built with oneDNN and its fused matmul
 (``torch.ops.mkldnn._linear_pointwise``, the operator inductor's CPU backend emits; checked once). Anywhere else
 the same functions fall back to ``F.conv2d`` and plain PyTorch: the same outputs to float rounding, the state dict
 untouched. ``ESC_SR_ONEDNN=0`` in the environment turns the path off (the reference for comparisons).
@@ -56,7 +57,7 @@ def available() -> bool:
 def applies(x: torch.Tensor) -> bool:
     """Whether a model call on ``x`` takes the oneDNN path (see the module docstring)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and not tracing() \
-        and available()
+        and torch.backends.mkldnn.enabled and available()
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,12 @@ def test_other_dtypes_and_kernels_fall_back():
         onednn.pointwise_conv(nn.Conv2d(8, 8, 1), x, gelu=True, add=x)
 
 
+def test_switching_onednn_off_in_torch_turns_it_off():
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        assert not onednn.applies(x)
+
+
 def test_the_environment_switch_turns_it_off():
     probe = "from esc_arch import onednn; print(onednn.available())"
     env = {**os.environ, "ESC_SR_ONEDNN": "0"}
