@@ -269,17 +269,14 @@ class WindowAttention(nn.Module):
             out = out.view(b, hp * wp, dim)
 
         weight = self.to_out.weight.reshape(dim, dim)
-        if onednn.applies(out):  # the output rows are raster-order pixels: to_out's matmul writes a channels-last map
-            if add is not None and (hp, wp) == (h, w):
-                rows = onednn.linear(out.view(-1, dim), weight, self.to_out.bias,
-                                     add=onednn.pixels(onednn.channels_last(add)))
-                return onednn.as_map(rows, b, hp, wp)
+        if onednn.applies(out):  # the rows are raster-order pixels: to_out's matmul writes a channels-last map
+            if (hp, wp) == (h, w):  # nothing to crop: the residual is added in the same matmul
+                residual = None if add is None else onednn.pixels(onednn.channels_last(add))
+                return onednn.as_map(onednn.linear(out.view(-1, dim), weight, self.to_out.bias, add=residual), b, h, w)
             out = onednn.as_map(onednn.linear(out.view(-1, dim), weight, self.to_out.bias), b, hp, wp)[:, :, :h, :w]
-            if add is None:
-                return out.contiguous(memory_format=torch.channels_last)
-        else:
-            out = torch.baddbmm(self.to_out.bias.view(1, dim, 1), weight.expand(b, dim, dim), out.transpose(1, 2))
-            out = out.view(b, dim, hp, wp)[:, :, :h, :w].contiguous()
+            return out.contiguous(memory_format=torch.channels_last) if add is None else out + add
+        out = torch.baddbmm(self.to_out.bias.view(1, dim, 1), weight.expand(b, dim, dim), out.transpose(1, 2))
+        out = out.view(b, dim, hp, wp)[:, :, :h, :w].contiguous()
         return out if add is None else out + add
 
     def _attend(self, q, k, v, bias):
