@@ -134,7 +134,8 @@ class ESCBlock(nn.Module):
         for ln, pconv, ffn in zip(self.lns, self.pconvs, self.convffns):
             y = maps.local(lambda t, ln=ln, ffn=ffn: ffn(ln(t)), x, radius=1)
             pooled = maps.mean(y[:, : pconv.plk.pdim])  # the dynamic kernel's global pool: whole-map, not per tile
-            x = maps.local(lambda t, u, pconv=pconv, pooled=pooled: pconv(u, large_kernel, pooled, add=t), x, y, radius=radius)
+            x = maps.local(lambda t, u, pconv=pconv, pooled=pooled: pconv(u, large_kernel, pooled, add=t),
+                           x, y, radius=radius)
             del y
         return maps.local(lambda t, s: self.conv_out(self.ln_out(t)) + s, x, skip, radius=1)
 

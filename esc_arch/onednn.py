@@ -6,8 +6,8 @@ GFLOP/s per core at 2048^3 and at 16-58 GFLOP/s at attention-sized shapes, while
 arithmetic, runs at 227 GFLOP/s; a 1x1 convolution (MKL at one thread, oneDNN's NCHW convolution at two) at 70-135
 GFLOP/s. A 1x1 convolution on a channels-last map *is* a matmul, ``(pixels, in) @ (out, in)^T``, with no copy on
 either side, and oneDNN adds GELU or a residual to its output in the same pass. Measured (ESC's ConvFFN, 64
-channels, 192x320): 57.5 -> 23.5 ms at 1 thread, 21.4 -> 11.3 ms at 2 (``benchmarks/README.md``, "CPU inference on oneDNN").
-Depthwise convolutions and LayerNorm are faster channels-last as well.
+channels, 192x320): 57.5 -> 23.5 ms at 1 thread, 21.4 -> 11.3 ms at 2 (``benchmarks/README.md``, "CPU inference on
+oneDNN"). Depthwise convolutions and LayerNorm are faster channels-last as well.
 
 When. :func:`applies` says whether a call takes this path: a float32 CPU tensor, no autograd (oneDNN's fused
 matmul has no backward), not under tracing or export (ONNX, TorchScript, ``torch.compile`` see plain
