@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import spectral
 from .attention import WindowAttention, normalize_backend
 from .layers import geometric_ensemble
 from .streaming import WHOLE, MapRunner
@@ -108,7 +109,7 @@ class SharedKernelTrunk(ESCModelBase):
         self.register_buffer("fused_large_kernel", geometric_ensemble(self.plk_filter).detach(), persistent=False)
 
     def run_blocks(self, feat: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        lk = self.large_kernel()
+        lk = spectral.prepare(self.large_kernel(), feat)  # its FFT spectrum, once for all blocks, where it pays
         for block in self.blocks:
             feat = block(feat, lk, maps)
         return feat

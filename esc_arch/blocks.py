@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onednn
+from . import onednn, spectral
 from .attention import WindowAttention
 from .layers import ConvFFN, LayerNorm2d, per_sample_depthwise_conv
 from .streaming import WHOLE, MapRunner
@@ -37,11 +37,19 @@ class ConvolutionalAttention(nn.Module):
         nn.init.zeros_(self.dwc_proj[-1].weight)
         nn.init.zeros_(self.dwc_proj[-1].bias)
 
-    def forward(self, x: torch.Tensor, large_kernel: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """``pooled``: the global average of ``x[:, :pdim]`` when ``x`` is a tile (the pool of a 1x1 map is itself)."""
+    def forward(
+        self, x: torch.Tensor, large_kernel: torch.Tensor | spectral.SpectralKernel, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``pooled``: the global average of ``x[:, :pdim]`` when ``x`` is a tile (the pool of a 1x1 map is itself);
+        ``large_kernel``: the shared kernel, or the kernel with its spectrum (:func:`esc_arch.spectral.prepare`)."""
         x1, x2 = x[:, : self.pdim], x[:, self.pdim :]
         b = x1.shape[0]
         dynamic = self.dwc_proj(x1 if pooled is None else pooled).view(b, self.pdim, 3, 3)
+        if isinstance(large_kernel, spectral.SpectralKernel):  # both kernels in one pass, written beside x2: no cat
+            out = torch.empty_like(x)
+            large_kernel.correlate(x1, dynamic, out=out[:, : self.pdim])
+            out[:, self.pdim :] = x2
+            return out
         k = large_kernel.shape[-1]
         x1 = F.conv2d(x1, large_kernel, padding=k // 2) + per_sample_depthwise_conv(x1, dynamic, padding=1)
         return torch.cat([x1, x2], dim=1)
@@ -86,6 +94,8 @@ class ConvAttentionWrapper(nn.Module):
 
 def large_kernel_radius(large_kernel) -> int:
     """Pixels of context the partial convolution needs: half the large kernel (the dynamic 3x3 needs less)."""
+    if isinstance(large_kernel, spectral.SpectralKernel):
+        large_kernel = large_kernel.kernel
     spatial = large_kernel[-1] if isinstance(large_kernel, tuple) else large_kernel
     return spatial.shape[-1] // 2
 

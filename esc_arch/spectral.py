@@ -1,0 +1,135 @@
+"""ESC's shared large-kernel convolution as an overlap-save FFT, for CPU inference.
+
+Why. ESC's partial convolution is a dense ``pdim -> pdim`` 13x13 correlation (ESC: 16 channels, 86.5 kFLOP per
+pixel) plus a per-sample 3x3 depthwise one, and oneDNN already runs the 13x13 one near the core's peak. In the
+frequency domain the same correlation is a few FFTs and one ``pdim x pdim`` complex channel mix per frequency.
+A single FFT of the whole map would need a kernel spectrum as large as the map; cut into ``n x n`` blocks that
+overlap by the kernel's size less one (overlap-save), the spectrum is ``n x n`` (ESC at n = 64: 8.6 MB as real
+matrices), computed once per forward pass (:func:`prepare`) and shared by every block of every layer, and the mix
+is one batched matmul over the frequencies. The dynamic 3x3 kernel is added to the spectrum's diagonal, so one pass
+does both convolutions.
+
+Measured (one 13x13 correlation with its dynamic 3x3, 2 threads, ``benchmarks/README.md``, "Large kernel by FFT"):
+ESC's 16 channels at 180x320 and the default model's 8 channels at 480x512 about 1.6x and 1.9x faster than the
+direct convolutions. Against a float64 reference the FFT is the more accurate of the two (ESC at 180x320: 3.4e-6
+against oneDNN's 2.6e-5 for outputs of standard deviation 2.6).
+
+When. :func:`applies` says whether a forward pass takes this path: a float32 CPU tensor without autograd, not under
+tracing or export (ONNX, TorchScript and ``torch.compile`` see the plain convolution), a kernel of at least
+:data:`MIN_KERNEL` taps, and ``ESC_SR_FFT`` not ``0`` in the environment (the reference for comparisons).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import onednn
+from .layers import per_sample_depthwise_conv
+
+__all__ = ["MIN_KERNEL", "MIN_PIXELS", "enabled", "applies", "block_size", "SpectralKernel", "prepare"]
+
+#: Smaller kernels stay direct: below this the FFT does not repay itself (16 channels at 180x320: 9x9 0.97x, 7x7
+#: 1.19x the direct time; 11x11 0.71x).
+MIN_KERNEL = 11
+
+#: Maps (or tiles) of fewer pixels run direct: the FFT's fixed costs made it slower at 64x64 and even at 96x96.
+MIN_PIXELS = 128 * 128
+
+@functools.lru_cache(maxsize=1)
+def enabled() -> bool:
+    """Whether the environment allows this path (``ESC_SR_FFT=0`` turns it off)."""
+    return os.environ.get("ESC_SR_FFT", "").strip() != "0"
+
+
+def applies(x: torch.Tensor, kernel: torch.Tensor) -> bool:
+    """Whether the large-kernel convolutions of a forward pass on ``x`` take the FFT path (the module docstring)."""
+    if onednn.tracing():  # first: under tracing, shapes are tensors
+        return False
+    return kernel.shape[-1] >= MIN_KERNEL and x.device.type == "cpu" and x.dtype == torch.float32 \
+        and kernel.dtype == torch.float32 and not torch.is_grad_enabled() and enabled()
+
+
+def block_size(kernel_size: int) -> int:
+    """The FFT block side: the smallest power of two of at least 64 and four times the kernel's overlap.
+
+    Measured with 8, 16 and 48 channels at 13x13: 64 beat 32 (more overlap per block: 0.59x against 0.85x the
+    direct time with 8 channels; 0.37x against 0.43x with 48), and 128 gained nothing (its mixes are 4x larger).
+    """
+    size = 64
+    while size < 4 * (kernel_size - 1):
+        size *= 2
+    return size
+
+
+def _channel_mix(spectrum: torch.Tensor) -> torch.Tensor:
+    """Complex ``(..., out, in)`` matrices as real ``(..., 2 out, 2 in)`` ones acting on interleaved (re, im) pairs.
+
+    (a + ib)(x + iy) is [[a, -b], [b, a]] applied to (x, y): one real batched matmul, which torch hands to BLAS in
+    one call (its complex bmm loops over the batch).
+    """
+    a, b = spectrum.real, spectrum.imag
+    *batch, o, i = spectrum.shape
+    return torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], -3).reshape(*batch, 2 * o, 2 * i)
+
+
+class SpectralKernel:
+    """A correlation kernel ``(out, in, k, k)`` with its overlap-save spectrum, for the forward passes of one call.
+
+    Built once per forward pass (:func:`prepare`); ``correlate`` does what ``F.conv2d(x, kernel, padding=k // 2)``
+    plus a per-sample depthwise 3x3 convolution do.
+    """
+
+    def __init__(self, kernel: torch.Tensor) -> None:
+        self.kernel = kernel
+        out_channels, _, k, _ = kernel.shape
+        self.block = block_size(k)
+        # Correlation is convolution with the flipped kernel; a block's valid outputs then start at row/column k - 1.
+        spectrum = torch.fft.rfft2(kernel.flip(-2, -1), s=(self.block, self.block))  # (out, in, n, freqs)
+        self.mix = _channel_mix(spectrum.permute(2, 3, 0, 1)).reshape(-1, 2 * out_channels, 2 * out_channels)
+
+    def _dynamic_spectrum(self, dynamic: torch.Tensor) -> torch.Tensor:
+        """``(batch, freqs, 1, c)`` complex: each sample's depthwise 3x3 kernel, centred as the large kernel is."""
+        n, k = self.block, self.kernel.shape[-1]
+        batch, c = dynamic.shape[:2]
+        centre = (k - 3) // 2  # the 3x3 kernel (padding 1) shares the large kernel's centre (padding k // 2)
+        embedded = dynamic.new_zeros(batch, c, k, k)
+        embedded[:, :, centre:centre + 3, centre:centre + 3] = dynamic
+        spectrum = torch.fft.rfft2(embedded.flip(-2, -1), s=(n, n))  # (batch, c, n, freqs)
+        return spectrum.permute(0, 2, 3, 1).reshape(batch, -1, 1, c)
+
+    def correlate(self, x: torch.Tensor, dynamic: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+        """Write the correlation of ``x`` (``(b, in, h, w)``, any strides) plus each sample's depthwise 3x3 ``dynamic``
+        kernel (``(b, in, 3, 3)``, padding 1) into ``out`` (``(b, out, h, w)``)."""
+        b, c, h, w = x.shape
+        n, k = self.block, self.kernel.shape[-1]
+        if h * w < MIN_PIXELS:
+            return torch.add(F.conv2d(x, self.kernel, padding=k // 2), per_sample_depthwise_conv(x, dynamic, padding=1),
+                             out=out)
+        valid = n - (k - 1)  # outputs per block side
+        rows, cols, freqs = -(-h // valid), -(-w // valid), n * (n // 2 + 1)
+
+        r = k // 2
+        padded = x.new_zeros(b, rows * valid + k - 1, cols * valid + k - 1, c)  # channels last: copies stay linear
+        padded[:, r:r + h, r:r + w] = x.permute(0, 2, 3, 1)
+        blocks = padded.unfold(1, n, valid).unfold(2, n, valid).permute(0, 1, 2, 4, 5, 3)  # (b, rows, cols, n, n, c)
+        spectra = torch.view_as_real(torch.fft.rfft2(blocks, dim=(3, 4)))  # (b, rows, cols, n, n//2+1, c, 2)
+        spectra = spectra.reshape(b, rows * cols, freqs, 2 * c).transpose(1, 2)  # (b, freqs, blocks, 2c)
+        mixed = torch.matmul(spectra, self.mix.transpose(-2, -1))  # (b, freqs, blocks, 2c)
+        # the depthwise kernel is a diagonal mix: one complex multiply-add per channel
+        mixed_c = torch.view_as_complex(mixed.view(b, freqs, rows * cols, c, 2))
+        mixed_c.addcmul_(torch.view_as_complex(spectra.unflatten(-1, (c, 2))), self._dynamic_spectrum(dynamic))
+        mixed = torch.view_as_complex(mixed.view(b, n, n // 2 + 1, rows, cols, c, 2)).permute(0, 3, 4, 1, 2, 5)
+        result = torch.fft.irfft2(mixed, s=(n, n), dim=(3, 4))[:, :, :, k - 1:, k - 1:]  # (b, rows, cols, v, v, c)
+        result = result.permute(0, 1, 3, 2, 4, 5).reshape(b, rows * valid, cols * valid, c)[:, :h, :w]
+        out.permute(0, 2, 3, 1).copy_(result)
+        return out
+
+
+def prepare(kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor | SpectralKernel:
+    """The large kernel as the blocks of a forward pass on ``x`` use it: with its spectrum where :func:`applies` and
+    the map has at least :data:`MIN_PIXELS` (layer-streamed tiles of fewer run direct, in :meth:`~SpectralKernel.correlate`)."""
+    return SpectralKernel(kernel) if applies(x, kernel) and x.shape[-2] * x.shape[-1] >= MIN_PIXELS else kernel
