@@ -155,6 +155,20 @@ def test_official_cpu_without_the_clone_skips_only_the_official_row(tmp_path):
     assert "Official row skipped" in (tmp_path / "official_cpu.md").read_text(encoding="utf-8")
 
 
+def test_large_kernel_benchmark_compares_fft_and_direct_with_their_errors(tmp_path):
+    from benchmarks import large_kernel
+
+    out = tmp_path / "large_kernel.json"
+    assert large_kernel.main(["--rounds", "2", "--scale-sizes", "128x128", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text(encoding="utf-8"))["results"]
+    assert [r["what"].split(",")[0] for r in rows] == ["correlation"] * 3 + ["forward"] * 2
+    for row in rows:
+        assert row["fft_over_direct"]["median"] > 0
+    assert all(r["max_abs_error_vs_float64"]["fft"] < 1e-4 for r in rows[:3])
+    assert all(r["max_abs_difference"] < 1e-4 for r in rows[3:])
+    assert "FFT / direct" in out.with_suffix(".md").read_text(encoding="utf-8")
+
+
 def test_streamed_tiling_benchmark_times_each_mode_in_its_own_process(tmp_path):
     from benchmarks import streamed_tiling
 
