@@ -138,14 +138,14 @@ class ESCBlock(nn.Module):
         x = onednn.channels_last(x)  # CPU inference: the maps stay channels-last from here on
         skip = x
         x = maps.local(lambda t: self.proj(self.ln_proj(t)), x, radius=1)  # no residual around the first FFN (upstream)
-        # Window attention is window-local: no context on tiles aligned to the window grid.
-        x = maps.local(lambda t: self.attn(self.ln_attn(t), add=t), x, radius=0)
+        # Window attention is window-local: no context on tiles aligned to the window grid; it may overwrite x.
+        x = maps.local(lambda t: self.attn(self.ln_attn(t), add=t), x, radius=0, into=0)
         radius = large_kernel_radius(large_kernel)
         for ln, pconv, ffn in zip(self.lns, self.pconvs, self.convffns):
             y = maps.local(lambda t, ln=ln, ffn=ffn: ffn(ln(t)), x, radius=1)
             pooled = maps.mean(y[:, : pconv.plk.pdim])  # the dynamic kernel's global pool: whole-map, not per tile
             x = maps.local(lambda t, u, pconv=pconv, pooled=pooled: pconv(u, large_kernel, pooled, add=t),
-                           x, y, radius=radius)
+                           x, y, radius=radius, into=0)  # x only as the residual: its output may overwrite it
             del y
         return maps.local(lambda t, s: self.conv_out(self.ln_out(t)) + s, x, skip, radius=1)
 

@@ -15,7 +15,11 @@ the stages:
 Writing a forward pass for both: ``maps.local(fn, *tensors, radius=r)`` for a local stage (``tensors[0]`` sets
 the tile grid; other tensors may be at integer multiples of its resolution; ``r`` is in pixels of
 ``tensors[0]``), ``maps.mean(t)`` for a global average (``None`` under :data:`WHOLE`, where the model's own
-pooling layer averages).
+pooling layer averages). ``into=i`` lets a tiled stage write its output over ``tensors[i]`` (one whole map fewer
+at the peak): only for a map the forward pass owns and uses no more, that the stage reads pointwise (a residual
+added at the same pixel) or, at radius 0, window by window. Each tile writes only the pixels no earlier tile wrote,
+so what a later tile reads of that map beyond its own pixels (context, or the window that a side's last tile
+repeats) may already be overwritten: those results are the ones it does not keep.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ Stage = Callable[..., torch.Tensor]
 
 
 class MapRunner(Protocol):
-    def local(self, fn: Stage, *maps: torch.Tensor, radius: int) -> torch.Tensor: ...
+    def local(self, fn: Stage, *maps: torch.Tensor, radius: int, into: int | None = None) -> torch.Tensor: ...
 
     def mean(self, x: torch.Tensor) -> torch.Tensor | None: ...
 
@@ -39,7 +43,7 @@ class MapRunner(Protocol):
 class WholeMaps:
     """Runs every stage on the whole map: the plain forward pass (traceable, exportable)."""
 
-    def local(self, fn: Stage, *maps: torch.Tensor, radius: int) -> torch.Tensor:
+    def local(self, fn: Stage, *maps: torch.Tensor, radius: int, into: int | None = None) -> torch.Tensor:
         return fn(*maps)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -88,12 +92,26 @@ class TiledMaps:
         """The tile cores ``(y0, y1, x0, x1)`` of a ``height x width`` grid (they cover it; they may overlap)."""
         return [(y0, y1, x0, x1) for y0, y1 in self._spans(height) for x0, x1 in self._spans(width)]
 
-    def local(self, fn: Stage, *maps: torch.Tensor, radius: int) -> torch.Tensor:
+    def _written(self, size: int) -> list[tuple[int, int, int]]:
+        """The spans in the order they run, each ``(start, end, first)``: it writes the pixels from ``first`` on, the
+        ones no span before it in the grid covers.
+
+        A last span that repeats the window before it runs before that span: it reads that window (attention's
+        reflection for a partial last window) before the span that writes it may have overwritten it (``into``).
+        """
+        spans = self._spans(size)
+        order = [(start, end, start if i == 0 else max(start, spans[i - 1][1])) for i, (start, end) in enumerate(spans)]
+        if len(spans) > 1 and spans[-1][0] < spans[-2][1]:
+            order[-2], order[-1] = order[-1], order[-2]
+        return order
+
+    def local(self, fn: Stage, *maps: torch.Tensor, radius: int, into: int | None = None) -> torch.Tensor:
         height, width = maps[0].shape[-2:]
         factors = [(_ratio(m.shape[-2], height), _ratio(m.shape[-1], width)) for m in maps]
-        out: torch.Tensor | None = None
-        out_factor: tuple[Fraction, Fraction] | None = None
-        for y0, y1, x0, x1 in self.boxes(height, width):
+        out: torch.Tensor | None = None if into is None else maps[into]
+        out_factor: tuple[Fraction, Fraction] | None = None if into is None else factors[into]
+        tiles = [(y, x) for y in self._written(height) for x in self._written(width)]
+        for (y0, y1, wy0), (x0, x1, wx0) in tiles:
             cy0, cy1 = max(0, y0 - radius), min(height, y1 + radius)
             cx0, cx1 = max(0, x0 - radius), min(width, x1 + radius)
             parts = [
@@ -106,9 +124,9 @@ class TiledMaps:
                 shape = (*result.shape[:-2], _scaled(height, out_factor[0], "output"), _scaled(width, out_factor[1], "output"))
                 out = torch.empty(shape, dtype=result.dtype, device=result.device, memory_format=_layout(result))
             fy, fx = out_factor
-            ry0, ry1 = _scaled(y0 - cy0, fy, "output"), _scaled(y1 - cy0, fy, "output")
-            rx0, rx1 = _scaled(x0 - cx0, fx, "output"), _scaled(x1 - cx0, fx, "output")
-            out[..., _scaled(y0, fy, "output"):_scaled(y1, fy, "output"), _scaled(x0, fx, "output"):_scaled(x1, fx, "output")] = (
+            ry0, ry1 = _scaled(wy0 - cy0, fy, "output"), _scaled(y1 - cy0, fy, "output")
+            rx0, rx1 = _scaled(wx0 - cx0, fx, "output"), _scaled(x1 - cx0, fx, "output")
+            out[..., _scaled(wy0, fy, "output"):_scaled(y1, fy, "output"), _scaled(wx0, fx, "output"):_scaled(x1, fx, "output")] = (
                 result[..., ry0:ry1, rx0:rx1]
             )
             del result, parts
@@ -132,7 +150,7 @@ class _CountingMaps(WholeMaps):
     def __init__(self) -> None:
         self.stages = 0
 
-    def local(self, fn: Stage, *maps: torch.Tensor, radius: int) -> torch.Tensor:
+    def local(self, fn: Stage, *maps: torch.Tensor, radius: int, into: int | None = None) -> torch.Tensor:
         self.stages += 1
         return fn(*maps)
 

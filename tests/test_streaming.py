@@ -101,3 +101,25 @@ def test_the_arbitrary_scale_model_streams_its_encoder_and_decodes_every_pixel_o
     assert calls[-1] == (count_stages(model), count_stages(model))  # streamed, not crop-overlap tiles
     assert streamed.shape == untiled.shape == (1, 3, round(50 * factor), round(70 * factor))
     assert float((streamed - untiled).abs().max()) < 1e-5
+
+
+def test_a_stage_may_write_its_output_over_a_map_it_reads_pointwise_or_window_by_window():
+    from esc_arch.attention import WindowAttention
+
+    maps = TiledMaps(16, window=8)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.rand(1, 8, 37, 29, generator=generator), torch.rand(1, 8, 37, 29, generator=generator)
+    conv = torch.nn.Conv2d(8, 8, 5, padding=2)
+    attention = WindowAttention(8, 8, 2).eval()  # 37 x 29: the last tiles of both sides repeat a window
+    with torch.inference_mode():
+        residual = lambda t, u: conv(u) + t  # noqa: E731 - x only as the residual
+        expected = residual(x, y)
+        target = x.clone()
+        out = maps.local(residual, target, y, radius=2, into=0)
+        assert out.data_ptr() == target.data_ptr() and float((out - expected).abs().max()) < 1e-6
+
+        windowed = lambda t: attention(t, add=t)  # noqa: E731 - read window by window at radius 0
+        expected = windowed(x)
+        target = x.clone()
+        out = maps.local(windowed, target, radius=0, into=0)
+        assert out.data_ptr() == target.data_ptr() and float((out - expected).abs().max()) < 1e-5
