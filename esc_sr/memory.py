@@ -210,14 +210,15 @@ def fits_untiled(
 def streamed_map_bytes(
     model: nn.Module, dtype: torch.dtype, height: int, width: int, *, outscale: float | None = None
 ) -> float:
-    """Memory the whole maps of a layer-streamed ``height x width`` run hold on the device: at most five
-    ``dim``-channel maps alive at once (the stem, a block's input, its running sum, an FFN output, the next sum), the
+    """Memory the whole maps of a layer-streamed ``height x width`` run hold on the device: at most four
+    ``dim``-channel maps alive at once (the stem, a block's input, its running sum, which each residual stage
+    overwrites, and an FFN output; five before, 5,337 against 4,447 MB measured at 2048x2048 x2), the
     input, the output (at ``outscale``, default the model's scale; the caller's host canvas is
     :func:`estimate_memory`'s), and for the arbitrary-scale model its two ``hidden_dim`` decoder maps and the decoded
     pixels twice (the chunks and their concatenation)."""
     element = torch.finfo(dtype).bits // 8
     hyper = model.hyperparameters
-    channels = 5 * int(hyper.get("dim", 64)) + 3
+    channels = 4 * int(hyper.get("dim", 64)) + 3
     outputs = 3 * float(outscale if outscale is not None else model.scale) ** 2
     if getattr(model, "arbitrary_scale", False):
         channels += 2 * int(hyper.get("hidden_dim", 256))
