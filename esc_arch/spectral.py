@@ -6,17 +6,20 @@ frequency domain the same correlation is a few FFTs and one ``pdim x pdim`` comp
 A single FFT of the whole map would need a kernel spectrum as large as the map; cut into ``n x n`` blocks that
 overlap by the kernel's size less one (overlap-save), the spectrum is ``n x n`` (ESC at n = 64: 8.6 MB as real
 matrices), computed once per forward pass (:func:`prepare`) and shared by every block of every layer, and the mix
-is one batched matmul over the frequencies. The dynamic 3x3 kernel is added to the spectrum's diagonal, so one pass
-does both convolutions.
+is one batched matmul over the frequencies. The dynamic 3x3 kernel is a diagonal mix, one complex multiply-add per
+channel on the same spectra, so one pass does both convolutions.
 
-Measured (one 13x13 correlation with its dynamic 3x3, 2 threads, ``benchmarks/README.md``, "Large kernel by FFT"):
-ESC's 16 channels at 180x320 and the default model's 8 channels at 480x512 about 1.6x and 1.9x faster than the
-direct convolutions. Against a float64 reference the FFT is the more accurate of the two (ESC at 180x320: 3.4e-6
-against oneDNN's 2.6e-5 for outputs of standard deviation 2.6).
+Measured (``benchmarks/large_kernel.py``; one 13x13 correlation with its dynamic 3x3, 2-core Xeon, 2 threads):
+0.63x the time of the direct convolutions for ESC's 16 channels at 180x320, 0.51x for the default model's 8 at
+480x512, 0.31x for ESC-XL's 48; whole forward passes 0.91x (ESC x4) and 0.81x (the default model). Against a
+float64 reference the FFT is the more accurate of the two (ESC at 180x320: 3.4e-6 against oneDNN's 2.6e-5 for
+outputs up to 13).
 
 When. :func:`applies` says whether a forward pass takes this path: a float32 CPU tensor without autograd, not under
 tracing or export (ONNX, TorchScript and ``torch.compile`` see the plain convolution), a kernel of at least
-:data:`MIN_KERNEL` taps, and ``ESC_SR_FFT`` not ``0`` in the environment (the reference for comparisons).
+:data:`MIN_KERNEL` taps, and ``ESC_SR_FFT`` not ``0`` in the environment (the reference for comparisons);
+:func:`prepare` takes it for maps of at least :data:`MIN_PIXELS`, and smaller tiles of a layer-streamed pass run
+direct. The state dict, training, other devices and dtypes are unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ MIN_KERNEL = 11
 
 #: Maps (or tiles) of fewer pixels run direct: the FFT's fixed costs made it slower at 64x64 and even at 96x96.
 MIN_PIXELS = 128 * 128
+
 
 @functools.lru_cache(maxsize=1)
 def enabled() -> bool:
@@ -77,7 +81,7 @@ def _channel_mix(spectrum: torch.Tensor) -> torch.Tensor:
 
 
 class SpectralKernel:
-    """A correlation kernel ``(out, in, k, k)`` with its overlap-save spectrum, for the forward passes of one call.
+    """A correlation kernel ``(out, in, k, k)`` with its overlap-save spectrum, for one forward pass.
 
     Built once per forward pass (:func:`prepare`); ``correlate`` does what ``F.conv2d(x, kernel, padding=k // 2)``
     plus a per-sample depthwise 3x3 convolution do.
