@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per comparison (default 9)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--scale-sizes", type=parse_size, default=None, metavar="HxW",
+    parser.add_argument("--size", type=parse_size, default=None, metavar="HxW",
                         help="one size for every row instead of each row's own (a quick run)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name, channels, size in CORRELATIONS:
-        rows.append(correlation(name, channels, args.scale_sizes or size, args.rounds))
+        rows.append(correlation(name, channels, args.size or size, args.rounds))
         log(f"{rows[-1]['what']}: FFT / direct {rows[-1]['fft_over_direct']['median']:.2f}× (median)")
     models = [("default model", esc_arch.load_model("default"), (480, 512))]
     if GOLDEN_ESC.is_file():
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log(f"no golden ESC checkpoint at {GOLDEN_ESC}: its forward row is skipped")
     for name, model, size in models:
-        rows.append(forward(name, model.eval(), args.scale_sizes or size, max(2, args.rounds // 2)))
+        rows.append(forward(name, model.eval(), args.size or size, max(2, args.rounds // 2)))
         log(f"{rows[-1]['what']}: FFT / direct {rows[-1]['fft_over_direct']['median']:.2f}× (median)")
     print(write_results(args.out, rows, markdown))
     return 0

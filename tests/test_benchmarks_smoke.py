@@ -159,7 +159,7 @@ def test_large_kernel_benchmark_compares_fft_and_direct_with_their_errors(tmp_pa
     from benchmarks import large_kernel
 
     out = tmp_path / "large_kernel.json"
-    assert large_kernel.main(["--rounds", "2", "--scale-sizes", "128x128", "--out", str(out)]) == 0
+    assert large_kernel.main(["--rounds", "2", "--size", "128x128", "--out", str(out)]) == 0
     rows = json.loads(out.read_text(encoding="utf-8"))["results"]
     assert [r["what"].split(",")[0] for r in rows] == ["correlation"] * 3 + ["forward"] * 2
     for row in rows:
