@@ -40,6 +40,34 @@ def test_torchrun_ddp_on_cpu_keeps_both_ranks_identical(tmp_path, data):
     assert validation_values(log, "tinyval")
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["finishes", "raises"])
+def test_train_entry_leaves_the_process_group_it_ran_in(monkeypatch, fails):
+    """BasicSR leaves ``--launcher pytorch``'s group alive; gloo threads torn down at interpreter exit can abort a rank
+    (SIGABRT) after a run that finished, so the entry point destroys the group, also when training raised."""
+    import basicsr.train
+    import torch.distributed as dist
+
+    from basicsr_plugin.entry import train_main
+
+    def pipeline(root_path):
+        assert dist.is_initialized()
+        if fails:
+            raise RuntimeError("training failed")
+
+    monkeypatch.setattr(basicsr.train, "train_pipeline", pipeline)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="training failed"):
+                train_main([])
+        else:
+            train_main([])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _check_divergence(rank: int, world: int, port: int, queue) -> None:
     """Worker: two gloo ranks whose weights differ in one value; the replica check must refuse to continue."""
     import torch.distributed as dist
