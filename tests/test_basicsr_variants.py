@@ -40,28 +40,32 @@ def test_torchrun_ddp_on_cpu_keeps_both_ranks_identical(tmp_path, data):
     assert validation_values(log, "tinyval")
 
 
+@pytest.mark.parametrize("entry", ["train", "test"])
 @pytest.mark.parametrize("fails", [False, True], ids=["finishes", "raises"])
-def test_train_entry_leaves_the_process_group_it_ran_in(monkeypatch, fails):
+def test_entry_points_leave_the_process_group_they_ran_in(monkeypatch, entry, fails):
     """BasicSR leaves ``--launcher pytorch``'s group alive; gloo threads torn down at interpreter exit can abort a rank
-    (SIGABRT) after a run that finished, so the entry point destroys the group, also when training raised."""
-    import basicsr.train
+    (SIGABRT) after a run that finished, so esc-train and esc-test destroy the group, also when the pipeline raised."""
+    import importlib
+
     import torch.distributed as dist
 
-    from basicsr_plugin.entry import train_main
+    from basicsr_plugin import entry as entries
 
     def pipeline(root_path):
         assert dist.is_initialized()
         if fails:
-            raise RuntimeError("training failed")
+            raise RuntimeError("pipeline failed")
 
-    monkeypatch.setattr(basicsr.train, "train_pipeline", pipeline)
+    monkeypatch.setattr(importlib.import_module(f"basicsr.{entry}"), f"{entry}_pipeline", pipeline)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the entry points set sys.argv from their argument list
+    main = getattr(entries, f"{entry}_main")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         if fails:
-            with pytest.raises(RuntimeError, match="training failed"):
-                train_main([])
+            with pytest.raises(RuntimeError, match="pipeline failed"):
+                main([])
         else:
-            train_main([])
+            main([])
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
