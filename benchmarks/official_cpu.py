@@ -24,6 +24,10 @@ both must agree within 1e-4, the golden fixtures' tolerance, or the run stops.
 - ``ours upscale``: ``esc_sr.upscale(model, x)``, the library's default path (``tile='auto'``, which runs this
   size untiled; it fuses a copy of the model per call and applies the CPU thread policy of
   :mod:`esc_sr.threads` to the call);
+- ``ours batch``: the same call in a worker that, as a batch host does (``esc-sr upscale`` over a folder, a
+  script's loop), keeps one :func:`esc_sr.heap.reusing_freed_memory` scope open around all its calls, so each call
+  reuses the memory the one before freed; ``ours upscale`` gives it back when each call returns (the right thing
+  for a host such as ComfyUI), and its next call faults it in again;
 - ``ours bare``: ``model(x)`` on the same loaded (unfused) model, torch's thread setting as it is;
 - ``official``: the official model's ``model(x)``.
 
@@ -49,6 +53,7 @@ Writes ``benchmarks/results/official_cpu.json`` (every time, thread choices, mac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -71,7 +76,9 @@ DEFAULT_WEIGHTS = REPO_ROOT.parent / "shared" / "fixtures" / "golden" / "esc_x4.
 OFFICIAL_KWARGS = dict(dim=64, pdim=16, kernel_size=13, n_blocks=5, conv_blocks=5, window_size=32, num_heads=4,
                        exp_ratio=1.25, attn_type="Naive", upscaling_factor=4)
 TOLERANCE = 1e-4
-ENTRIES = ("ours_upscale", "ours_bare", "official")
+ENTRIES = ("ours_upscale", "ours_batch", "ours_bare", "official")
+#: Which worker process serves each entry (the heap scope is process-wide: the batch entry needs its own).
+WORKER_OF = {"ours_upscale": "ours", "ours_bare": "ours", "ours_batch": "ours_batch", "official": "official"}
 
 
 def log(message: str) -> None:
@@ -125,7 +132,7 @@ def _build_ours(weights: Path) -> dict[str, Any]:
         with torch.inference_mode():
             return model(x)
 
-    state["calls"] = {"ours_upscale": upscale, "ours_bare": bare}
+    state["calls"] = {"ours_upscale": upscale, "ours_batch": upscale, "ours_bare": bare}
     return state
 
 
@@ -163,15 +170,21 @@ def _build_official(path: Path, weights: Path) -> dict[str, Any]:
 
 def worker(kind: str, args: argparse.Namespace) -> int:
     """A worker process: build the model, then answer the parent's commands on stdin, one JSON line each."""
-    if kind == "ours":
+    ours = kind in ("ours", "ours_batch")
+    if ours:
         from esc_sr import threads
 
         environment = threads.configure_environment()  # what esc-sr's entry does, before torch is imported
     import torch
 
-    if kind == "ours":
+    scope = contextlib.ExitStack()
+    if ours:
         state = _build_ours(Path(args.weights))
         state["environment"] = environment
+        if kind == "ours_batch":
+            from esc_sr import heap
+
+            scope.enter_context(heap.reusing_freed_memory())  # open for the worker's life, as esc-sr's loop does
     else:
         state = _build_official(Path(args.official_file), Path(args.weights))
     x = _input(tuple(args.size))
@@ -179,6 +192,14 @@ def worker(kind: str, args: argparse.Namespace) -> int:
              "environment": state.get("environment"), "build_s": state.get("build_s"),
              "wait_env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}}
     print(json.dumps(reply), flush=True)
+    with scope:
+        _answer_commands(state, x)
+    return 0
+
+
+def _answer_commands(state: dict[str, Any], x: Any) -> None:
+    import torch
+
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "quit":
@@ -188,12 +209,11 @@ def worker(kind: str, args: argparse.Namespace) -> int:
         out = fn(x)
         seconds = time.perf_counter() - started
         answer: dict[str, Any] = {"seconds": seconds, "torch_threads_after": torch.get_num_threads()}
-        if kind == "ours" and command["entry"] == "ours_upscale":
+        if command["entry"] in ("ours_upscale", "ours_batch"):
             answer["decision"] = state["decisions"][-1]
         if command.get("save"):
             torch.save(out.contiguous(), command["save"])
         print(json.dumps(answer), flush=True)
-    return 0
 
 
 class Worker:
@@ -341,9 +361,9 @@ def check_agreement(workers: dict[str, Worker], folder: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"tolerance": TOLERANCE}
     if "official" in outputs:
         result["ours_bare_vs_official"] = _max_abs(outputs["ours_bare"], outputs["official"])
-        result["ours_upscale_vs_official_padded_clamped"] = _max_abs(outputs["ours_upscale"],
-                                                                     outputs["official_padded"].clamp(0, 1))
-        result["ok"] = max(result["ours_bare_vs_official"], result["ours_upscale_vs_official_padded_clamped"]) <= TOLERANCE
+        for entry in ("ours_upscale", "ours_batch"):
+            result[f"{entry}_vs_official_padded_clamped"] = _max_abs(outputs[entry], outputs["official_padded"].clamp(0, 1))
+        result["ok"] = max(v for k, v in result.items() if k.endswith("official") or k.endswith("clamped")) <= TOLERANCE
     return result
 
 
@@ -355,7 +375,7 @@ def measure(workers: dict[str, Worker], runs: int, warmup: int) -> dict[str, Any
         for entry in entries:
             workers[entry].run(entry)
     times: dict[str, list[float]] = {e: [] for e in entries}
-    decisions: list[Any] = []
+    decisions: dict[str, list[Any]] = {e: [] for e in entries if e in ("ours_upscale", "ours_batch")}
     started = time.perf_counter()
     with RunnableSampler() as sampler:
         for index in range(runs):
@@ -364,13 +384,13 @@ def measure(workers: dict[str, Worker], runs: int, warmup: int) -> dict[str, Any
                 answer = workers[entry].run(entry)
                 times[entry].append(answer["seconds"])
                 if "decision" in answer:
-                    decisions.append(answer["decision"])
+                    decisions[entry].append(answer["decision"])
             log(f"round {index + 1}/{runs}: " + ", ".join(f"{e} {times[e][-1]:.2f} s" for e in entries))
     medians = {e: statistics.median(v) for e, v in times.items()}
     result: dict[str, Any] = {"runs": runs, "warmup_rounds": warmup, "seconds": times, "median_s": medians,
                               "min_s": {e: min(v) for e, v in times.items()}, "wall_s": time.perf_counter() - started,
                               "runnable_threads": sampler.summary(), "load_average": _load_average(),
-                              "ours_upscale_thread_decisions": decisions}
+                              "thread_decisions": decisions}
     if "official" in medians:
         result["ratio_vs_official"] = {e: medians[e] / medians["official"] for e in entries if e != "official"}
         result["per_round_ratio_vs_official"] = {
@@ -409,29 +429,34 @@ def markdown(payload: dict[str, Any]) -> str:
     agreement = payload.get("agreement", {})
     if "ours_bare_vs_official" in agreement:
         lines += [f"Agreement: max |ours − official| = {agreement['ours_bare_vs_official']:.2e} (bare), "
-                  f"{agreement['ours_upscale_vs_official_padded_clamped']:.2e} (upscale against the official model on the "
-                  "window-padded image, cropped and clamped, the paper's protocol that upscale follows); "
+                  f"{agreement['ours_upscale_vs_official_padded_clamped']:.2e} (upscale), "
+                  f"{agreement['ours_batch_vs_official_padded_clamped']:.2e} (batch; both against the official model "
+                  "on the window-padded image, cropped and clamped, the paper's protocol that upscale follows); "
                   f"tolerance {TOLERANCE:g}.", ""]
-    lines += ["| condition | runs | ours upscale (s) | ours bare (s) | official (s) | upscale / official | bare / official "
-              "| goal | met (upscale / bare) | ours upscale threads | runnable threads (median) |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    ours = ("ours_upscale", "ours_batch", "ours_bare")
+    lines += ["| condition | runs | ours upscale (s) | ours batch (s) | ours bare (s) | official (s) | upscale / official "
+              "| batch / official | bare / official | goal | met (upscale / batch / bare) | ours threads "
+              "| runnable threads (median) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+    times = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
     for name, cond in payload["conditions"].items():
         med = cond["median_s"]
         ratio = cond.get("ratio_vs_official", {})
-        chosen = sorted({d["threads"] for d in cond["ours_upscale_thread_decisions"] if d and d.get("threads")})
-        kept = any(d and d.get("threads") is None for d in cond["ours_upscale_thread_decisions"])
+        decisions = [d for calls in cond["thread_decisions"].values() for d in calls]
+        chosen = sorted({d["threads"] for d in decisions if d and d.get("threads")})
+        kept = any(d and d.get("threads") is None for d in decisions)
         goal = GOALS.get(name)
         met = " / ".join("—" if entry not in ratio or goal is None else ("yes" if ratio[entry] <= goal else "**no**")
-                         for entry in ("ours_upscale", "ours_bare"))
-        fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-        times = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
+                         for entry in ours)
         lines.append(
-            f"| {name} | {cond['runs']} | {fmt(med.get('ours_upscale'))} | {fmt(med.get('ours_bare'))} | "
-            f"{fmt(med.get('official'))} | {times(ratio.get('ours_upscale'))} | {times(ratio.get('ours_bare'))} | "
+            f"| {name} | {cond['runs']} | " + " | ".join(fmt(med.get(e)) for e in ours + ("official",)) + " | "
+            + " | ".join(times(ratio.get(e)) for e in ours) + " | "
             f"≤ {goal}× | {met} | {', '.join(map(str, chosen + (['as set'] if kept else []))) or '—'} | "
             f"{cond['runnable_threads'].get('median', '—')} |")
     lines += ["", "Runnable threads: the machine's count (`/proc/loadavg`) every 0.5 s during the rounds, the sampling "
-              "thread and the worker that runs included. Ours upscale threads: what `esc_sr.threads` chose per call.",
+              "thread and the worker that runs included. Ours threads: what `esc_sr.threads` chose per upscale call "
+              "(upscale and batch).",
               "", "Workers: " + "; ".join(f"{k}: {v}" for k, v in payload["workers"].items()), ""]
     return "\n".join(lines)
 
@@ -459,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pause-pid", type=int, action="append", default=[],
                         help="a process to SIGSTOP during the idle condition only (resumed afterwards); repeatable")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for official_cpu.json / .md")
-    parser.add_argument("--worker", choices=["ours", "official", "load"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "ours_batch", "official", "load"], help=argparse.SUPPRESS)
     parser.add_argument("--official-file", help=argparse.SUPPRESS)
     return parser
 
@@ -500,10 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         workers: dict[str, Worker] = {}
         try:
             log("starting the workers (the official Naive model builds its index tables for a minute or so)")
-            ours = Worker("ours", args, None)
-            workers.update(ours_upscale=ours, ours_bare=ours)
-            if official_file is not None:
-                workers["official"] = Worker("official", args, official_file)
+            kinds = ["ours", "ours_batch"] + (["official"] if official_file is not None else [])
+            by_kind = {kind: Worker(kind, args, official_file if kind == "official" else None) for kind in kinds}
+            workers.update({entry: by_kind[kind] for entry, kind in WORKER_OF.items() if kind in by_kind})
             payload["workers"] = {w.kind: w.info for w in {id(w): w for w in workers.values()}.values()}
             payload["agreement"] = check_agreement(workers, folder)
             log(f"agreement: {payload['agreement']}")

@@ -391,7 +391,7 @@ def upscale_command(args: argparse.Namespace) -> int:
 def _upscale(args: argparse.Namespace, session: Any) -> int:
     """The run, on one process or as one rank of several: rank 0 checks the arguments and plans the outputs, every
     rank loads the model (rank 0 first) and upscales its share, and the summaries go to rank 0."""
-    from . import engine, sharding
+    from . import engine, heap, sharding
 
     inputs, input_errors, output, single_file = session.from_root(lambda: _check_inputs(args),
                                                                   exit_status=_exit_status)
@@ -410,18 +410,20 @@ def _upscale(args: argparse.Namespace, session: Any) -> int:
     progress = not args.quiet and sys.stderr.isatty() and session.is_root
     bar = _progress_bar(mine, enabled=progress and len(mine) > 1)
     try:
-        for job in bar:
-            status, message, notes = _upscale_one(job, model, args, outscale=outscale, device=device, progress=progress)
-            for note in notes:
-                _report(f"{job.source}: warning: {note}", bar)
-            if status == "written":
-                summary.written.append(job.target)
-            elif status == "skipped":
-                summary.skipped.append(job.target)
-                _report(message, bar)
-            else:
-                summary.failed.append((str(job.source), message))
-                _report(f"{job.source}: {message}", bar)
+        # One heap scope for this share: each image reuses the memory the one before freed (esc_sr/heap.py).
+        with heap.reusing_freed_memory(device):
+            for job in bar:
+                status, message, notes = _upscale_one(job, model, args, outscale=outscale, device=device, progress=progress)
+                for note in notes:
+                    _report(f"{job.source}: warning: {note}", bar)
+                if status == "written":
+                    summary.written.append(job.target)
+                elif status == "skipped":
+                    summary.skipped.append(job.target)
+                    _report(message, bar)
+                else:
+                    summary.failed.append((str(job.source), message))
+                    _report(f"{job.source}: {message}", bar)
     except KeyboardInterrupt as exc:  # every rank is interrupted (or stopped by torchrun): no exchange
         what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
         _report(f"{what}; files written so far are complete", bar)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
@@ -551,12 +551,13 @@ def upscale(
         return out if tuple(out.shape[-2:]) == size else _resize_planes(out, size)
 
     # Freed CPU memory reused instead of faulted in afresh by every operator (heap.py: 12-19 % of a forward), where
-    # memory is plentiful enough for what the heap then holds.
+    # memory is plentiful enough for what the heap then holds; otherwise what a caller's batch scope holds is
+    # given back for this call.
     reuse = heap.applies(run_device) and fits_untiled(prepared, run_device, dtype, height, width,
                                                       fraction=1 / heap.WORST_RETENTION)
     outs = []
     with _eval_mode(prepared), torch.inference_mode(), \
-            (heap.reusing_freed_memory(run_device) if reuse else nullcontext()):
+            (heap.reusing_freed_memory(run_device) if reuse else heap.returning_freed_memory()):
         try:
             for x in kind.planes:
                 channels = x.shape[1]

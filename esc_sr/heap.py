@@ -45,7 +45,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
-__all__ = ["reusing_freed_memory", "applies", "WORST_RETENTION"]
+__all__ = ["reusing_freed_memory", "returning_freed_memory", "held_bytes", "applies", "WORST_RETENTION"]
 
 #: The most the process may hold under the policy, as a multiple of the engine's memory estimate (measured: 1.81x).
 WORST_RETENTION = 2.5
@@ -57,7 +57,14 @@ _LARGEST_TRIM = 2**31 - 1  # mallopt takes an int: 2 GiB of free heap top is the
 _ADAPTIVE_TRIM = 2 * _LARGEST_MMAP_THRESHOLD  # glibc's own rule: trim threshold = twice the mmap threshold
 
 _lock = threading.Lock()
-_depth = 0
+_depth = 0  # open reusing_freed_memory blocks
+_returning = 0  # open returning_freed_memory blocks inside them
+_baseline = 0  # the heap's free bytes when it last held nothing resident for us (the scope opened, or a trim)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +74,8 @@ def _glibc() -> Any | None:
         libc.gnu_get_libc_version  # noqa: B018  (present only in glibc)
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+            libc.mallinfo2.restype = _Mallinfo2
         return libc
     except (OSError, AttributeError):
         return None
@@ -83,11 +92,19 @@ def applies(device: Any = "cpu") -> bool:
     return str(kind).split(":")[0] == "cpu" and _glibc() is not None and not _user_tunes_malloc(os.environ)
 
 
+def _free_in_heap(libc: Any) -> int:
+    return int(libc.mallinfo2().fordblks) if hasattr(libc, "mallinfo2") else 0
+
+
 @contextmanager
 def reusing_freed_memory(device: Any = "cpu") -> Iterator[bool]:
     """Keep freed memory in the heap for the block (see the module docstring); nests, and only the outermost
-    block changes and restores the settings. Yields whether the policy applies."""
-    global _depth
+    block changes and restores the settings. Yields whether the policy applies.
+
+    :func:`esc_sr.upscale` opens one per call. A host that upscales many images in a row (``esc-sr upscale`` over
+    a folder, a script's loop) opens one around the loop, so each call reuses what the previous one freed instead
+    of faulting it in again; the memory is given back when the loop ends."""
+    global _depth, _baseline
     if not applies(device):
         yield False
         return
@@ -97,6 +114,7 @@ def reusing_freed_memory(device: Any = "cpu") -> Iterator[bool]:
         if _depth == 1:
             libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)
             libc.mallopt(_M_TRIM_THRESHOLD, _LARGEST_TRIM)
+            _baseline = _free_in_heap(libc)
     try:
         yield True
     finally:
@@ -105,3 +123,39 @@ def reusing_freed_memory(device: Any = "cpu") -> Iterator[bool]:
             if _depth == 0:
                 libc.mallopt(_M_TRIM_THRESHOLD, _ADAPTIVE_TRIM)
                 libc.malloc_trim(0)
+
+
+@contextmanager
+def returning_freed_memory() -> Iterator[None]:
+    """Inside a :func:`reusing_freed_memory` block: give the freed memory back now and trim as glibc would for
+    the block, for a call whose working set would not fit beside what the heap may hold; keep again after it.
+    Outside one (or where the policy does not apply) it changes nothing."""
+    global _returning, _baseline
+    libc = _glibc()
+    with _lock:
+        active = _depth > 0
+        if active:
+            _returning += 1
+            libc.mallopt(_M_TRIM_THRESHOLD, _ADAPTIVE_TRIM)
+            libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        if active:
+            with _lock:
+                _returning -= 1
+                if _depth > 0 and _returning == 0:
+                    libc.mallopt(_M_TRIM_THRESHOLD, _LARGEST_TRIM)
+                    _baseline = _free_in_heap(libc)  # what the trim gave back is counted as free memory by the OS
+
+
+def held_bytes() -> int:
+    """Freed memory the heap holds for this process's reuse under :func:`reusing_freed_memory` (0 outside it),
+    which the memory checks count as available: the process may reuse it, but the OS does not count it as free.
+
+    A lower bound: free heap bytes above what the heap held free when it last held none of it resident (when the
+    outermost block opened, or after a trim), whose pages the OS may have reclaimed."""
+    libc = _glibc()
+    if libc is None or _depth == 0 or _returning:
+        return 0
+    return max(0, _free_in_heap(libc) - _baseline)

@@ -14,6 +14,7 @@ from torch import nn
 
 from esc_arch.footprint import activation_elements_per_pixel
 
+from . import heap
 from .errors import EngineError, OutOfMemory
 
 # Upper bounds for the tiles of tile='auto' (when the image does not fit untiled).
@@ -62,7 +63,7 @@ def release_memory(device: torch.device) -> None:
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Memory a tile may use on ``device``: free device memory, or available RAM on CPU."""
+    """Memory a tile may use on ``device``: free device memory, or available RAM on CPU (:func:`available_memory`)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         # Memory held by torch's caching allocator but unused is free for us too.
@@ -70,7 +71,7 @@ def free_memory_bytes(device: torch.device) -> int:
         return int(free + cached)
     if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
         return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
-    return _available_ram_bytes()
+    return available_memory()
 
 
 def _available_ram_bytes() -> int:
@@ -90,8 +91,9 @@ def _available_ram_bytes() -> int:
 
 
 def available_memory() -> int:
-    """Bytes of RAM available now (``MemAvailable`` on Linux; psutil elsewhere; 4 GiB when unknown)."""
-    return _available_ram_bytes()
+    """Bytes of RAM available now (``MemAvailable`` on Linux; psutil elsewhere; 4 GiB when unknown), and the freed
+    memory the heap holds for this process's reuse in a batch scope (:func:`esc_sr.heap.held_bytes`)."""
+    return _available_ram_bytes() + heap.held_bytes()
 
 
 MemorySpec = Union[Literal["auto"], int, None]

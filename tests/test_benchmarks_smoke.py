@@ -142,7 +142,7 @@ def test_onnx_speed_writes_both_runtimes_their_ratio_and_the_load(tmp_path, caps
 
 
 def test_official_cpu_without_the_clone_skips_only_the_official_row(tmp_path):
-    """No clone of dslisleedh/ESC: the benchmark says so and still times ours (both entries) in its worker."""
+    """No clone of dslisleedh/ESC: the benchmark says so and still times ours (all three entries) in its workers."""
     from benchmarks import official_cpu
 
     assert official_cpu.main(["--official-repo", str(tmp_path / "no-clone"), "--size", "16x24", "--runs", "1",
@@ -150,8 +150,8 @@ def test_official_cpu_without_the_clone_skips_only_the_official_row(tmp_path):
     results = json.loads((tmp_path / "official_cpu.json").read_text(encoding="utf-8"))
     assert "no clone of dslisleedh/ESC" in results["official_skipped"]
     idle = results["conditions"]["idle"]
-    assert set(idle["seconds"]) == {"ours_upscale", "ours_bare"} and "ratio_vs_official" not in idle
-    assert len(idle["ours_upscale_thread_decisions"]) == 1
+    assert set(idle["seconds"]) == {"ours_upscale", "ours_batch", "ours_bare"} and "ratio_vs_official" not in idle
+    assert len(idle["thread_decisions"]["ours_upscale"]) == len(idle["thread_decisions"]["ours_batch"]) == 1
     assert "Official row skipped" in (tmp_path / "official_cpu.md").read_text(encoding="utf-8")
 
 

@@ -80,6 +80,23 @@ def test_bad_files_in_a_folder_do_not_stop_the_rest(folder, model_file, tmp_path
     assert "Traceback" not in err and "readme" not in err
 
 
+def test_a_folder_is_upscaled_inside_one_heap_scope(folder, model_file, tmp_path, capsys, monkeypatch):
+    """Each image reuses the memory the one before freed (esc_sr/heap.py), and the memory is given back at the end."""
+    from esc_sr import engine, heap
+
+    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    if not heap.applies("cpu"):
+        pytest.skip("glibc's malloc only (the heap scope does nothing elsewhere)")
+    depths: list[int] = []
+    upscale = engine.upscale
+    monkeypatch.setattr(engine, "upscale", lambda *a, **k: depths.append(heap._depth) or upscale(*a, **k))
+    code, _, _ = run(["upscale", folder, "-o", tmp_path / "out", "-m", model_file], capsys)
+    assert code == 1 and depths == [1, 1, 1]  # three good images, each called inside the loop's scope
+    assert heap._depth == 0
+
+
 def test_single_file_to_an_explicit_output_name(folder, model_file, tmp_path, capsys):
     target = tmp_path / "big.webp"
     code, _, err = run(["upscale", folder / "photo.png", "-o", target, "-m", model_file, "--tile", "0"], capsys)

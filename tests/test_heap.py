@@ -149,3 +149,122 @@ def test_upscale_leaves_glibc_alone_where_memory_is_short(monkeypatch: pytest.Mo
         seen.clear()
         esc_sr.upscale(model, x, tile=None, max_memory=None)
         assert seen and all(s is kept for s in seen), (free / working_set, seen)
+
+
+# ------------------------------------------------------------------------------------------- batch scope
+
+# Upscales one image three times, each call on its own and then all three inside one outer block (a batch host's
+# loop), and reports the page faults of each block's last call and the RSS the outer block kept.
+_BATCH_PROBE = r"""
+import ctypes, json, resource, torch
+import esc_arch, esc_sr
+from esc_sr import heap
+
+ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # glibc's starting mmap threshold (see _PROBE)
+torch.set_num_threads(1)
+model = esc_arch.ESC(dim=32, pdim=8, kernel_size=13, n_blocks=1, conv_blocks=2, window_size=16, num_heads=2,
+                     upscaling_factor=2).eval()
+x = torch.rand(1, 3, 192, 192)
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    esc_sr.upscale(model, x, tile=None)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+result = {}
+result["per_call"] = [faults() for _ in range(3)][-1]
+base = rss_mb()
+with heap.reusing_freed_memory("cpu"):
+    result["batch"] = [faults() for _ in range(3)][-1]
+    result["kept_mb"] = rss_mb() - base
+result["after_mb"] = rss_mb() - base
+print(json.dumps(result))
+"""
+
+
+def test_a_batch_scope_keeps_freed_memory_between_calls_and_gives_it_back_after():
+    """Each upscale call gives its memory back when it returns (a host such as ComfyUI keeps running), so the next
+    call faults it in again; a loop inside one outer block reuses it, and the block's end gives it back."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _BATCH_PROBE], env={**clean, "ESC_SR_ONEDNN": "0"},
+                         capture_output=True, text=True, check=True, timeout=180)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["per_call"] > 2_000
+    assert result["batch"] < result["per_call"] / 5
+    assert result["kept_mb"] > 5 and result["after_mb"] < result["kept_mb"] - 5
+
+
+# Frees 64 blocks of 1 MiB inside a block and reports what held_bytes() and available_memory() say, then inside a
+# returning_freed_memory() block, then after. A fresh interpreter: in a long-lived process the blocks may reuse free
+# chunks the heap already had, which the lower bound rightly does not count.
+_HELD_PROBE = r"""
+import json, torch
+from esc_sr import heap, memory
+
+memory._available_ram_bytes = lambda: 1 << 30
+result = {"outside": heap.held_bytes()}
+with heap.reusing_freed_memory("cpu"):
+    blocks = [torch.ones(2**18) for _ in range(64)]  # 64 x 1 MiB: heap blocks, under the mmap threshold
+    del blocks
+    result["held"] = heap.held_bytes()
+    result["available"] = memory.available_memory()
+    with heap.returning_freed_memory():
+        result["returning"] = heap.held_bytes()
+    result["after_returning"] = heap.held_bytes()
+result["closed"] = heap.held_bytes()
+print(json.dumps(result))
+"""
+
+
+def test_held_memory_counts_as_available_until_it_is_given_back():
+    """What a batch scope keeps for reuse counts as available memory (the OS does not count it as free), until a
+    trim gives it back."""
+    if not hasattr(heap._glibc(), "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2: held memory is not counted (a lower bound of 0)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _HELD_PROBE], env=clean, capture_output=True, text=True, check=True,
+                         timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["outside"] == 0  # outside a block nothing is held for us
+    assert result["held"] >= 48 * 2**20
+    assert result["available"] == (1 << 30) + result["held"]
+    assert result["returning"] == 0  # trimmed: the OS counts it as free again
+    assert result["after_returning"] < result["held"]
+    assert result["closed"] == 0
+
+
+def test_a_call_that_does_not_fit_gives_a_batch_scopes_memory_back(monkeypatch: pytest.MonkeyPatch):
+    """Inside a batch host's block, a call whose working set times WORST_RETENTION does not fit runs with glibc's
+    trimming (what the block held is given back first), and the block keeps memory again after it."""
+    from esc_sr import memory
+
+    calls: list[tuple] = []
+
+    class RecordingLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("trim", pad))
+            return 1
+
+    model = esc_arch.ESC(dim=16, pdim=4, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2,
+                         upscaling_factor=2).eval()
+    working_set = 16 * 16 * memory.bytes_per_input_pixel(model, torch.float32)
+    monkeypatch.setattr(heap, "_glibc", lambda: RecordingLibc())
+    monkeypatch.setattr(heap, "applies", lambda device="cpu": True)
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: int(working_set * 2.0))
+    trimming = [("mallopt", heap._M_TRIM_THRESHOLD, heap._ADAPTIVE_TRIM), ("trim", 0)]
+    keeping = ("mallopt", heap._M_TRIM_THRESHOLD, heap._LARGEST_TRIM)
+    with heap.reusing_freed_memory("cpu"):
+        calls.clear()
+        esc_sr.upscale(model, torch.rand(1, 3, 16, 16), tile=None, max_memory=None)
+        assert calls == [*trimming, keeping]
+        calls.clear()
+    assert calls == trimming  # the block's own end
+    esc_sr.upscale(model, torch.rand(1, 3, 16, 16), tile=None, max_memory=None)
+    assert calls == trimming  # outside a block a call that does not fit changes nothing
