@@ -121,19 +121,6 @@ def _flex_attention(q, k, v, bias):
     return flex_attention(q, k, v, score_mod=add_bias)
 
 
-# torch's CPU flash kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp, flash_attention_kernel_impl) splits
-# the queries into blocks of 256 from 768 queries on and into blocks of 64 below (keys: blocks of 512 either way).
-# Should a later torch change that, the chunks below only cost a few more calls.
-_FLASH_CPU_LARGE_BLOCK_QUERIES = 768
-
-
-def _query_rows_per_call(window_size: int) -> int:
-    """Window rows per CPU flash call: the whole window below 768 queries, else equal chunks of fewer than 768."""
-    most = max(1, (_FLASH_CPU_LARGE_BLOCK_QUERIES - 1) // window_size)
-    calls = -(-window_size // most)
-    return -(-window_size // calls)
-
-
 class WindowAttention(nn.Module):
     """Non-overlapping window attention over an NCHW feature map (no shift, no mask).
 
@@ -223,9 +210,11 @@ class WindowAttention(nn.Module):
           (heads, 1, tokens, tokens) mask: the kernel walks batch, then heads, then query blocks, so one head's 4 MiB
           of bias is reused across all windows instead of all 16 MiB being streamed once per window (the kernel
           alone, 16 windows: 128 against 144 ms, median of 30, CPU time);
-        * in inference, attends in chunks of fewer than 768 queries: from 768 queries on the kernel works in blocks of
-          256 queries x 512 keys, whose 512 KiB score block is half this core's L2; below, in blocks of 64 queries
-          (the kernel alone, 64 windows, two calls of 512 queries: 465 against 550 ms for one call, median of 8);
+        * attends each whole window in one call. An earlier version cut windows of 768 queries or more into chunks
+          below that (the kernel's smaller query blocks; 465 against 550 ms for the kernel alone, 1 thread, before
+          :mod:`esc_sr.heap` kept freed memory); with freed memory reused, one call is as fast at 1 thread (the layer
+          at window 32, 256x256: 435 against 437 ms) and faster at 2 (234 against 256 ms; an ESC x4 forward at
+          192x320: 2.17 against 2.27 s), interleaved medians on the 2-core AMD EPYC VM;
         * copies the kernel's output, (heads, tokens, windows, c) in memory, once into raster order (pixels,
           channels; rows of c contiguous), from which the ``to_out`` GEMM writes NCHW directly; on the oneDNN path
           (:mod:`esc_arch.onednn`: inference) both GEMMs are oneDNN matmuls, ``to_out`` writes a channels-last map
@@ -251,22 +240,10 @@ class WindowAttention(nn.Module):
         del qkv  # q, k and v keep it alive until they go
         mask = self.attention_bias(q.dtype).unsqueeze(1)
 
-        rows = _query_rows_per_call(ws)
-        if rows >= ws or torch.is_grad_enabled() or onednn.tracing():
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            del q, k, v, mask  # free the projections before un-partitioning (peak memory)
-            # (heads, b, nh, nw, ws, ws, c) -> (b, nh, ws, nw, ws, heads, c): raster-order pixels, channels last
-            out = out.view(heads, b, nh, nw, ws, ws, c).permute(1, 2, 4, 3, 5, 0, 6).reshape(b, hp * wp, dim)
-        else:
-            out = q.new_empty(b, nh, ws, nw, ws, heads, c)
-            for top in range(0, ws, rows):  # window rows [top, top + rows) are queries [top * ws, (top + rows) * ws)
-                n = min(rows, ws - top)
-                part = F.scaled_dot_product_attention(q[:, :, top * ws:(top + n) * ws], k, v,
-                                                      attn_mask=mask[:, :, top * ws:(top + n) * ws])
-                out[:, :, top:top + n] = part.view(heads, b, nh, nw, n, ws, c).permute(1, 2, 4, 3, 5, 0, 6)
-                del part
-            del q, k, v, mask
-            out = out.view(b, hp * wp, dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        del q, k, v, mask  # free the projections before un-partitioning (peak memory)
+        # (heads, b, nh, nw, ws, ws, c) -> (b, nh, ws, nw, ws, heads, c): raster-order pixels, channels last
+        out = out.view(heads, b, nh, nw, ws, ws, c).permute(1, 2, 4, 3, 5, 0, 6).reshape(b, hp * wp, dim)
 
         weight = self.to_out.weight.reshape(dim, dim)
         if onednn.applies(out):  # the rows are raster-order pixels: to_out's matmul writes a channels-last map
