@@ -89,7 +89,7 @@ class ConvAttentionWrapper(nn.Module):
     def forward(
         self, x: torch.Tensor, large_kernel, pooled: torch.Tensor | None = None, add: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return onednn.pointwise_conv(self.aggr, self.plk(x, large_kernel, pooled), add=add)
+        return onednn.conv(self.aggr, self.plk(x, large_kernel, pooled), add=add)
 
 
 def large_kernel_radius(large_kernel) -> int:
@@ -147,7 +147,7 @@ class ESCBlock(nn.Module):
             x = maps.local(lambda t, u, pconv=pconv, pooled=pooled: pconv(u, large_kernel, pooled, add=t),
                            x, y, radius=radius, into=0)  # x only as the residual: its output may overwrite it
             del y
-        return maps.local(lambda t, s: self.conv_out(self.ln_out(t)) + s, x, skip, radius=1)
+        return maps.local(lambda t, s: onednn.conv(self.conv_out, self.ln_out(t), add=s), x, skip, radius=1)
 
 
 def make_blocks(

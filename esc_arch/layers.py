@@ -49,14 +49,10 @@ class ConvFFN(nn.Module):
         self.aggr = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        x = onednn.pointwise_conv(self.proj, x, gelu=True)
-        if onednn.applies(x):
-            y = self.dwc(x)
-            torch._C._nn.gelu_(y)  # no autograd on this path: nothing needs the pre-activation
-            x = y.add_(x)
-        else:
-            x = F.gelu(self.dwc(x)) + x
-        return onednn.pointwise_conv(self.aggr, x, add=add)
+        x = onednn.conv(self.proj, x, gelu=True)
+        y = onednn.conv(self.dwc, x, gelu=True)
+        x = y.add_(x) if onednn.applies(x) else y + x  # in place where nothing is recorded for a backward pass
+        return onednn.conv(self.aggr, x, add=add)
 
 
 def pad_reflect(x: torch.Tensor, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0) -> torch.Tensor:

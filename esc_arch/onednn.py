@@ -1,5 +1,5 @@
-"""CPU inference on oneDNN: channels-last feature maps, 1x1 convolutions as oneDNN matmuls with GELU or a residual
-add fused in.
+"""CPU inference on oneDNN: channels-last feature maps, 1x1 convolutions as oneDNN matmuls and the other convolutions
+as oneDNN convolutions, each with its GELU or residual add fused in.
 
 Why. On the 2-core AMD EPYC development VM (AVX-512), torch's fp32 matmuls go to MKL, which runs at about 100
 GFLOP/s per core at 2048^3 and at 16-58 GFLOP/s at attention-sized shapes, while oneDNN's matmul, the same
@@ -7,14 +7,17 @@ arithmetic, runs at 227 GFLOP/s; a 1x1 convolution (MKL at one thread, oneDNN's 
 GFLOP/s. A 1x1 convolution on a channels-last map *is* a matmul, ``(pixels, in) @ (out, in)^T``, with no copy on
 either side, and oneDNN adds GELU or a residual to its output in the same pass. Measured (ESC's ConvFFN, 64
 channels, 192x320): 57.5 -> 23.5 ms at 1 thread, 21.4 -> 11.3 ms at 2 (``benchmarks/README.md``, "CPU inference on
-oneDNN"). Depthwise convolutions and LayerNorm are faster channels-last as well.
+oneDNN"). Depthwise convolutions and LayerNorm are faster channels-last as well. The FFN's depthwise 3x3 with its
+GELU, and each block's closing 3x3 with its residual, are one oneDNN convolution each (a post-op instead of another
+pass over the map): an ESC x4 forward at 192x320, 2 threads, 0.96x the time with separate operators (2.24 against
+2.32 s, interleaved medians of 6).
 
 When. :func:`applies` says whether a call takes this path: a float32 CPU tensor, no autograd (oneDNN's fused
 matmul has no backward), not under tracing or export (ONNX, TorchScript, ``torch.compile`` see plain
 convolutions), oneDNN not switched off (``torch.backends.mkldnn.flags(enabled=False)``), an x86-64 CPU (where it was
-measured), and a torch built with oneDNN and its fused matmul
-(``torch.ops.mkldnn._linear_pointwise``, the operator inductor's CPU backend emits; checked once). Anywhere else
-the same functions fall back to ``F.conv2d`` and plain PyTorch: the same outputs to float rounding, the state dict
+measured), and a torch built with oneDNN and its fused operators (``torch.ops.mkldnn._linear_pointwise`` and
+``_convolution_pointwise``, which inductor's CPU backend emits; checked once). Anywhere else the same functions fall
+back to ``F.conv2d`` and plain PyTorch: the same outputs to float rounding, the state dict
 untouched. ``ESC_SR_ONEDNN=0`` in the environment turns the path off (the reference for comparisons).
 """
 
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["tracing", "available", "applies", "channels_last", "pixels", "as_map", "linear", "pointwise_conv"]
+__all__ = ["tracing", "available", "applies", "channels_last", "pixels", "as_map", "linear", "conv"]
 
 
 def tracing() -> bool:
@@ -48,7 +51,11 @@ def available() -> bool:
         return False
     try:
         probe = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 2), torch.ones(3, 2), None, "gelu", [], "none")
-        torch._C._nn.gelu_(probe)  # the in-place GELU the FFN applies on this path
+        image = torch.ones(1, 2, 3, 3).contiguous(memory_format=torch.channels_last)
+        torch.ops.mkldnn._convolution_pointwise(image, torch.ones(2, 1, 3, 3), None, [1, 1], [1, 1], [1, 1], 2, "gelu",
+                                                [], "none")
+        torch.ops.mkldnn._convolution_pointwise.binary(image, image, torch.ones(2, 2, 1, 1), None, [0, 0], [1, 1],
+                                                       [1, 1], 1, "add", None, None, [], None)
     except (AttributeError, RuntimeError):
         return False
     return tuple(probe.shape) == (2, 3)
@@ -90,21 +97,25 @@ def linear(
     return _epilogue(F.linear(x, weight, bias), gelu, add)
 
 
-def pointwise_conv(
-    conv: nn.Conv2d, x: torch.Tensor, *, gelu: bool = False, add: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``conv(x)`` for a 1x1 convolution, then exact GELU (``gelu``) or ``+ add`` (a map of the output's shape).
-
-    On the oneDNN path one fused matmul (:func:`linear`; a map that is not channels-last is copied into rows first)
-    whose output is channels-last; otherwise ``F.conv2d`` and separate operators.
-    """
-    is_matmul = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0)
-    if is_matmul and applies(x):
+def conv(conv: nn.Conv2d, x: torch.Tensor, *, gelu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(x)``, then exact GELU (``gelu``) or ``+ add`` (a map of the output's shape), in one oneDNN pass where
+    the path applies: a 1x1 convolution as a fused matmul (:func:`linear`; a map that is not channels-last is copied
+    into rows first), any other as oneDNN's convolution with the GELU or the addition as its post-op; the output is
+    channels-last. Otherwise ``F.conv2d`` and separate operators."""
+    _check_epilogue(gelu, add)
+    if conv.padding_mode != "zeros" or not applies(x):
+        return _epilogue(conv(x), gelu, add)
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding == (0, 0):
         weight = conv.weight.view(conv.out_channels, conv.in_channels)
         out = linear(pixels(x), weight, conv.bias, gelu=gelu, add=None if add is None else pixels(channels_last(add)))
         return as_map(out, x.shape[0], *x.shape[-2:])
-    _check_epilogue(gelu, add)
-    return _epilogue(conv(x), gelu, add)
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    x = channels_last(x)
+    if add is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, channels_last(add), conv.weight, conv.bias, *geometry,
+                                                              "add", None, None, [], None)
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *geometry, "gelu" if gelu else "none",
+                                                   [], "none" if gelu else "")
 
 
 def _check_epilogue(gelu: bool, add: torch.Tensor | None) -> None:

@@ -1,6 +1,7 @@
-"""CPU inference on oneDNN (esc_arch.onednn): channels-last maps and 1x1 convolutions as fused oneDNN matmuls give the
-outputs of the plain PyTorch path, are taken exactly where they may be (fp32 CPU inference), and never where autograd,
-tracing or the user's switch rules them out."""
+"""CPU inference on oneDNN (esc_arch.onednn): channels-last maps, 1x1 convolutions as fused oneDNN matmuls and the
+other convolutions with their GELU or residual fused in give the outputs of the plain PyTorch path, are taken
+exactly where they may be (fp32 CPU inference), and never where autograd, tracing or the user's switch rules them
+out."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import esc_arch
@@ -93,7 +95,7 @@ def test_training_and_grad_enabled_calls_stay_on_plain_pytorch():
     model = esc_arch.PRESETS["esc_tiny"](window_size=8)
     x = torch.rand(2, 3, 16, 16)
     ops = _ops(lambda: model(x).mean().backward())
-    assert FUSED_OP not in ops
+    assert FUSED_OP not in ops and "mkldnn::_convolution_pointwise" not in ops
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -101,18 +103,41 @@ def test_tracing_sees_plain_convolutions():
     model = esc_arch.fuse(esc_arch.PRESETS["esc_tiny"](window_size=8))
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.rand(1, 3, 16, 16), check_trace=False)
-    assert "_linear_pointwise" not in str(traced.inlined_graph)
+    graph = str(traced.inlined_graph)
+    assert "_linear_pointwise" not in graph and "_convolution_pointwise" not in graph
 
 
-def test_other_dtypes_and_kernels_fall_back():
-    conv3 = nn.Conv2d(8, 8, 3, padding=1)
+CONVOLUTIONS = {"3x3": nn.Conv2d(8, 8, 3, padding=1), "depthwise 3x3": nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                "1x1": nn.Conv2d(8, 8, 1)}
+
+
+@pytest.mark.parametrize("name", CONVOLUTIONS)
+@pytest.mark.parametrize("epilogue", ["none", "gelu", "add"])
+def test_a_convolution_and_its_gelu_or_addition_are_one_onednn_operator(name, epilogue, plain):
+    conv = CONVOLUTIONS[name]
+    x, residual = torch.randn(2, 8, 9, 11), torch.randn(2, 8, 9, 11)
+    kwargs = {"gelu": epilogue == "gelu", "add": residual if epilogue == "add" else None}
+    fused_op = FUSED_OP if name == "1x1" else "mkldnn::_convolution_pointwise"
+    with torch.no_grad():
+        plain(True)
+        expected = onednn.conv(conv, x, **kwargs)
+        assert torch.allclose(expected, {"none": conv(x), "gelu": F.gelu(conv(x)), "add": conv(x) + residual}[epilogue])
+        plain(False)
+        out = onednn.conv(conv, x, **kwargs)
+        assert (fused_op in _ops(lambda: onednn.conv(conv, x, **kwargs))) is EXPECTED
+    assert out.is_contiguous(memory_format=torch.channels_last) is EXPECTED
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_other_dtypes_and_padding_modes_fall_back():
+    reflecting = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
     x = torch.randn(1, 8, 5, 5)
     with torch.no_grad():
-        assert torch.equal(onednn.pointwise_conv(conv3, x), conv3(x))  # not a 1x1 convolution: the conv itself
+        assert torch.equal(onednn.conv(reflecting, x), reflecting(x))  # oneDNN pads with zeros only
         assert not onednn.applies(x.to(torch.bfloat16))
         assert not onednn.applies(x.to(torch.float64))
     with pytest.raises(ValueError, match="GELU or an addition"):
-        onednn.pointwise_conv(nn.Conv2d(8, 8, 1), x, gelu=True, add=x)
+        onednn.conv(nn.Conv2d(8, 8, 1), x, gelu=True, add=x)
 
 
 def test_switching_onednn_off_in_torch_turns_it_off():
