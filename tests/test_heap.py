@@ -86,25 +86,36 @@ def test_the_users_malloc_settings_win():
     assert result["inside"] > 2_000  # glibc's default behaviour, untouched
 
 
-def test_only_cpu_calls_and_only_the_outermost_block_change_settings(monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture
+def record_libc(monkeypatch: pytest.MonkeyPatch):
+    """``record_libc()``: glibc replaced by a recorder; returns the list of the mallopt / malloc_trim calls made."""
+
+    def install() -> list[tuple]:
+        calls: list[tuple] = []
+
+        class RecordingLibc:
+            def mallopt(self, param: int, value: int) -> int:
+                calls.append(("mallopt", param, value))
+                return 1
+
+            def malloc_trim(self, pad: int) -> int:
+                calls.append(("trim", pad))
+                return 1
+
+        monkeypatch.setattr(heap, "_glibc", lambda: RecordingLibc())
+        return calls
+
+    return install
+
+
+def test_only_cpu_calls_and_only_the_outermost_block_change_settings(monkeypatch: pytest.MonkeyPatch, record_libc):
     for name in [n for n in os.environ if n.startswith("MALLOC_")]:
         monkeypatch.delenv(name)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert heap.applies("cpu") and heap.applies(torch.device("cpu"))
     assert not heap.applies("cuda") and not heap.applies(torch.device("cuda", 0)) and not heap.applies("mps")
 
-    calls: list[tuple] = []
-
-    class RecordingLibc:
-        def mallopt(self, param: int, value: int) -> int:
-            calls.append(("mallopt", param, value))
-            return 1
-
-        def malloc_trim(self, pad: int) -> int:
-            calls.append(("trim", pad))
-            return 1
-
-    monkeypatch.setattr(heap, "_glibc", lambda: RecordingLibc())
+    calls = record_libc()
     with heap.reusing_freed_memory("cpu"):
         with heap.reusing_freed_memory("cpu"):
             pass
@@ -236,26 +247,15 @@ def test_held_memory_counts_as_available_until_it_is_given_back():
     assert result["closed"] == 0
 
 
-def test_a_call_that_does_not_fit_gives_a_batch_scopes_memory_back(monkeypatch: pytest.MonkeyPatch):
+def test_a_call_that_does_not_fit_gives_a_batch_scopes_memory_back(monkeypatch: pytest.MonkeyPatch, record_libc):
     """Inside a batch host's block, a call whose working set times WORST_RETENTION does not fit runs with glibc's
     trimming (what the block held is given back first), and the block keeps memory again after it."""
     from esc_sr import memory
 
-    calls: list[tuple] = []
-
-    class RecordingLibc:
-        def mallopt(self, param: int, value: int) -> int:
-            calls.append(("mallopt", param, value))
-            return 1
-
-        def malloc_trim(self, pad: int) -> int:
-            calls.append(("trim", pad))
-            return 1
-
     model = esc_arch.ESC(dim=16, pdim=4, kernel_size=7, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2,
                          upscaling_factor=2).eval()
     working_set = 16 * 16 * memory.bytes_per_input_pixel(model, torch.float32)
-    monkeypatch.setattr(heap, "_glibc", lambda: RecordingLibc())
+    calls = record_libc()
     monkeypatch.setattr(heap, "applies", lambda device="cpu": True)
     monkeypatch.setattr(memory, "free_memory_bytes", lambda device: int(working_set * 2.0))
     trimming = [("mallopt", heap._M_TRIM_THRESHOLD, heap._ADAPTIVE_TRIM), ("trim", 0)]
