@@ -18,11 +18,10 @@ from esc_sr import heap
 
 pytestmark = pytest.mark.skipif(heap._glibc() is None, reason="glibc's malloc only (the policy does nothing elsewhere)")
 
-# Runs a small ESC forward twice outside the block and twice inside it, and reports the page faults of each
-# second run and the RSS while the block lasts and after it ended.
-_PROBE = r"""
+# What the probes below share: a small ESC model and input, page faults of one call, the resident set.
+_PROBE_SETUP = r"""
 import ctypes, json, resource, torch
-import esc_arch
+import esc_arch, esc_sr
 from esc_sr import heap
 
 # glibc's starting mmap threshold, fixed: its adaptive rule raises the threshold whenever a mapped block is freed, so
@@ -33,23 +32,28 @@ model = esc_arch.ESC(dim=32, pdim=8, kernel_size=13, n_blocks=1, conv_blocks=2, 
                      upscaling_factor=2).eval()
 x = torch.rand(1, 3, 192, 192)
 
-def faults():
+def faults(call):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    model(x)
+    call()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+"""
 
+# Runs a small ESC forward twice outside the block and twice inside it, and reports the page faults of each
+# second run and the RSS while the block lasts and after it ended.
+_PROBE = _PROBE_SETUP + r"""
+forward = lambda: model(x)
 result = {}
 with torch.inference_mode():
     model(x)
-    result["outside"] = faults()
+    result["outside"] = faults(forward)
     base = rss_mb()
     with heap.reusing_freed_memory("cpu") as applied:
         result["applied"] = applied
         model(x)
-        result["inside"] = faults()
+        result["inside"] = faults(forward)
         result["kept_mb"] = rss_mb() - base
     result["after_mb"] = rss_mb() - base
 print(json.dumps(result))
@@ -166,30 +170,13 @@ def test_upscale_leaves_glibc_alone_where_memory_is_short(monkeypatch: pytest.Mo
 
 # Upscales one image three times, each call on its own and then all three inside one outer block (a batch host's
 # loop), and reports the page faults of each block's last call and the RSS the outer block kept.
-_BATCH_PROBE = r"""
-import ctypes, json, resource, torch
-import esc_arch, esc_sr
-from esc_sr import heap
-
-ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # glibc's starting mmap threshold (see _PROBE)
-torch.set_num_threads(1)
-model = esc_arch.ESC(dim=32, pdim=8, kernel_size=13, n_blocks=1, conv_blocks=2, window_size=16, num_heads=2,
-                     upscaling_factor=2).eval()
-x = torch.rand(1, 3, 192, 192)
-
-def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    esc_sr.upscale(model, x, tile=None)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-def rss_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-
+_BATCH_PROBE = _PROBE_SETUP + r"""
+call = lambda: esc_sr.upscale(model, x, tile=None)
 result = {}
-result["per_call"] = [faults() for _ in range(3)][-1]
+result["per_call"] = [faults(call) for _ in range(3)][-1]
 base = rss_mb()
 with heap.reusing_freed_memory("cpu"):
-    result["batch"] = [faults() for _ in range(3)][-1]
+    result["batch"] = [faults(call) for _ in range(3)][-1]
     result["kept_mb"] = rss_mb() - base
 result["after_mb"] = rss_mb() - base
 print(json.dumps(result))
