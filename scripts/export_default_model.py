@@ -1,17 +1,19 @@
 """Ship a BasicSR training checkpoint as the embedded default model, measured and described.
 
     python scripts/export_default_model.py experiments/ESC_tiny_x4_campaign/models/net_g_best.pth \\
-        --iterations 6000 --iterations-before 1900 --log experiments/ESC_tiny_x4_campaign/train_*.log
+        --iterations 6000 --iterations-before 42900 --previous-curve --log experiments/ESC_tiny_x4_campaign/train_*.log
 
 1. writes ``esc_arch/weights/esc_default_x4.safetensors``: the EMA weights in fp16, with esc-sr metadata;
 2. measures the shipped file (reloaded from disk, so fp16 rounding included) on Set5 and Set14 with the paper's
    protocol (``basicsr_plugin.evaluation``; ``python test.py -opt options/default_model/test_ESC_tiny_x4.yml``
    gives the same numbers), and bicubic beside it;
-3. stores those numbers, the iteration count and the validation curve (read from the training logs) in the file's
+3. stores those numbers, the iteration count and the validation curves (read from the training logs) in the file's
    metadata (``description``), which the tests read back;
-4. draws the validation curve to ``esc_arch/weights/validation_curve.png`` for the model card.
+4. draws the curves to ``esc_arch/weights/validation_curve.png`` for the model card.
 
-Set5/Set14 are only measured here, never trained on; the checkpoint chosen is the best by Set5 validation.
+Set5/Set14 are only measured here. Since the campaign's fourth session the checkpoint is chosen by the 20 training
+photos held out from training (``scripts/recipe_split.py``; ``held_out_curve``); the first three sessions validated
+and chose on Set5 (``validation_curve``, kept as their record; ``--validated-on Set5`` reads such logs).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ CURVE_PNG = DEFAULT_MODEL_FILE.with_name("validation_curve.png")
 
 
 def validation_curve(logs: list[Path], offset: int) -> list[tuple[int, float]]:
-    """(total iteration, Set5 PSNR) of every validation in BasicSR training logs, in order; a resumed run's
+    """(total iteration, validation PSNR) of every validation in BasicSR training logs, in order; a resumed run's
     repeated iterations keep the latest value."""
     points: dict[int, float] = {}
     for log in logs:
@@ -42,7 +44,12 @@ def validation_curve(logs: list[Path], offset: int) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def plot(curve: list[tuple[int, float]], quality: dict, out: Path) -> None:
+CURVES = {"held-out": "held_out_curve", "Set5": "validation_curve"}  # what the logs validated on -> metadata key
+LABELS = {"held_out_curve": "20 held-out training photos (session 4 on)",
+          "validation_curve": "Set5 (sessions 1-3 validated and chose on it)"}
+
+
+def plot(curves: dict[str, list[tuple[int, float]]], quality: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,11 +58,13 @@ def plot(curve: list[tuple[int, float]], quality: dict, out: Path) -> None:
     from esc_arch.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=100)
-    ax.plot([i for i, _ in curve], [p for _, p in curve], marker="o", markersize=3, label="ESC-tiny (EMA), Set5 validation")
-    ax.axhline(quality["set5"]["bicubic_psnr"], color="gray", linestyle=":", label="bicubic")
-    ax.axhline(31.0, color="tab:red", linestyle="--", linewidth=1, label="target 31.0 dB")
+    for key, curve in curves.items():
+        if curve:
+            ax.plot([i for i, _ in curve], [p for _, p in curve], marker="o", markersize=3, label=LABELS[key])
+    ax.axhline(quality["set5"]["bicubic_psnr"], color="gray", linestyle=":", label="bicubic (Set5)")
+    ax.axhline(31.0, color="tab:red", linestyle="--", linewidth=1, label="Set5 target 31.0 dB")
     ax.set_xlabel("training iterations (batch 8, LR patch 48)")
-    ax.set_ylabel("Set5 x4 PSNR-Y (dB)")
+    ax.set_ylabel("x4 PSNR-Y of the EMA weights (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -70,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log", nargs="*", type=Path, default=[], help="BasicSR training logs (for the curve)")
     parser.add_argument("--iterations", type=int, required=True, help="iterations of this checkpoint in this run")
     parser.add_argument("--iterations-before", type=int, default=0, help="iterations of earlier runs it started from")
-    parser.add_argument("--previous-curve", action="store_true", help="keep the curve stored in the shipped file")
+    parser.add_argument("--previous-curve", action="store_true", help="keep the curves stored in the shipped file")
+    parser.add_argument("--validated-on", choices=sorted(CURVES), default="held-out",
+                        help="what the logs' validation ran on (default: the held-out training photos)")
     args = parser.parse_args(argv)
     from basicsr_plugin.evaluation import evaluate_folder  # BasicSR's metrics and MATLAB resize
 
@@ -80,16 +91,17 @@ def main(argv: list[str] | None = None) -> None:
     esc_arch.save_model(model, DEFAULT_MODEL_FILE, half=True)
     shipped = esc_arch.load_model(DEFAULT_MODEL_FILE)
     quality = {name.lower(): evaluate_folder(shipped, BENCHMARKS / name, scale=4) for name in ("Set5", "Set14")}
-    curve = [tuple(p) for p in previous.get("validation_curve", [])]
-    curve = sorted(dict(curve + validation_curve(args.log, args.iterations_before)).items())
+    curves = {key: [tuple(p) for p in previous.get(key, [])] for key in CURVES.values()}
+    logged = CURVES[args.validated_on]
+    curves[logged] = sorted(dict(curves[logged] + validation_curve(args.log, args.iterations_before)).items())
     description = {
         "iterations": args.iterations_before + args.iterations,
-        "training_data": "shared/data/train: BSDS200 + SunHays80",
+        "training_data": "shared/data/train: BSDS200 + SunHays80 (from session 4: 260 trained on, 20 held out)",
         "quality": quality,  # mean PSNR/SSIM on Y, crop 4, MATLAB bicubic LR
-        "validation_curve": curve,
+        **{key: curve for key, curve in curves.items() if curve},
     }
     esc_arch.save_model(shipped, DEFAULT_MODEL_FILE, half=True, description=description)
-    plot(curve, quality, CURVE_PNG)
+    plot(curves, quality, CURVE_PNG)
     size = DEFAULT_MODEL_FILE.stat().st_size / 1e3
     print(f"wrote {DEFAULT_MODEL_FILE} ({size:.0f} kB), {description['iterations']} iterations")
     for name, q in quality.items():
