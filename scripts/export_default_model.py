@@ -1,7 +1,7 @@
 """Ship a BasicSR training checkpoint as the embedded default model, measured and described.
 
-    python scripts/export_default_model.py experiments/ESC_tiny_x4_campaign/models/net_g_best.pth \\
-        --iterations 6000 --iterations-before 42900 --previous-curve --log experiments/ESC_tiny_x4_campaign/train_*.log
+    python scripts/export_default_model.py experiments/ESC_tiny_x4_campaign/models/net_g_10000.pth \\
+        --iterations 10000 --iterations-before 42900 --previous-curve --log experiments/ESC_tiny_x4_campaign/train_*.log
 
 1. writes ``esc_arch/weights/esc_default_x4.safetensors``: the EMA weights in fp16, with esc-sr metadata;
 2. measures the shipped file (reloaded from disk, so fp16 rounding included) on Set5 and Set14 with the paper's
@@ -11,9 +11,10 @@
    metadata (``description``), which the tests read back;
 4. draws the curves to ``esc_arch/weights/validation_curve.png`` for the model card.
 
-Set5/Set14 are only measured here. Since the campaign's fourth session the checkpoint is chosen by the 20 training
-photos held out from training (``scripts/recipe_split.py``; ``held_out_curve``); the first three sessions validated
-and chose on Set5 (``validation_curve``, kept as their record; ``--validated-on Set5`` reads such logs).
+Set5/Set14 are only measured here. Since the campaign's fourth session training validates on the 20 training photos
+held out from it (``scripts/recipe_split.py``; ``held_out_curve``) and the checkpoint shipped is the end of the
+session's last whole cycle (see the campaign's options); the first three sessions validated and chose on Set5
+(``validation_curve``, kept as their record; ``--validated-on Set5`` reads such logs).
 """
 
 from __future__ import annotations
