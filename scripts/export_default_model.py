@@ -67,7 +67,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], quality: dict, out: Path) -
     ax.set_xlabel("training iterations (batch 8, LR patch 48)")
     ax.set_ylabel("x4 PSNR-Y of the EMA weights (dB)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     with atomic_write(out) as temp:
         fig.savefig(temp, format="png")
