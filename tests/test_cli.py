@@ -6,6 +6,8 @@ Exit statuses: 0 all written (or skipped because the output exists), 1 some imag
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import subprocess
@@ -81,20 +83,29 @@ def test_bad_files_in_a_folder_do_not_stop_the_rest(folder, model_file, tmp_path
 
 
 def test_a_folder_is_upscaled_inside_one_heap_scope(folder, model_file, tmp_path, capsys, monkeypatch):
-    """Each image reuses the memory the one before freed (esc_sr/heap.py), and the memory is given back at the end."""
+    """Each image reuses the memory the one before freed (esc_sr/heap.py): the CLI opens one heap scope around its
+    loop, every image is upscaled inside it, and it is closed at the end (its settings undone)."""
     from esc_sr import engine, heap
 
-    for name in [n for n in os.environ if n.startswith("MALLOC_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    if not heap.applies("cpu"):
-        pytest.skip("glibc's malloc only (the heap scope does nothing elsewhere)")
-    depths: list[int] = []
+    opened: list[object] = []  # the scopes open now (the CLI's, and any the engine opens per call)
+    real_scope = heap.reusing_freed_memory
+
+    @contextlib.contextmanager
+    def recording_scope(device="cpu"):
+        opened.append(device)
+        try:
+            with real_scope(device) as applied:
+                yield applied
+        finally:
+            opened.pop()
+
+    open_at_each_image: list[int] = []
     upscale = engine.upscale
-    monkeypatch.setattr(engine, "upscale", lambda *a, **k: depths.append(heap._depth) or upscale(*a, **k))
+    monkeypatch.setattr(heap, "reusing_freed_memory", recording_scope)
+    monkeypatch.setattr(engine, "upscale", lambda *a, **k: open_at_each_image.append(len(opened)) or upscale(*a, **k))
     code, _, _ = run(["upscale", folder, "-o", tmp_path / "out", "-m", model_file], capsys)
-    assert code == 1 and depths == [1, 1, 1]  # three good images, each called inside the loop's scope
-    assert heap._depth == 0
+    assert code == 1 and open_at_each_image == [1, 1, 1]  # three good images, each inside the loop's one scope
+    assert opened == [] and heap._depth == 0
 
 
 def test_single_file_to_an_explicit_output_name(folder, model_file, tmp_path, capsys):
