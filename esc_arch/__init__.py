@@ -17,6 +17,7 @@ from torch import nn
 
 __version__ = "0.1.0"
 
+from . import native  # noqa: E402
 from .attention import ATTENTION_BACKENDS, WindowAttention, sdpa_kernel_name  # noqa: E402
 from .base import ESCModelBase  # noqa: E402
 from .checkpoint import canonicalize_state_dict, load_model, read_state_dict, save_model  # noqa: E402
@@ -55,8 +56,9 @@ def attention_kernel(
 ) -> str:
     """Describe the attention kernel that will run for ``model`` on ``device``/``dtype``.
 
-    For the 'sdpa' backend this probes torch's dispatcher (see :func:`sdpa_kernel_name`); torch
-    silently falls back to the unfused math kernel in some cases, such as training on CPU.
+    For the 'sdpa' backend: CPU inference in float32 runs :mod:`esc_arch.native`'s kernel where it is available;
+    otherwise this probes torch's dispatcher (see :func:`sdpa_kernel_name`), since torch silently falls back to the
+    unfused math kernel in some cases, such as training on CPU.
     """
     attn = next((m for m in model.modules() if isinstance(m, WindowAttention)), None) if model is not None else None
     backend = attn.attn_type if attn is not None else "sdpa"
@@ -69,7 +71,10 @@ def attention_kernel(
             return "flex [eager flex_attention: no compiler for torch.compile here]"
         failed = [s for s in _FLEX_COMPILE_FAILED if s[0] == torch.device(device).type]
         return "flex [torch.compile flex_attention" + (f"; eager for {len(failed)} shape(s) that failed to compile]" if failed else "]")
-    heads, tokens, head_dim = (4, 1024, 16) if attn is None else (attn.num_heads, attn.window_size**2, attn.dim // attn.num_heads)
+    heads, window, head_dim = (4, 32, 16) if attn is None else (attn.num_heads, attn.window_size, attn.dim // attn.num_heads)
+    tokens = window**2
+    if not training and native.takes(device, dtype, head_dim=head_dim, window=window):
+        return "native (CPU) [esc_arch.native window-attention kernel]"
     return sdpa_kernel_name(device=device, dtype=dtype, num_heads=heads, tokens=tokens, head_dim=head_dim, training=training)
 
 

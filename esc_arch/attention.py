@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onednn
+from . import native, onednn
 from .layers import pad_reflect
 
 AttentionBackend = Literal["sdpa", "flex", "naive"]
@@ -169,6 +169,8 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over ``x``, projected by ``to_out``, plus ``add`` (the caller's residual; fused on the CPU)."""
         if self.attn_type == "sdpa" and x.device.type == "cpu":
+            if native.applies(x, head_dim=self.dim // self.num_heads, window=self.window_size):
+                return self._forward_native(x, add)
             return self._forward_sdpa_cpu(x, add)
         # naive (the reference, as upstream's 'Naive' path), flex, and sdpa off the CPU (the layout the GPU check
         # measured; the CPU one was tuned for torch's CPU flash kernel only): the 1x1 convolution, then the projections
@@ -244,7 +246,27 @@ class WindowAttention(nn.Module):
         del q, k, v, mask  # free the projections before un-partitioning (peak memory)
         # (heads, b, nh, nw, ws, ws, c) -> (b, nh, ws, nw, ws, heads, c): raster-order pixels, channels last
         out = out.view(heads, b, nh, nw, ws, ws, c).permute(1, 2, 4, 3, 5, 0, 6).reshape(b, hp * wp, dim)
+        return self._project_out(out, h, w, add)
 
+    def _forward_native(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """CPU inference on :mod:`esc_arch.native`'s kernel: ``to_qkv`` as one matmul over the raster-order pixels, the
+        kernel reading each window's tokens from it where they lie and writing raster-order rows for ``to_out``; no
+        partitioning copy either way, and the bias read from its table."""
+        b, _, h, w = x.shape
+        ws, dim = self.window_size, self.dim
+        x = pad_reflect(x, right=(ws - w % ws) % ws, bottom=(ws - h % ws) % ws)
+        hp, wp = x.shape[-2:]
+        qkv = onednn.linear(onednn.pixels(x), self.to_qkv.weight.reshape(3 * dim, dim), self.to_qkv.bias)
+        out = native.window_attention(qkv.contiguous(), self.relative_position_bias, batch=b, height=hp, width=wp,
+                                      heads=self.num_heads, window=ws)
+        del qkv
+        return self._project_out(out.view(b, hp * wp, dim), h, w, add)
+
+    def _project_out(self, out: torch.Tensor, h: int, w: int, add: torch.Tensor | None) -> torch.Tensor:
+        """``to_out`` over the attended ``(b, hp * wp, dim)`` raster-order rows of the padded map, cropped to ``h x w``,
+        plus ``add``."""
+        b, dim = out.shape[0], self.dim
+        hp, wp = h + (-h) % self.window_size, w + (-w) % self.window_size
         weight = self.to_out.weight.reshape(dim, dim)
         if onednn.applies(out):  # the rows are raster-order pixels: to_out's matmul writes a channels-last map
             if (hp, wp) == (h, w):  # nothing to crop: the residual is added in the same matmul

@@ -1,0 +1,240 @@
+// ESC's window attention for CPU inference: softmax(q k^T / sqrt(16) + bias) v per window and head, read from and
+// written to raster-order channels-last maps, with the relative-position bias read from its (2ws-1)^2 table.
+//
+// Built by esc_arch/native.py with the machine's own instruction set (-march=native) and loaded with ctypes; plain
+// C ABI, no torch headers (a build takes about a second). Why it exists, and what it was measured against:
+// esc_arch/native.py.
+//
+// Layout. qkv: (b, hp, wp, 3, heads, 16) floats, the to_qkv projection of every pixel in raster order (its channels
+// are (q|k|v, head, c), as the 1x1 convolution orders them). out: (b, hp, wp, heads, 16), what to_out reads. A window
+// (wr, wc) covers rows wr*ws .. wr*ws+ws-1 and columns wc*ws .. wc*ws+ws-1; its tokens are in raster order within
+// the window. table: (heads, (2ws-1)^2), already multiplied by log2(e); the bias of query (qr, qc) and key (kr, kc)
+// is table[h][(kr - qr + ws - 1) * (2ws - 1) + (kc - qc + ws - 1)], so the bias of one query over one key row is 
+// ws consecutive floats of the table: no (heads, ws^2, ws^2) bias matrix is read (16 MiB at window 32).
+//
+// Arithmetic. Scores are kept in base 2 (q scaled by log2(e)/4, the table by log2(e)), so the softmax is
+// 2^(s - max) / sum; each query's whole row of ws^2 scores is formed, exponentiated and summed before p v, the
+// exact two-pass softmax (no online rescaling).
+//
+// Work. One task per (window, head): its keys are packed transposed (16 x ws^2) and its values (ws^2 x 16) into
+// the thread's buffers, then queries go in blocks of QUERY_BLOCK, which share each loaded key and value vector.
+// Tasks are handed out by an atomic counter to `threads` std::threads (the caller's included).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <new>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// 16 floats: one AVX-512 register, or two AVX / four SSE registers elsewhere (GCC/Clang vector extensions).
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+constexpr int HEAD_DIM = 16;
+constexpr int LANES = 16;
+constexpr int QUERY_BLOCK = 8;  // x 2 key vectors: 16 accumulators (of 32 AVX-512 registers)
+
+inline v16f load(const float* p) { return *reinterpret_cast<const v16f_unaligned*>(p); }
+inline void store(float* p, v16f v) { *reinterpret_cast<v16f_unaligned*>(p) = v; }
+inline v16f splat(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+inline float horizontal_sum(v16f v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; ++i) s += v[i];
+    return s;
+}
+
+inline float horizontal_max(v16f v) {
+    float m = v[0];
+    for (int i = 1; i < LANES; ++i) m = std::max(m, v[i]);
+    return m;
+}
+
+// 2^y for y <= 0: y = n + f with n an integer and |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error
+// below 1.2e-7, about one ulp), 2^n applied to the exponent.
+inline v16f exp2_nonpositive(v16f y) {
+#if defined(__AVX512F__)
+    const v16f n = (v16f)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    y = y < splat(-126.0f) ? splat(-126.0f) : y;  // keeps 2^n a normal float for the exponent arithmetic below
+    const v16f magic = splat(12582912.0f);         // 1.5 * 2^23: adding it rounds to an integer
+    const v16f n = (y + magic) - magic;
+#endif
+    const v16f f = y - n;
+    v16f p = splat(1.5403530393381609e-4f);  // ln2^6 / 6!
+    p = p * f + splat(1.3333558146428443e-3f);
+    p = p * f + splat(9.6181291076284772e-3f);
+    p = p * f + splat(5.5504108664821580e-2f);
+    p = p * f + splat(2.4022650695910071e-1f);
+    p = p * f + splat(6.9314718055994531e-1f);
+    p = p * f + splat(1.0f);
+#if defined(__AVX512F__)
+    return (v16f)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n, underflowing to 0 below 2^-149
+#else
+    const v16i exponent = (__builtin_convertvector(n, v16i) + 127) << 23;
+    return p * (v16f)exponent;
+#endif
+}
+
+struct Geometry {
+    int64_t batch, height, width;  // of the (padded) map
+    int heads, window;
+};
+
+class Scratch {  // one thread's packed keys and values, its query block and the block's score rows
+  public:
+    explicit Scratch(int tokens)
+        : buffer_(static_cast<size_t>(2 * HEAD_DIM + QUERY_BLOCK) * tokens + QUERY_BLOCK * HEAD_DIM) {}
+    float* keys_transposed() { return buffer_.data(); }
+    float* values(int tokens) { return buffer_.data() + HEAD_DIM * tokens; }
+    float* scores(int tokens) { return buffer_.data() + 2 * HEAD_DIM * tokens; }
+    float* queries(int tokens) { return buffer_.data() + (2 * HEAD_DIM + QUERY_BLOCK) * tokens; }
+
+  private:
+    std::vector<float> buffer_;
+};
+
+void attend(const float* qkv, const float* table, float* out, const Geometry& g, int64_t image, int64_t window_row,
+            int64_t window_col, int head, Scratch& scratch) {
+    const int ws = g.window, tokens = ws * ws, span = 2 * ws - 1, dim = g.heads * HEAD_DIM;
+    const int64_t pixel_stride = 3 * dim, row_stride = g.width * pixel_stride;
+    const float* window = qkv + (image * g.height + window_row * ws) * row_stride + window_col * ws * pixel_stride;
+    float* keys_t = scratch.keys_transposed();
+    float* values = scratch.values(tokens);
+    float* scores = scratch.scores(tokens);
+
+    for (int t = 0; t < tokens; ++t) {
+        const float* pixel = window + (t / ws) * row_stride + (t % ws) * pixel_stride;
+        const float* key = pixel + dim + head * HEAD_DIM;
+        for (int d = 0; d < HEAD_DIM; ++d) keys_t[d * tokens + t] = key[d];
+        std::memcpy(values + t * HEAD_DIM, pixel + 2 * dim + head * HEAD_DIM, HEAD_DIM * sizeof(float));
+    }
+
+    const float* head_table = table + static_cast<int64_t>(head) * span * span;
+    const float query_scale = 1.4426950408889634f / 4.0f;  // log2(e) / sqrt(HEAD_DIM)
+    for (int first = 0; first < tokens; first += QUERY_BLOCK) {
+        // The block's scaled queries live in the scratch buffer, not on the stack: as loads that may alias the score
+        // stores, their broadcasts stay inside the key loop. From a local array GCC hoisted all 128 broadcasts out of
+        // it and spilled them as full vectors, and the loop ran at half speed on those 64-byte loads.
+        float* query = scratch.queries(tokens);
+        const float* bias[QUERY_BLOCK];  // bias[i] + kr * span + kc: query i's bias for key (kr, kc)
+        for (int i = 0; i < QUERY_BLOCK; ++i) {
+            const int qr = (first + i) / ws, qc = (first + i) % ws;
+            const float* q = window + qr * row_stride + qc * pixel_stride + head * HEAD_DIM;
+            for (int d = 0; d < HEAD_DIM; ++d) query[i * HEAD_DIM + d] = q[d] * query_scale;
+            bias[i] = head_table + (ws - 1 - qr) * span + (ws - 1 - qc);
+        }
+
+        // scores = bias + q k^T, two vectors of keys at a time, and each row's running maximum
+        v16f row_max[QUERY_BLOCK];
+        for (int i = 0; i < QUERY_BLOCK; ++i) row_max[i] = splat(-3.0e38f);
+        for (int key = 0; key < tokens; key += 2 * LANES) {
+            const int bias0 = (key / ws) * span + key % ws, bias1 = ((key + LANES) / ws) * span + (key + LANES) % ws;
+            v16f acc0[QUERY_BLOCK], acc1[QUERY_BLOCK];
+            for (int i = 0; i < QUERY_BLOCK; ++i) {
+                acc0[i] = load(bias[i] + bias0);
+                acc1[i] = load(bias[i] + bias1);
+            }
+#pragma GCC unroll 16
+            for (int d = 0; d < HEAD_DIM; ++d) {
+                const v16f k0 = load(keys_t + d * tokens + key), k1 = load(keys_t + d * tokens + key + LANES);
+                for (int i = 0; i < QUERY_BLOCK; ++i) {
+                    const v16f q = splat(query[i * HEAD_DIM + d]);
+                    acc0[i] += q * k0;
+                    acc1[i] += q * k1;
+                }
+            }
+            for (int i = 0; i < QUERY_BLOCK; ++i) {
+                store(scores + i * tokens + key, acc0[i]);
+                store(scores + i * tokens + key + LANES, acc1[i]);
+                row_max[i] = acc0[i] > row_max[i] ? acc0[i] : row_max[i];
+                row_max[i] = acc1[i] > row_max[i] ? acc1[i] : row_max[i];
+            }
+        }
+
+        // p = 2^(scores - max), in place, and its row sums
+        v16f row_sum[QUERY_BLOCK];
+        for (int i = 0; i < QUERY_BLOCK; ++i) {
+            const v16f m = splat(horizontal_max(row_max[i]));
+            float* row = scores + i * tokens;
+            row_sum[i] = v16f{};
+            for (int key = 0; key < tokens; key += LANES) {
+                const v16f p = exp2_nonpositive(load(row + key) - m);
+                store(row + key, p);
+                row_sum[i] += p;
+            }
+        }
+
+        // out = p v / sum
+        v16f acc[QUERY_BLOCK];
+        for (int i = 0; i < QUERY_BLOCK; ++i) acc[i] = v16f{};
+        for (int key = 0; key < tokens; ++key) {
+            const v16f v = load(values + key * HEAD_DIM);
+            for (int i = 0; i < QUERY_BLOCK; ++i) acc[i] += splat(scores[i * tokens + key]) * v;
+        }
+        for (int i = 0; i < QUERY_BLOCK; ++i) {
+            const int qr = (first + i) / ws, qc = (first + i) % ws;
+            float* o = out + ((image * g.height + window_row * ws + qr) * g.width + window_col * ws + qc) * dim +
+                       head * HEAD_DIM;
+            store(o, acc[i] * splat(1.0f / horizontal_sum(row_sum[i])));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// What the build targets: 512 where the kernel runs on AVX-512 registers (where it was measured), else 0.
+int esc_window_attention_vector_bits() {
+#if defined(__AVX512F__)
+    return 512;
+#else
+    return 0;
+#endif
+}
+
+// Returns 0 on success, 1 for a geometry the kernel does not take, 2 when its buffers cannot be allocated.
+int esc_window_attention(const float* qkv, const float* table, float* out, int64_t batch, int64_t height,
+                         int64_t width, int heads, int window, int threads) {
+    if (window < LANES || window % LANES || height % window || width % window || heads < 1 || batch < 1)
+        return 1;
+    const Geometry g{batch, height, width, heads, window};
+    const int64_t rows = height / window, cols = width / window, tasks = batch * rows * cols * heads;
+    // Heads innermost: a window's pixels (768 KiB of q, k and v at window 32, dim 64) are read into the cache once
+    // for all of its heads.
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> failed{false};
+    auto work = [&]() {
+        try {
+            Scratch scratch(window * window);
+            for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
+                const int head = static_cast<int>(task % heads);
+                const int64_t w = task / heads;
+                attend(qkv, table, out, g, w / (rows * cols), (w / cols) % rows, w % cols, head, scratch);
+            }
+        } catch (const std::bad_alloc&) {
+            failed = true;
+            next = tasks;
+        }
+    };
+    std::vector<std::thread> pool;
+    try {
+        for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+    } catch (...) {  // no more threads: those that started, and this one, do all the tasks
+    }
+    work();
+    for (auto& t : pool) t.join();
+    return failed ? 2 : 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,214 @@
+"""The native window-attention kernel (``esc_arch.native``): built on first use, equal to the reference attention,
+used by CPU inference exactly where it applies, and out of the way (with the reason stated) everywhere else."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import esc_arch
+from esc_arch import native
+from esc_arch.attention import WindowAttention, relative_position_index
+from golden import checkpoint_path, golden_cases, tensors
+
+REPO = Path(__file__).resolve().parent.parent
+# The kernel is built where it was measured: x86-64 Linux with a C++ compiler and AVX-512. This development machine
+# and CI are such machines; elsewhere the tests that need the kernel say why they cannot run.
+NEEDS_KERNEL = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.status()}")
+
+
+def reference(qkv: torch.Tensor, table: torch.Tensor, batch: int, height: int, width: int, heads: int, window: int):
+    """softmax(q k^T / 4 + bias) v per window and head in float64, from the kernel's raster-order layout."""
+    nh, nw, t, c = height // window, width // window, window * window, native.HEAD_DIM
+    x = qkv.double().view(batch, nh, window, nw, window, 3, heads, c).permute(5, 0, 1, 3, 6, 2, 4, 7)
+    q, k, v = x.reshape(3, batch, nh, nw, heads, t, c).unbind(0)
+    bias = table.double().index_select(1, relative_position_index(window).reshape(-1)).view(heads, t, t)
+    out = ((q @ k.transpose(-1, -2)) / math.sqrt(c) + bias).softmax(-1) @ v  # (b, nh, nw, heads, t, c)
+    out = out.view(batch, nh, nw, heads, window, window, c).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(batch * height * width, heads * c)
+
+
+GEOMETRIES = [(1, 64, 64, 4, 32), (2, 32, 48, 2, 16), (1, 48, 96, 3, 48), (3, 16, 16, 1, 16)]
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=[f"b{g[0]}-{g[1]}x{g[2]}-h{g[3]}-ws{g[4]}" for g in GEOMETRIES])
+def test_kernel_equals_float64_attention(geometry) -> None:
+    batch, height, width, heads, window = geometry
+    generator = torch.Generator().manual_seed(0)
+    # scores spread over tens of units: the softmax is far from uniform, as in trained models
+    qkv = torch.randn(batch * height * width, 3 * heads * 16, generator=generator) * 2.0
+    table = torch.randn(heads, (2 * window - 1) ** 2, generator=generator) * 3.0
+    out = native.window_attention(qkv, table, batch=batch, height=height, width=width, heads=heads, window=window)
+    expected = reference(qkv, table, batch, height, width, heads, window)
+    assert out.shape == expected.shape and out.dtype == torch.float32
+    assert (out.double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
+
+
+@NEEDS_KERNEL
+def test_kernel_refuses_what_it_does_not_take() -> None:
+    qkv, table = torch.zeros(40 * 64, 3 * 64), torch.zeros(4, 63 * 63)
+    with pytest.raises(ValueError, match="does not take a 40x64 map"):
+        native.window_attention(qkv, table, batch=1, height=40, width=64, heads=4, window=32)
+    with pytest.raises(ValueError, match="contiguous float32 rows"):
+        native.window_attention(qkv.t(), table, batch=1, height=40, width=64, heads=4, window=32)
+
+
+def test_portable_build_without_avx512_computes_the_same(tmp_path) -> None:
+    """The source also builds for CPUs without AVX-512 (GCC vector extensions, the exponent by integer arithmetic);
+    the loader does not use that build, but it must compute the same thing."""
+    compiler = native._compiler()
+    if compiler is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("needs an x86-64 C++ compiler")
+    library = tmp_path / "portable.so"
+    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64-v3"]
+    subprocess.run([compiler, *flags, str(native.SOURCE), "-o", str(library)], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(library))
+    lib.esc_window_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    assert lib.esc_window_attention_vector_bits() == 0
+    generator = torch.Generator().manual_seed(1)
+    qkv = torch.randn(32 * 32, 3 * 32, generator=generator) * 2.0
+    table = torch.randn(2, 31 * 31, generator=generator) * 3.0
+    out = torch.empty(32 * 32, 32)
+    scaled = (table * native.LOG2_E).contiguous()
+    assert lib.esc_window_attention(qkv.data_ptr(), scaled.data_ptr(), out.data_ptr(), 1, 32, 32, 2, 16, 2) == 0
+    expected = reference(qkv, table, 1, 32, 32, 2, 16)
+    assert (out.double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
+
+
+def _layer(dim: int, window: int, heads: int) -> WindowAttention:
+    layer = WindowAttention(dim, window, heads, "sdpa").eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return layer
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("shape", [(1, 64, 64), (2, 40, 70), (1, 5, 3)], ids=["aligned", "padded-batch", "tiny"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_on_the_kernel_equals_torch_flash_path(shape, channels_last) -> None:
+    batch, height, width = shape
+    layer = _layer(64, 32, 4)
+    x = torch.randn(batch, 64, height, width, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert native.applies(x, head_dim=16, window=32)
+        kernel = layer(x, add=residual)
+        flash = layer._forward_sdpa_cpu(x, add=residual)
+    assert kernel.shape == flash.shape == x.shape
+    assert (kernel - flash).abs().max().item() <= 2e-6 * flash.abs().max().item()
+
+
+@NEEDS_KERNEL
+def test_only_float32_inference_outside_tracing_takes_the_kernel() -> None:
+    x = torch.randn(1, 64, 32, 32)
+    with torch.inference_mode():
+        assert native.applies(x, head_dim=16, window=32)
+        assert not native.applies(x, head_dim=8, window=32)    # another head dimension
+        assert not native.applies(x, head_dim=16, window=8)     # a window that is not a multiple of 16
+        assert not native.applies(x.double(), head_dim=16, window=32)
+        assert not native.applies(x.to(torch.bfloat16), head_dim=16, window=32)
+    assert not native.applies(x, head_dim=16, window=32)        # autograd on: training runs torch's sdpa
+    # a trained layer: gradients flow (through torch's sdpa), and equal the naive reference's
+    layer = _layer(64, 32, 4).train()
+    naive = WindowAttention(64, 32, 4, "naive")
+    naive.load_state_dict(layer.state_dict())
+    grads = []
+    for module in (layer, naive):
+        xi = x.clone().requires_grad_()
+        module(xi).square().sum().backward()
+        grads.append(xi.grad)
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-4 * grads[1].abs().max().item()
+
+
+@NEEDS_KERNEL
+def test_attention_kernel_reports_the_native_kernel_for_cpu_inference() -> None:
+    model = esc_arch.esc_tiny(scale=4)  # window 16, heads of 16 channels
+    assert esc_arch.attention_kernel(model, "cpu").startswith("native (CPU)")
+    assert "math" in esc_arch.attention_kernel(model, "cpu", training=True)
+    assert "native" not in esc_arch.attention_kernel(model, "cpu", torch.bfloat16)
+
+
+def _fresh_load(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (the kernel is built or refused once per process)."""
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+_PROBE = """
+import warnings, torch, esc_arch
+from esc_arch import native
+warnings.simplefilter("always")
+model = esc_arch.esc_tiny(scale=2).eval()
+with torch.inference_mode():
+    out = model(torch.rand(1, 3, 20, 24))
+print("status:", native.status())
+print("shape:", tuple(out.shape))
+"""
+
+
+def test_switched_off_or_without_a_compiler_inference_runs_on_torch_and_says_why(tmp_path) -> None:
+    off = _fresh_load(_PROBE, {"ESC_SR_NATIVE": "0", "ESC_SR_CACHE": str(tmp_path)})
+    assert off.returncode == 0, off.stderr
+    assert "status: switched off (ESC_SR_NATIVE=0)" in off.stdout and "shape: (1, 3, 40, 48)" in off.stdout
+    no_compiler = _fresh_load(_PROBE, {"CXX": "no-such-compiler", "PATH": str(tmp_path), "ESC_SR_CACHE": str(tmp_path)})
+    assert no_compiler.returncode == 0, no_compiler.stderr
+    assert "status: no C++ compiler" in no_compiler.stdout and "shape: (1, 3, 40, 48)" in no_compiler.stdout
+    assert "RuntimeWarning" not in no_compiler.stderr  # an expected situation, not a fault
+    assert not any(tmp_path.rglob("*.so"))
+
+
+def test_a_failed_build_warns_once_and_inference_still_runs(tmp_path) -> None:
+    if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
+        pytest.skip("the kernel is only built on x86-64 Linux")
+    failed = _fresh_load(_PROBE + "model(torch.rand(1, 3, 20, 24))\n", {"CXX": "false", "ESC_SR_CACHE": str(tmp_path)})
+    assert failed.returncode == 0, failed.stderr
+    assert "status: build failed" in failed.stdout and "shape: (1, 3, 40, 48)" in failed.stdout
+    assert failed.stderr.count("native window-attention kernel was not built") == 1
+
+
+def test_the_build_is_cached_per_machine_and_concurrent_builds_agree(tmp_path) -> None:
+    if native._compiler() is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C++ compiler on Linux")
+    code = "from esc_arch import native; print(native.status())"
+    env = {"ESC_SR_CACHE": str(tmp_path), "ESC_SR_NATIVE": "1"}
+    builders = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [b.communicate(timeout=300) for b in builders]
+    assert all(b.returncode == 0 for b in builders), outputs
+    libraries = list((tmp_path / "kernels").glob("window_attention-*.so"))
+    assert len(libraries) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p not in libraries]
+    built = libraries[0].stat().st_mtime_ns
+    again = _fresh_load(code, env)  # a later process loads the cached build
+    assert again.returncode == 0 and libraries[0].name in again.stdout
+    assert libraries[0].stat().st_mtime_ns == built
+
+
+@pytest.mark.parametrize("case", golden_cases(), ids=[c["id"] for c in golden_cases()])
+def test_golden_cases_on_the_default_cpu_path(case) -> None:
+    """Every golden case (the official code's outputs) is reproduced by the default CPU inference path, which is
+    the native kernel wherever the model's heads and window fit it."""
+    overrides = {"esc_x2_into_x4": {"upscaling_factor": 4}}.get(case["id"], {})
+    model = esc_arch.load_model(checkpoint_path(case), **overrides).eval()
+    attention = next((m for m in model.modules() if isinstance(m, WindowAttention)), None)
+    on_kernel = attention is not None and native.takes("cpu", torch.float32, head_dim=attention.dim // attention.num_heads,
+                                                        window=attention.window_size)
+    assert esc_arch.attention_kernel(model, "cpu").startswith("native") == on_kernel
+    data = tensors(case)
+    for run in case["runs"]:
+        with torch.inference_mode():
+            out = model(*[data[name] for name in run["inputs"].values()])
+        assert (out - data[run["output"]]).abs().max().item() <= 1e-4, run["output"]
