@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onednn
+from . import native, onednn
 
 __all__ = [
     "LayerNorm2d",
@@ -49,6 +49,9 @@ class ConvFFN(nn.Module):
         self.aggr = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        if native.takes_ffn(x, channels=self.proj.in_channels, hidden=self.proj.out_channels,
+                            kernel_size=self.dwc.kernel_size[0]):
+            return native.conv_ffn(x, self.proj, self.dwc, self.aggr, add)
         x = onednn.conv(self.proj, x, gelu=True)
         y = onednn.conv(self.dwc, x, gelu=True)
         x = y.add_(x) if onednn.applies(x) else y + x  # in place where nothing is recorded for a backward pass

@@ -1,26 +1,36 @@
-"""ESC's window attention as a small native kernel for CPU inference, built on first use for this machine.
+"""Two of ESC's layers as small native kernels for CPU inference, built on first use for this machine: window
+attention and the ConvFFN.
 
-Why. On CPU, half of an ESC forward pass is window attention inside torch's CPU flash kernel, whose q·kᵀ and p·v
+Why. On CPU, half of an ESC forward pass was window attention inside torch's CPU flash kernel, whose q·kᵀ and p·v
 GEMMs (head dimension 16, 1,024 keys) run far below the core's peak and which reads the bias as a
 (heads, ws², ws²) matrix. ESC's shapes allow a much simpler kernel (``kernels/window_attention.cpp``): a head is
 one 16-float vector register, a query's bias over one key row is ws consecutive floats of the (2ws-1)² table, and
 the window's tokens can be read straight from the raster-order ``to_qkv`` output, so neither the partition of the
-map into windows nor the way back is a copy. Measured on the 2-core AMD EPYC VM (AVX-512, 2 threads, interleaved
-medians): the attention of one ESC layer at window 32 on a 192x320 map, q/k/v in and attended rows out, 113 ms
-against torch's 200-217 ms (q·kᵀ and p·v near the core's FMA peak: 109 GFLOP/s each at 1 thread); an ESC x4
-forward pass at 180x320, 1.80 against 2.25 s (0.80x), outputs within 4.8e-6 of torch's path.
+map into windows nor the way back is a copy. The ConvFFN (``kernels/conv_ffn.cpp``) was four oneDNN passes over
+maps of its hidden width (expand + GELU, depthwise 3x3 + GELU, the inner residual, project); fused row by row, the
+hidden maps stay in the core's cache.
 
-How. The C++ source (plain C ABI, no torch headers) is compiled once per machine with ``c++ -O3 -march=native``
-(``CXX`` overrides the compiler) into ``$ESC_SR_CACHE`` or ``~/.cache/esc_sr``, keyed by a hash of the source,
-the compiler, its flags and the CPU's flags, written atomically so that concurrent processes (torchrun) can build
-side by side, and loaded with ctypes, which releases the GIL during the call. It runs its own ``threads`` (torch's
-thread count), so it does not touch torch's OpenMP pool.
+Measured on the 2-core AMD EPYC VM (AVX-512, 2 threads, ``OMP_WAIT_POLICY=PASSIVE``, interleaved medians): the
+attention of one ESC layer at window 32 on a 192x320 map, q/k/v in and attended rows out, 113 ms against torch's
+200-217 ms (q·kᵀ and p·v near the core's FMA peak: 109 GFLOP/s each at 1 thread); ESC's conv-stage FFN (64
+channels, 80 hidden) at 192x320, 13.5 against 20.0 ms. An ESC x4 forward pass at 180x320: torch's operators 2.62 s,
+with the attention kernel 1.96 s, with both 1.87 s (0.71x; six alternating rounds in one process, a slow phase of
+the VM); outputs within 4.8e-6 of torch's path.
 
-When. :func:`applies`: a float32 CPU tensor without autograd and outside tracing or export, head dimension 16,
-a window that is a multiple of 16 (ESC, light, XL, FP, Real and the default model all are), an x86-64 Linux machine
-whose build targets AVX-512 (where it was measured), and ``ESC_SR_NATIVE`` not ``0`` in the environment.
-Elsewhere (no compiler, a failed build, other CPUs) the sdpa path runs as before; a build that fails says so once
-in a warning, :func:`status` says why the kernel is or is not in use.
+How. The C++ sources (plain C ABI, no torch headers) are compiled once per machine with ``c++ -O3 -march=native
+-fopenmp`` (``CXX`` overrides the compiler) into ``$ESC_SR_CACHE`` or ``~/.cache/esc_sr``, keyed by a hash of the
+sources, the compiler, its flags and the CPU's flags, written atomically so that concurrent processes (torchrun)
+can build side by side, and loaded with ctypes, which releases the GIL during the call. Their threads are OpenMP's:
+loaded after torch, the library shares torch's ``libgomp.so.1`` and so its thread pool (threads of their own
+competed with torch's spinning ones: the FFN took 19 ms at 2 threads instead of 13.5). Each call uses torch's
+thread count.
+
+When. :func:`applies` (attention) and :func:`takes_ffn`: a float32 CPU tensor without autograd and outside tracing
+or export, an x86-64 Linux machine whose build targets AVX-512 (where it was measured), ``ESC_SR_NATIVE`` not ``0``
+in the environment; for attention head dimension 16 and a window that is a multiple of 16, for the FFN a multiple
+of 16 channels and a 3x3 depthwise kernel (every ESC variant and the default model qualify). Elsewhere (no
+compiler, a failed build, other CPUs) torch's operators run as before; a build that fails says so once in a
+warning, and :func:`status` says why the kernels are or are not in use.
 """
 
 from __future__ import annotations
@@ -46,8 +56,12 @@ __all__ = ["HEAD_DIM", "applies", "available", "status", "takes", "window_attent
 #: The only head dimension the kernel takes (every ESC variant's: dim / heads = 16).
 HEAD_DIM = 16
 LOG2_E = 1.4426950408889634
-SOURCE = Path(__file__).with_name("kernels") / "window_attention.cpp"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "window_attention.cpp", KERNELS / "conv_ffn.cpp")
+HEADERS = (KERNELS / "vector.h",)
+# -fopenmp: the kernels' threads are OpenMP's, and the library is loaded after torch, whose libgomp.so.1 it then
+# shares (one thread pool: no second set of threads competing with torch's spinning ones).
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 
 
 def _cache_dir() -> Path:
@@ -70,17 +84,19 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
-def _build(compiler: str, source: bytes, folder: Path) -> Path:
-    """Compile ``source`` into ``folder`` unless a build of the same inputs is there; return the library's path."""
+def _build(compiler: str, folder: Path) -> Path:
+    """Compile the kernels into ``folder`` unless a build of the same inputs is there; return the library's path."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]))
-    library = folder / f"window_attention-{key.hexdigest()[:16]}.so"
+    parts = [path.read_bytes() for path in (*SOURCES, *HEADERS)] + [version.encode(), " ".join(FLAGS).encode(),
+                                                                     _cpu_flags().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    library = folder / f"esc_kernels-{key}.so"
     if library.exists():
         return library
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         built = Path(scratch) / library.name
-        result = subprocess.run([compiler, *FLAGS, "-x", "c++", str(SOURCE), "-o", str(built)],
+        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1][:200]}")
@@ -99,20 +115,21 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, "no C++ compiler (c++ or g++, or $CXX) to build it"
     try:
-        source = SOURCE.read_bytes()
         try:
-            library = _build(compiler, source, _cache_dir())
+            library = _build(compiler, _cache_dir())
         except OSError:  # a read-only home: build into a private temporary folder instead
-            library = _build(compiler, source, Path(tempfile.mkdtemp(prefix="esc_sr_kernels_")))
+            library = _build(compiler, Path(tempfile.mkdtemp(prefix="esc_sr_kernels_")))
         lib = ctypes.CDLL(str(library))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        warnings.warn(f"esc_arch: the native window-attention kernel was not built ({error}); torch's sdpa runs "
-                      "instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"esc_arch: the native CPU kernels were not built ({error}); torch's operators run instead",
+                      RuntimeWarning, stacklevel=3)
         return None, f"build failed: {error}"
     lib.esc_window_attention.restype = ctypes.c_int
     lib.esc_window_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    lib.esc_conv_ffn.restype = ctypes.c_int
+    lib.esc_conv_ffn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     if lib.esc_window_attention_vector_bits() != 512:
-        return None, "this CPU has no AVX-512 (the kernel was measured on AVX-512 only)"
+        return None, "this CPU has no AVX-512 (the kernels were measured on AVX-512 only)"
     return lib, f"built for this CPU ({library.name})"
 
 
@@ -149,7 +166,7 @@ def window_attention(qkv: torch.Tensor, table: torch.Tensor, *, batch: int, heig
     """
     lib = _load()[0]
     if lib is None:
-        raise RuntimeError(f"the native window-attention kernel is not available: {status()}")
+        raise RuntimeError(f"the native CPU kernels are not available: {status()}")
     dim = heads * HEAD_DIM
     if qkv.shape != (batch * height * width, 3 * dim) or not qkv.is_contiguous() or qkv.dtype != torch.float32:
         raise ValueError(f"qkv must be contiguous float32 rows of shape {(batch * height * width, 3 * dim)}, "
@@ -162,4 +179,57 @@ def window_attention(qkv: torch.Tensor, table: torch.Tensor, *, batch: int, heig
         raise ValueError(f"the native kernel does not take a {height}x{width} map with window {window}")
     if code == 2:
         raise MemoryError("the native window-attention kernel could not allocate its buffers")
+    return out
+
+
+def takes_ffn(x: torch.Tensor, *, channels: int, hidden: int, kernel_size: int) -> bool:
+    """Whether a ConvFFN over ``x`` runs on the fused kernel: inference as for :func:`applies`, channels a multiple of
+    16 (the hidden channels are padded to one), and a 3x3 depthwise convolution."""
+    return channels % 16 == 0 and kernel_size == 3 and hidden > 0 and x.device.type == "cpu" \
+        and x.dtype == torch.float32 and not torch.is_grad_enabled() and not onednn.tracing() and available()
+
+
+def _padded(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros appended along ``dim`` up to ``size``, contiguous."""
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim).contiguous()
+
+
+def conv_ffn(x: torch.Tensor, expand: torch.nn.Conv2d, depthwise: torch.nn.Conv2d, project: torch.nn.Conv2d,
+             add: torch.Tensor | None = None) -> torch.Tensor:
+    """``project(GELU(depthwise(h)) + h) (+ add)`` with ``h = GELU(expand(x))``: ESC's ConvFFN in one fused pass.
+
+    ``x`` and ``add``: ``(b, channels, h, w)`` maps (made channels-last); returns a channels-last map. The weights
+    are transposed and their hidden channels padded to whole vectors of 16 for each call (a few small copies).
+    """
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernels are not available: {status()}")
+    b, c, h, w = x.shape
+    hidden = expand.out_channels
+    padded = -(-hidden // 16) * 16
+    detach = [t.detach() for t in (expand.weight, expand.bias, depthwise.weight, depthwise.bias, project.weight,
+                                   project.bias)]
+    expand_t = _padded(detach[0].view(hidden, c).t(), padded, 1)
+    expand_bias = _padded(detach[1], padded, 0)
+    taps = _padded(detach[2].view(hidden, 9).t(), padded, 1)
+    taps_bias = _padded(detach[3], padded, 0)
+    project_t = _padded(detach[4].view(c, hidden).t(), padded, 0)
+    project_bias = detach[5].contiguous()
+    x = x.contiguous(memory_format=torch.channels_last)
+    if add is not None:
+        add = add.contiguous(memory_format=torch.channels_last)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    code = lib.esc_conv_ffn(x.data_ptr(), expand_t.data_ptr(), expand_bias.data_ptr(), taps.data_ptr(),
+                            taps_bias.data_ptr(), project_t.data_ptr(), project_bias.data_ptr(),
+                            None if add is None else add.data_ptr(), out.data_ptr(), b, h, w, c, padded,
+                            torch.get_num_threads())
+    if code == 1:
+        raise ValueError(f"the native ConvFFN does not take {c} channels ({hidden} hidden)")
+    if code == 2:
+        raise MemoryError("the native ConvFFN could not allocate its buffers")
     return out

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import esc_arch
 from esc_arch import native
 from esc_arch.attention import WindowAttention, relative_position_index
+from esc_arch.layers import ConvFFN
 from golden import checkpoint_path, golden_cases, tensors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +73,7 @@ def test_portable_build_without_avx512_computes_the_same(tmp_path) -> None:
         pytest.skip("needs an x86-64 C++ compiler")
     library = tmp_path / "portable.so"
     flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64-v3"]
-    subprocess.run([compiler, *flags, str(native.SOURCE), "-o", str(library)], check=True, capture_output=True)
+    subprocess.run([compiler, *flags, *map(str, native.SOURCES), "-o", str(library)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(library))
     lib.esc_window_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     assert lib.esc_window_attention_vector_bits() == 0
@@ -177,7 +179,7 @@ def test_a_failed_build_warns_once_and_inference_still_runs(tmp_path) -> None:
     failed = _fresh_load(_PROBE + "model(torch.rand(1, 3, 20, 24))\n", {"CXX": "false", "ESC_SR_CACHE": str(tmp_path)})
     assert failed.returncode == 0, failed.stderr
     assert "status: build failed" in failed.stdout and "shape: (1, 3, 40, 48)" in failed.stdout
-    assert failed.stderr.count("native window-attention kernel was not built") == 1
+    assert failed.stderr.count("native CPU kernels were not built") == 1
 
 
 def test_the_build_is_cached_per_machine_and_concurrent_builds_agree(tmp_path) -> None:
@@ -189,7 +191,7 @@ def test_the_build_is_cached_per_machine_and_concurrent_builds_agree(tmp_path) -
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [b.communicate(timeout=300) for b in builders]
     assert all(b.returncode == 0 for b in builders), outputs
-    libraries = list((tmp_path / "kernels").glob("window_attention-*.so"))
+    libraries = list((tmp_path / "kernels").glob("esc_kernels-*.so"))
     assert len(libraries) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p not in libraries]
     built = libraries[0].stat().st_mtime_ns
     again = _fresh_load(code, env)  # a later process loads the cached build
@@ -212,3 +214,58 @@ def test_golden_cases_on_the_default_cpu_path(case) -> None:
         with torch.inference_mode():
             out = model(*[data[name] for name in run["inputs"].values()])
         assert (out - data[run["output"]]).abs().max().item() <= 1e-4, run["output"]
+
+
+def _ffn(dim: int, ratio: float, seed: int = 5) -> ConvFFN:
+    ffn = ConvFFN(dim, 3, ratio).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return ffn
+
+
+def _plain_ffn(ffn: ConvFFN, x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    """The FFN in float64 with torch's exact GELU: the reference."""
+    f = {name: p.double() for name, p in ffn.named_parameters()}
+    h = F.gelu(F.conv2d(x.double(), f["proj.weight"], f["proj.bias"]))
+    h = F.gelu(F.conv2d(h, f["dwc.weight"], f["dwc.bias"], padding=1, groups=h.shape[1])) + h
+    out = F.conv2d(h, f["aggr.weight"], f["aggr.bias"])
+    return out if add is None else out + add.double()
+
+
+# (channels, expansion, batch, height, width): ESC's conv-stage FFN (80 hidden), its first FFN (128), the default
+# model's (40 hidden: padded to 48), ESC-XL's (240), ESC-FP's (48 channels, 60 hidden), one-row and one-pixel maps
+FFNS = [(64, 1.25, 1, 37, 45), (64, 2.0, 1, 16, 20), (32, 1.25, 2, 9, 70), (192, 1.25, 1, 6, 7), (48, 1.25, 1, 5, 9),
+        (16, 2.0, 1, 1, 5), (32, 1.25, 3, 1, 1)]
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("case", FFNS, ids=[f"c{c[0]}-x{c[1]}-b{c[2]}-{c[3]}x{c[4]}" for c in FFNS])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_fused_ffn_equals_the_float64_ffn(case, with_add) -> None:
+    channels, ratio, batch, height, width = case
+    ffn = _ffn(channels, ratio)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(batch, channels, height, width, generator=generator)
+    add = torch.randn(x.shape, generator=generator) if with_add else None
+    with torch.inference_mode():
+        assert native.takes_ffn(x, channels=channels, hidden=ffn.proj.out_channels, kernel_size=3)
+        out = ffn(x, add=add)
+    expected = _plain_ffn(ffn, x, add)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
+
+
+@NEEDS_KERNEL
+def test_fused_ffn_is_for_inference_only_and_whole_vectors_of_channels() -> None:
+    x = torch.randn(1, 40, 8, 8)
+    with torch.inference_mode():
+        assert not native.takes_ffn(x, channels=40, hidden=50, kernel_size=3)  # not whole vectors: oneDNN
+        assert not native.takes_ffn(x[:, :32], channels=32, hidden=40, kernel_size=5)
+        assert not native.takes_ffn(x[:, :32].double(), channels=32, hidden=40, kernel_size=3)
+    assert not native.takes_ffn(x[:, :32], channels=32, hidden=40, kernel_size=3)  # autograd on
+    ffn = _ffn(32, 1.25).train()
+    xi = x[:, :32].clone().requires_grad_()
+    ffn(xi).square().sum().backward()  # training runs torch's operators, with gradients
+    assert xi.grad is not None and ffn.proj.weight.grad is not None

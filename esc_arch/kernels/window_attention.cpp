@@ -18,34 +18,24 @@
 //
 // Work. One task per (window, head): its keys are packed transposed (16 x ws^2) and its values (ws^2 x 16) into
 // the thread's buffers, then queries go in blocks of QUERY_BLOCK, which share each loaded key and value vector.
-// Tasks are handed out by an atomic counter to `threads` std::threads (the caller's included).
+// Tasks are shared out dynamically among `threads` OpenMP threads.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <new>
-#include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vector.h"
 
 namespace {
 
-// 16 floats: one AVX-512 register, or two AVX / four SSE registers elsewhere (GCC/Clang vector extensions).
-typedef float v16f __attribute__((vector_size(64)));
-typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+using namespace esc;
 
 constexpr int HEAD_DIM = 16;
-constexpr int LANES = 16;
 constexpr int QUERY_BLOCK = 8;  // x 2 key vectors: 16 accumulators (of 32 AVX-512 registers)
-
-inline v16f load(const float* p) { return *reinterpret_cast<const v16f_unaligned*>(p); }
-inline void store(float* p, v16f v) { *reinterpret_cast<v16f_unaligned*>(p) = v; }
-inline v16f splat(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 inline float horizontal_sum(v16f v) {
     float s = 0.0f;
@@ -61,7 +51,7 @@ inline float horizontal_max(v16f v) {
 
 // 2^y for y <= 0: y = n + f with n an integer and |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error
 // below 1.2e-7, about one ulp), 2^n applied to the exponent.
-inline v16f exp2_nonpositive(v16f y) {
+inline v16f exp2(v16f y) {
 #if defined(__AVX512F__)
     const v16f n = (v16f)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
@@ -168,7 +158,7 @@ void attend(const float* qkv, const float* table, float* out, const Geometry& g,
             float* row = scores + i * tokens;
             row_sum[i] = v16f{};
             for (int key = 0; key < tokens; key += LANES) {
-                const v16f p = exp2_nonpositive(load(row + key) - m);
+                const v16f p = exp2(load(row + key) - m);
                 store(row + key, p);
                 row_sum[i] += p;
             }
@@ -211,29 +201,24 @@ int esc_window_attention(const float* qkv, const float* table, float* out, int64
     const Geometry g{batch, height, width, heads, window};
     const int64_t rows = height / window, cols = width / window, tasks = batch * rows * cols * heads;
     // Heads innermost: a window's pixels (768 KiB of q, k and v at window 32, dim 64) are read into the cache once
-    // for all of its heads.
-    std::atomic<int64_t> next{0};
+    // for all of its heads. OpenMP: the runtime torch has loaded (see conv_ffn.cpp), so the threads are torch's own.
     std::atomic<bool> failed{false};
-    auto work = [&]() {
+#pragma omp parallel num_threads(threads)
+    {
+        std::unique_ptr<Scratch> scratch;
         try {
-            Scratch scratch(window * window);
-            for (int64_t task; (task = next.fetch_add(1)) < tasks;) {
-                const int head = static_cast<int>(task % heads);
-                const int64_t w = task / heads;
-                attend(qkv, table, out, g, w / (rows * cols), (w / cols) % rows, w % cols, head, scratch);
-            }
+            scratch = std::make_unique<Scratch>(window * window);
         } catch (const std::bad_alloc&) {
-            failed = true;
-            next = tasks;
+            failed = true;  // the thread still takes part in the loop (every thread must), doing nothing
         }
-    };
-    std::vector<std::thread> pool;
-    try {
-        for (int t = 1; t < threads; ++t) pool.emplace_back(work);
-    } catch (...) {  // no more threads: those that started, and this one, do all the tasks
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < tasks; ++task) {
+            if (!scratch) continue;
+            const int head = static_cast<int>(task % heads);
+            const int64_t w = task / heads;
+            attend(qkv, table, out, g, w / (rows * cols), (w / cols) % rows, w % cols, head, *scratch);
+        }
     }
-    work();
-    for (auto& t : pool) t.join();
     return failed ? 2 : 0;
 }
 

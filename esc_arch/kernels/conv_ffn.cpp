@@ -1,0 +1,175 @@
+// ESC's ConvFFN for CPU inference, fused: 1x1 expand + GELU, depthwise 3x3 + GELU plus its input, 1x1 project
+// (+ an optional residual), one image row at a time, so the expanded maps (hidden channels per pixel) never leave
+// the core's cache: each thread keeps the expanded rows above, at and below its current row in a ring of three.
+//
+// Built and loaded with window_attention.cpp by esc_arch/native.py; why and what it was measured against:
+// esc_arch/native.py.
+//
+// Layout. x, add, out: (batch, height, width, channels) floats (channels-last maps). Weights, transposed and padded by
+// the caller so every row is whole vectors: expand (channels, hidden), depthwise (9, hidden) (tap-major, row by row),
+// project (hidden, channels); biases (hidden), (hidden), (channels). hidden and channels are multiples of 16; padded
+// hidden channels have zero weights and biases, so they stay 0 and add nothing.
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include <omp.h>
+
+#include "vector.h"
+
+namespace {
+
+using namespace esc;
+
+struct FFN {
+    const float *expand, *expand_bias, *depthwise, *depthwise_bias, *project, *project_bias;
+    int channels, hidden;
+};
+
+// out[p][o] = act(bias[o] + sum_i in[p][i] w[i][o] (+ add[p][o])) for PIXELS pixels and GROUP vectors of outputs.
+template <int PIXELS, int GROUP, bool GELU>
+inline void gemm_block(const float* in, int in_stride, int inputs, const float* w, int w_stride, const float* bias,
+                       const float* add, int add_stride, float* out, int out_stride) {
+    v16f acc[PIXELS][GROUP];
+    for (int g = 0; g < GROUP; ++g) {
+        const v16f b = load(bias + g * LANES);
+        for (int p = 0; p < PIXELS; ++p) acc[p][g] = b;
+    }
+    for (int i = 0; i < inputs; ++i) {
+        v16f wv[GROUP];
+        for (int g = 0; g < GROUP; ++g) wv[g] = load(w + i * w_stride + g * LANES);
+        for (int p = 0; p < PIXELS; ++p) {
+            const v16f xv = splat(in[p * in_stride + i]);
+            for (int g = 0; g < GROUP; ++g) acc[p][g] += xv * wv[g];
+        }
+    }
+    for (int p = 0; p < PIXELS; ++p)
+        for (int g = 0; g < GROUP; ++g) {
+            v16f v = acc[p][g];
+            if (GELU) v = gelu(v);
+            if (add) v += load(add + p * add_stride + g * LANES);
+            store(out + p * out_stride + g * LANES, v);
+        }
+}
+
+// A row of `width` pixels: out = act(in w + bias (+ add)), outputs in groups of up to 4 vectors, pixels in blocks.
+template <bool GELU>
+void gemm_row(const float* in, int width, int inputs, const float* w, int outputs, const float* bias, const float* add,
+              float* out) {
+    constexpr int BLOCK = 6;  // 6 pixels x 4 vectors: 24 accumulators of 32 registers
+    for (int o = 0; o < outputs; o += 4 * LANES) {
+        const int group = std::min(4, (outputs - o) / LANES);
+        const float* a = add ? add + o : nullptr;
+        int p = 0;
+#define ESC_GEMM(P, G) gemm_block<P, G, GELU>(in + p * inputs, inputs, inputs, w + o, outputs, bias + o, \
+                                              a ? a + p * outputs : nullptr, outputs, out + p * outputs + o, outputs)
+        for (; p + BLOCK <= width; p += BLOCK) {
+            switch (group) {
+                case 4: ESC_GEMM(BLOCK, 4); break;
+                case 3: ESC_GEMM(BLOCK, 3); break;
+                case 2: ESC_GEMM(BLOCK, 2); break;
+                default: ESC_GEMM(BLOCK, 1); break;
+            }
+        }
+        for (; p < width; ++p) {
+            switch (group) {
+                case 4: ESC_GEMM(1, 4); break;
+                case 3: ESC_GEMM(1, 3); break;
+                case 2: ESC_GEMM(1, 2); break;
+                default: ESC_GEMM(1, 1); break;
+            }
+        }
+#undef ESC_GEMM
+    }
+}
+
+class RowWorker {
+  public:
+    RowWorker(const FFN& f, int64_t width)
+        : f_(f), width_(width), padded_(width + 2),
+          ring_(static_cast<size_t>(3 * padded_ * f.hidden)), mixed_(static_cast<size_t>(width * f.hidden)) {}
+
+    // Rows [first, last) of one image (height rows) from x into out.
+    void run(const float* x, const float* add, float* out, int64_t height, int64_t first, int64_t last) {
+        const int64_t row_floats = width_ * f_.channels;
+        std::fill(ring_.begin(), ring_.end(), 0.0f);  // the zero padding left and right of every expanded row
+        for (int64_t r = std::max<int64_t>(first - 1, 0); r <= std::min(first, height - 1); ++r) expand(x, r);
+        for (int64_t r = first; r < last; ++r) {
+            if (r + 1 < height) expand(x, r + 1);
+            mix(r, height);
+            gemm_row<false>(mixed_.data(), width_, f_.hidden, f_.project, f_.channels, f_.project_bias,
+                            add ? add + r * row_floats : nullptr, out + r * row_floats);
+        }
+    }
+
+  private:
+    float* slot(int64_t r) { return ring_.data() + (r % 3) * padded_ * f_.hidden + f_.hidden; }  // pixel 0 of row r
+
+    void expand(const float* x, int64_t r) {
+        gemm_row<true>(x + r * width_ * f_.channels, width_, f_.channels, f_.expand, f_.hidden, f_.expand_bias,
+                       nullptr, slot(r));
+    }
+
+    // mixed = GELU(depthwise 3x3 of the expanded rows r-1..r+1, zero-padded) + expanded row r
+    void mix(int64_t r, int64_t height) {
+        const int hidden = f_.hidden;
+        const float* rows[3] = {r > 0 ? slot(r - 1) : nullptr, slot(r), r + 1 < height ? slot(r + 1) : nullptr};
+        for (int c = 0; c < hidden; c += LANES) {
+            v16f tap[9];
+            for (int k = 0; k < 9; ++k) tap[k] = load(f_.depthwise + k * hidden + c);
+            const v16f bias = load(f_.depthwise_bias + c);
+            for (int64_t p = 0; p < width_; ++p) {
+                v16f acc = bias;
+                for (int dy = 0; dy < 3; ++dy) {
+                    if (!rows[dy]) continue;
+                    const float* at = rows[dy] + (p - 1) * hidden + c;
+                    acc += load(at) * tap[3 * dy] + load(at + hidden) * tap[3 * dy + 1] +
+                           load(at + 2 * hidden) * tap[3 * dy + 2];
+                }
+                store(mixed_.data() + p * hidden + c, gelu(acc) + load(rows[1] + p * hidden + c));
+            }
+        }
+    }
+
+    const FFN& f_;
+    int64_t width_, padded_;
+    std::vector<float> ring_, mixed_;
+};
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success, 1 for channel counts the kernel does not take, 2 when its buffers cannot be allocated.
+int esc_conv_ffn(const float* x, const float* expand, const float* expand_bias, const float* depthwise,
+                 const float* depthwise_bias, const float* project, const float* project_bias, const float* add,
+                 float* out, int64_t batch, int64_t height, int64_t width, int channels, int hidden, int threads) {
+    if (channels < LANES || channels % LANES || hidden < LANES || hidden % LANES || batch < 1 || height < 1 || width < 1)
+        return 1;
+    const FFN f{expand, expand_bias, depthwise, depthwise_bias, project, project_bias, channels, hidden};
+    // Each thread takes a band of rows of every image (one row of the expanded map is recomputed at each band's top).
+    // OpenMP: the runtime torch has loaded (the library is loaded after torch, which provides libgomp.so.1), so the
+    // threads are torch's own, awake from its previous operator instead of spinning beside new ones.
+    const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, height)));
+    std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(workers)
+    {
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
+        try {
+            RowWorker worker(f, width);
+            const int64_t first = height * t / team, last = height * (t + 1) / team;
+            const int64_t image_floats = height * width * channels;
+            for (int64_t b = 0; b < batch; ++b)
+                worker.run(x + b * image_floats, add ? add + b * image_floats : nullptr, out + b * image_floats,
+                           height, first, last);
+        } catch (const std::bad_alloc&) {
+            failed = true;
+        }
+    }
+    return failed ? 2 : 0;
+}
+
+}  // extern "C"
