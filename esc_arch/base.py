@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import spectral
+from . import native, spectral
 from .attention import WindowAttention, normalize_backend
 from .layers import geometric_ensemble
 from .streaming import WHOLE, MapRunner
@@ -109,7 +109,10 @@ class SharedKernelTrunk(ESCModelBase):
         self.register_buffer("fused_large_kernel", geometric_ensemble(self.plk_filter).detach(), persistent=False)
 
     def run_blocks(self, feat: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        lk = spectral.prepare(self.large_kernel(), feat)  # its FFT spectrum, once for all blocks, where it pays
+        # once for all blocks: by orbit for the native correlation (the geometric ensemble is symmetric), else its FFT
+        # spectrum where that pays, else the kernel itself
+        kernel = self.large_kernel()
+        lk = native.prepare_symmetric(kernel, feat) or spectral.prepare(kernel, feat)
         for block in self.blocks:
             feat = block(feat, lk, maps)
         return feat

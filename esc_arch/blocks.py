@@ -9,10 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onednn, spectral
+from . import native, onednn, spectral
 from .attention import WindowAttention
 from .layers import ConvFFN, LayerNorm2d, per_sample_depthwise_conv
 from .streaming import WHOLE, MapRunner
+
+#: The large kernel prepared for a forward pass (by orbit for the native correlation, or with its FFT spectrum): each
+#: has ``.kernel`` and ``.correlate(x, dynamic, out=...)``.
+PREPARED_KERNELS = (native.SymmetricKernel, spectral.SpectralKernel)
 
 
 def _dynamic_kernel_mlp(pdim: int, hidden: int) -> nn.Sequential:
@@ -38,14 +42,14 @@ class ConvolutionalAttention(nn.Module):
         nn.init.zeros_(self.dwc_proj[-1].bias)
 
     def forward(
-        self, x: torch.Tensor, large_kernel: torch.Tensor | spectral.SpectralKernel, pooled: torch.Tensor | None = None
+        self, x: torch.Tensor, large_kernel, pooled: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``pooled``: the global average of ``x[:, :pdim]`` when ``x`` is a tile (the pool of a 1x1 map is itself);
-        ``large_kernel``: the shared kernel, or the kernel with its spectrum (:func:`esc_arch.spectral.prepare`)."""
+        ``large_kernel``: the shared kernel, or one of :data:`PREPARED_KERNELS`."""
         x1, x2 = x[:, : self.pdim], x[:, self.pdim :]
         b = x1.shape[0]
         dynamic = self.dwc_proj(x1 if pooled is None else pooled).view(b, self.pdim, 3, 3)
-        if isinstance(large_kernel, spectral.SpectralKernel):  # both kernels in one pass, written beside x2: no cat
+        if isinstance(large_kernel, PREPARED_KERNELS):  # both kernels in one pass, written beside x2: no cat
             out = torch.empty_like(x)
             large_kernel.correlate(x1, dynamic, out=out[:, : self.pdim])
             out[:, self.pdim :] = x2
@@ -94,7 +98,7 @@ class ConvAttentionWrapper(nn.Module):
 
 def large_kernel_radius(large_kernel) -> int:
     """Pixels of context the partial convolution needs: half the large kernel (the dynamic 3x3 needs less)."""
-    if isinstance(large_kernel, spectral.SpectralKernel):
+    if isinstance(large_kernel, PREPARED_KERNELS):
         large_kernel = large_kernel.kernel
     spatial = large_kernel[-1] if isinstance(large_kernel, tuple) else large_kernel
     return spatial.shape[-1] // 2

@@ -51,13 +51,14 @@ import torch
 
 from . import onednn
 
-__all__ = ["HEAD_DIM", "applies", "available", "status", "takes", "window_attention"]
+__all__ = ["HEAD_DIM", "SymmetricKernel", "applies", "available", "conv_ffn", "prepare_symmetric", "status", "takes",
+           "takes_ffn", "window_attention"]
 
 #: The only head dimension the kernel takes (every ESC variant's: dim / heads = 16).
 HEAD_DIM = 16
 LOG2_E = 1.4426950408889634
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "window_attention.cpp", KERNELS / "conv_ffn.cpp")
+SOURCES = (KERNELS / "window_attention.cpp", KERNELS / "conv_ffn.cpp", KERNELS / "symmetric_conv.cpp")
 HEADERS = (KERNELS / "vector.h",)
 # -fopenmp: the kernels' threads are OpenMP's, and the library is loaded after torch, whose libgomp.so.1 it then
 # shares (one thread pool: no second set of threads competing with torch's spinning ones).
@@ -128,6 +129,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.esc_window_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     lib.esc_conv_ffn.restype = ctypes.c_int
     lib.esc_conv_ffn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    lib.esc_symmetric_correlate.restype = ctypes.c_int
+    lib.esc_symmetric_correlate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     if lib.esc_window_attention_vector_bits() != 512:
         return None, "this CPU has no AVX-512 (the kernels were measured on AVX-512 only)"
     return lib, f"built for this CPU ({library.name})"
@@ -233,3 +236,69 @@ def conv_ffn(x: torch.Tensor, expand: torch.nn.Conv2d, depthwise: torch.nn.Conv2
     if code == 2:
         raise MemoryError("the native ConvFFN could not allocate its buffers")
     return out
+
+
+def _orbits(kernel_size: int) -> torch.Tensor:
+    """``(k, k)``: each offset's orbit under the square's flips and rotations, numbered as the kernel numbers them
+    (``a (a + 1) / 2 + b`` with ``a >= b`` the offset's larger and smaller distance from the centre)."""
+    r = torch.arange(kernel_size) - kernel_size // 2
+    dy, dx = r.abs().view(-1, 1).expand(kernel_size, kernel_size), r.abs().view(1, -1).expand(kernel_size, kernel_size)
+    a, b = torch.maximum(dy, dx), torch.minimum(dy, dx)
+    return a * (a + 1) // 2 + b
+
+
+class SymmetricKernel:
+    """A large kernel that is the same at every position of each orbit of the square's symmetries (ESC's geometric
+    ensemble), by orbit, for :func:`esc_arch.native`'s correlation (``kernels/symmetric_conv.cpp``).
+
+    Built once per forward pass (:func:`prepare_symmetric`); ``correlate`` does what ``F.conv2d(x, kernel,
+    padding=k // 2)`` plus a per-sample depthwise 3x3 convolution do, as :class:`esc_arch.spectral.SpectralKernel`.
+    Each orbit's weight is the mean of the kernel over the orbit (equal to every member up to float rounding).
+    """
+
+    def __init__(self, kernel: torch.Tensor) -> None:
+        self.kernel = kernel
+        out_channels, in_channels, k, _ = kernel.shape
+        self.padded = -(-in_channels // 16) * 16
+        orbit = _orbits(k).flatten()
+        count = int(orbit.max()) + 1
+        taps = kernel.detach().float().permute(2, 3, 1, 0).reshape(k * k, in_channels, out_channels)
+        means = taps.new_zeros(count, in_channels, out_channels).index_add_(0, orbit, taps)
+        means /= torch.bincount(orbit, minlength=count).view(-1, 1, 1).to(means.dtype)
+        weights = means.new_zeros(count, self.padded, self.padded)
+        weights[:, :in_channels, :out_channels] = means
+        self.weights = weights.view(count * self.padded, self.padded)
+
+    def correlate(self, x: torch.Tensor, dynamic: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+        """Write the correlation of ``x`` (``(b, c, h, w)``) plus each sample's depthwise 3x3 ``dynamic`` kernel
+        (``(b, c, 3, 3)``, padding 1) into ``out`` (``(b, c, h, w)``); both with channels as their innermost axis."""
+        lib = _load()[0]
+        if lib is None:
+            raise RuntimeError(f"the native CPU kernels are not available: {status()}")
+        b, c, h, w = x.shape
+        if x.stride(1) != 1:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if out.stride(1) != 1:
+            raise ValueError("out must have channels as its innermost axis (a channels-last map or a slice of one)")
+        taps = dynamic.new_zeros(b, 9, self.padded)
+        taps[:, :, :c] = dynamic.detach().reshape(b, c, 9).transpose(1, 2)
+        strides = [(ctypes.c_int64 * 3)(t.stride(0), t.stride(2), t.stride(3)) for t in (x, out)]
+        code = lib.esc_symmetric_correlate(x.data_ptr(), strides[0], self.weights.data_ptr(), taps.data_ptr(),
+                                           out.data_ptr(), strides[1], b, h, w, c, self.kernel.shape[-1] // 2,
+                                           torch.get_num_threads())
+        if code == 1:
+            raise ValueError(f"the native correlation does not take a {tuple(x.shape)} map")
+        if code == 2:
+            raise MemoryError("the native correlation could not allocate its buffers")
+        return out
+
+
+def prepare_symmetric(kernel: torch.Tensor, x: torch.Tensor) -> SymmetricKernel | None:
+    """``kernel`` (``(c, c, k, k)``, symmetric under the square's flips and rotations: the caller's guarantee, as for
+    ESC's geometric ensemble) by orbit, where the forward pass on ``x`` runs the native correlation; else None."""
+    if kernel.dim() != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[-1] % 2 == 0 or kernel.shape[-1] < 3:
+        return None
+    if x.device.type != "cpu" or x.dtype != torch.float32 or kernel.dtype != torch.float32 or torch.is_grad_enabled() \
+            or onednn.tracing() or not available():
+        return None
+    return SymmetricKernel(kernel)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import esc_arch
 from esc_arch import native
 from esc_arch.attention import WindowAttention, relative_position_index
-from esc_arch.layers import ConvFFN
+from esc_arch.layers import ConvFFN, geometric_ensemble
 from golden import checkpoint_path, golden_cases, tensors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,3 +269,62 @@ def test_fused_ffn_is_for_inference_only_and_whole_vectors_of_channels() -> None
     xi = x[:, :32].clone().requires_grad_()
     ffn(xi).square().sum().backward()  # training runs torch's operators, with gradients
     assert xi.grad is not None and ffn.proj.weight.grad is not None
+
+
+def _direct_correlation(x, kernel, dynamic):
+    """The large-kernel correlation plus each sample's depthwise 3x3, in float64: the reference."""
+    k = kernel.shape[-1]
+    x, kernel, dynamic = x.double(), kernel.double(), dynamic.double()
+    b, c = x.shape[:2]
+    depthwise = F.conv2d(x.reshape(1, b * c, *x.shape[2:]), dynamic.reshape(b * c, 1, 3, 3), padding=1, groups=b * c)
+    return F.conv2d(x, kernel, padding=k // 2) + depthwise.view(x.shape)
+
+
+# (batch, channels, height, width, kernel): ESC's 16 channels, the default model's 8 (padded to 16), ESC-XL's 48, a
+# batch with a dynamic kernel per sample, maps smaller than the kernel, another kernel size
+CORRELATIONS = [(1, 16, 37, 45, 13), (1, 8, 20, 33, 13), (1, 48, 9, 14, 13), (2, 16, 15, 17, 13), (1, 16, 3, 5, 13),
+                (1, 4, 12, 11, 7)]
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("case", CORRELATIONS, ids=[f"b{c[0]}-c{c[1]}-{c[2]}x{c[3]}-k{c[4]}" for c in CORRELATIONS])
+def test_symmetric_correlation_equals_the_direct_one(case) -> None:
+    batch, channels, height, width, k = case
+    generator = torch.Generator().manual_seed(7)
+    kernel = geometric_ensemble(torch.randn(channels, channels, k, k, generator=generator) * 0.1)
+    dynamic = torch.randn(batch, channels, 3, 3, generator=generator)
+    # the first channels of a wider channels-last map, written into the first channels of another: as ESC runs it
+    wide = torch.randn(batch, channels + 8, height, width, generator=generator).contiguous(memory_format=torch.channels_last)
+    out = torch.zeros_like(wide)
+    with torch.inference_mode():
+        prepared = native.prepare_symmetric(kernel, wide)
+        assert isinstance(prepared, native.SymmetricKernel)
+        prepared.correlate(wide[:, :channels], dynamic, out=out[:, :channels])
+    expected = _direct_correlation(wide[:, :channels], kernel, dynamic)
+    assert (out[:, :channels].double() - expected).abs().max().item() <= 4e-6 * expected.abs().max().item()
+    assert not out[:, channels:].any()  # nothing written beyond its channels
+
+
+@NEEDS_KERNEL
+def test_symmetric_correlation_reads_tiles_cut_from_a_map() -> None:
+    generator = torch.Generator().manual_seed(8)
+    kernel = geometric_ensemble(torch.randn(16, 16, 13, 13, generator=generator) * 0.1)
+    dynamic = torch.randn(1, 16, 3, 3, generator=generator)
+    whole = torch.randn(1, 64, 40, 50, generator=generator).contiguous(memory_format=torch.channels_last)
+    tile = whole[:, :16, 5:30, 7:41]  # row stride of the whole map's width
+    out = torch.empty(1, 16, 25, 34).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        native.SymmetricKernel(kernel).correlate(tile, dynamic, out=out)
+    expected = _direct_correlation(tile, kernel, dynamic)
+    assert (out.double() - expected).abs().max().item() <= 4e-6 * expected.abs().max().item()
+
+
+@NEEDS_KERNEL
+def test_only_square_symmetric_float32_inference_kernels_are_prepared() -> None:
+    kernel, x = geometric_ensemble(torch.randn(16, 16, 13, 13)), torch.randn(1, 64, 8, 8)
+    with torch.inference_mode():
+        assert native.prepare_symmetric(kernel, x) is not None
+        assert native.prepare_symmetric(kernel[:8], x) is None  # not square in channels
+        assert native.prepare_symmetric(kernel.double(), x.double()) is None
+        assert native.prepare_symmetric(kernel, x.to(torch.bfloat16)) is None
+    assert native.prepare_symmetric(kernel, x) is None  # autograd on: training convolves directly

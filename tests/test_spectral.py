@@ -1,6 +1,9 @@
 """The shared large kernel by overlap-save FFT (esc_arch.spectral): the same correlation as the direct convolutions,
 taken for fp32 CPU inference on maps large enough to repay it, and never where autograd, tracing, other dtypes or the
-user's switch rule it out. The golden fixtures pass on it (their inputs are small, so the size floor is lowered)."""
+user's switch rule it out. The golden fixtures pass on it (their inputs are small, so the size floor is lowered).
+
+It is the CPU path where the native correlation (esc_arch.native, tests/test_native.py) is not built: every test here
+switches that off, as a machine without a compiler or AVX-512 has it."""
 
 from __future__ import annotations
 
@@ -9,12 +12,17 @@ import torch
 import torch.nn.functional as F
 
 import esc_arch
-from esc_arch import spectral
+from esc_arch import native, spectral
 from esc_arch.layers import per_sample_depthwise_conv
 from esc_arch.streaming import TiledMaps
 from golden import checkpoint_path, golden_cases, tensors
 
 FFT_OP = "aten::_fft_r2c"
+
+
+@pytest.fixture(autouse=True)
+def without_native_correlation(monkeypatch):
+    monkeypatch.setattr(native, "prepare_symmetric", lambda kernel, x: None)
 
 
 @pytest.fixture
