@@ -41,14 +41,18 @@ class ConvolutionalAttention(nn.Module):
         nn.init.zeros_(self.dwc_proj[-1].weight)
         nn.init.zeros_(self.dwc_proj[-1].bias)
 
+    def dynamic_kernel(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Each sample's ``(b, pdim, 3, 3)`` depthwise kernel, predicted from the global average of ``x[:, :pdim]``
+        (``pooled`` where ``x`` is a tile)."""
+        return self.dwc_proj(x[:, : self.pdim] if pooled is None else pooled).view(x.shape[0], self.pdim, 3, 3)
+
     def forward(
         self, x: torch.Tensor, large_kernel, pooled: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``pooled``: the global average of ``x[:, :pdim]`` when ``x`` is a tile (the pool of a 1x1 map is itself);
         ``large_kernel``: the shared kernel, or one of :data:`PREPARED_KERNELS`."""
         x1, x2 = x[:, : self.pdim], x[:, self.pdim :]
-        b = x1.shape[0]
-        dynamic = self.dwc_proj(x1 if pooled is None else pooled).view(b, self.pdim, 3, 3)
+        dynamic = self.dynamic_kernel(x, pooled)
         if isinstance(large_kernel, PREPARED_KERNELS):  # both kernels in one pass, written beside x2: no cat
             out = torch.empty_like(x)
             large_kernel.correlate(x1, dynamic, out=out[:, : self.pdim])
@@ -93,6 +97,9 @@ class ConvAttentionWrapper(nn.Module):
     def forward(
         self, x: torch.Tensor, large_kernel, pooled: torch.Tensor | None = None, add: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if isinstance(large_kernel, native.SymmetricKernel) and isinstance(self.plk, ConvolutionalAttention) \
+                and self.aggr.in_channels % 16 == 0:  # one native pass: the partial convolution never written out
+            return large_kernel.partial_conv_attention(x, self.plk.dynamic_kernel(x, pooled), self.aggr, add)
         return onednn.conv(self.aggr, self.plk(x, large_kernel, pooled), add=add)
 
 

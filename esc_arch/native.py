@@ -131,6 +131,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.esc_conv_ffn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     lib.esc_symmetric_correlate.restype = ctypes.c_int
     lib.esc_symmetric_correlate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    lib.esc_partial_conv_attention.restype = ctypes.c_int
+    lib.esc_partial_conv_attention.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 4
     if lib.esc_window_attention_vector_bits() != 512:
         return None, "this CPU has no AVX-512 (the kernels were measured on AVX-512 only)"
     return lib, f"built for this CPU ({library.name})"
@@ -280,8 +282,7 @@ class SymmetricKernel:
             x = x.contiguous(memory_format=torch.channels_last)
         if out.stride(1) != 1:
             raise ValueError("out must have channels as its innermost axis (a channels-last map or a slice of one)")
-        taps = dynamic.new_zeros(b, 9, self.padded)
-        taps[:, :, :c] = dynamic.detach().reshape(b, c, 9).transpose(1, 2)
+        taps = self._taps(dynamic)  # held in a name: it must outlive the call
         strides = [(ctypes.c_int64 * 3)(t.stride(0), t.stride(2), t.stride(3)) for t in (x, out)]
         code = lib.esc_symmetric_correlate(x.data_ptr(), strides[0], self.weights.data_ptr(), taps.data_ptr(),
                                            out.data_ptr(), strides[1], b, h, w, c, self.kernel.shape[-1] // 2,
@@ -291,6 +292,48 @@ class SymmetricKernel:
         if code == 2:
             raise MemoryError("the native correlation could not allocate its buffers")
         return out
+
+    def _taps(self, dynamic: torch.Tensor) -> torch.Tensor:
+        """``(b, c, 3, 3)`` per-sample kernels as the native code reads them: ``(b, 9, c padded to 16)``."""
+        b, c = dynamic.shape[:2]
+        taps = dynamic.new_zeros(b, 9, self.padded)
+        taps[:, :, :c] = dynamic.detach().reshape(b, c, 9).transpose(1, 2)
+        return taps
+
+    def partial_conv_attention(self, x: torch.Tensor, dynamic: torch.Tensor, project: torch.nn.Conv2d,
+                               add: torch.Tensor | None = None) -> torch.Tensor:
+        """ESC's partial convolution and its 1x1 projection in one pass: ``project(cat([correlate(x[:, :c]) +
+        depthwise(x[:, :c], dynamic), x[:, c:]])) (+ add)``, ``c`` the kernel's channels; returns a channels-last map.
+        The concatenated map is never written (each row is projected from the core's cache)."""
+        lib = _load()[0]
+        if lib is None:
+            raise RuntimeError(f"the native CPU kernels are not available: {status()}")
+        b, dim, h, w = x.shape
+        x = _pixels_last(x)
+        add = None if add is None else _pixels_last(add)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        weight = project.weight.detach().reshape(dim, dim).t().contiguous()
+        bias = project.bias.detach().contiguous()
+        taps = self._taps(dynamic)  # every tensor passed by address is held in a name until the call returns
+        strides = [(ctypes.c_int64 * 3)(t.stride(0), t.stride(2), t.stride(3)) for t in (x, x if add is None else add, out)]
+        code = lib.esc_partial_conv_attention(
+            x.data_ptr(), strides[0], self.weights.data_ptr(), taps.data_ptr(), weight.data_ptr(),
+            bias.data_ptr(), None if add is None else add.data_ptr(), strides[1], out.data_ptr(), strides[2], b, h, w,
+            self.kernel.shape[0], dim, self.kernel.shape[-1] // 2, torch.get_num_threads())
+        if code == 1:
+            raise ValueError(f"the native partial convolution does not take {dim} channels with a "
+                             f"{self.kernel.shape[0]}-channel kernel")
+        if code == 2:
+            raise MemoryError("the native partial convolution could not allocate its buffers")
+        return out
+
+
+def _pixels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with each pixel's channels consecutive (``stride(1) == 1``, ``stride(3) == channels``): as it is when it
+    is a channels-last map or a tile cut from one, else a channels-last copy."""
+    if x.stride(1) == 1 and x.stride(3) == x.shape[1]:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def prepare_symmetric(kernel: torch.Tensor, x: torch.Tensor) -> SymmetricKernel | None:

@@ -328,3 +328,51 @@ def test_only_square_symmetric_float32_inference_kernels_are_prepared() -> None:
         assert native.prepare_symmetric(kernel.double(), x.double()) is None
         assert native.prepare_symmetric(kernel, x.to(torch.bfloat16)) is None
     assert native.prepare_symmetric(kernel, x) is None  # autograd on: training convolves directly
+
+
+# (batch, channels of the kernel, channels of the map, height, width): ESC, the default model, ESC-XL; widths that are
+# not multiples of the kernel's pixel blocks
+PARTIAL = [(1, 16, 64, 37, 53), (2, 8, 32, 11, 19), (1, 48, 192, 5, 9)]
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("case", PARTIAL, ids=[f"b{c[0]}-pdim{c[1]}-dim{c[2]}-{c[3]}x{c[4]}" for c in PARTIAL])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_fused_partial_convolution_equals_its_layers(case, with_add) -> None:
+    """ESC's partial convolution and its 1x1 projection in one native pass, against the layers run one by one."""
+    batch, pdim, dim, height, width = case
+    generator = torch.Generator().manual_seed(9)
+    kernel = geometric_ensemble(torch.randn(pdim, pdim, 13, 13, generator=generator) * 0.1)
+    project = torch.nn.Conv2d(dim, dim, 1)
+    dynamic = torch.randn(batch, pdim, 3, 3, generator=generator)
+    x = torch.randn(batch, dim, height, width, generator=generator).contiguous(memory_format=torch.channels_last)
+    add = torch.randn(x.shape, generator=generator) if with_add else None
+    with torch.inference_mode():
+        out = native.SymmetricKernel(kernel).partial_conv_attention(x, dynamic, project, add)
+    mixed = torch.cat([_direct_correlation(x[:, :pdim], kernel, dynamic), x[:, pdim:].double()], 1)
+    expected = F.conv2d(mixed, project.weight.double(), project.bias.double())
+    expected = expected if add is None else expected + add.double()
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.double() - expected).abs().max().item() <= 4e-6 * expected.abs().max().item()
+
+
+@NEEDS_KERNEL
+def test_models_on_the_native_kernels_match_torch_operators_and_stream_exactly() -> None:
+    """Whole models: the native kernels against torch's operators (native switched off), and layer-streamed tiles
+    (tiles cut from the maps, the partial convolution reading them in place) against the whole map."""
+    from esc_arch.streaming import TiledMaps  # noqa: PLC0415
+
+    for preset, x in (("esc_tiny", torch.rand(2, 3, 45, 61)), ("esc_light", torch.rand(1, 3, 70, 38))):
+        model = esc_arch.PRESETS[preset](2)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(10)) * 0.02)
+        model.eval()
+        with torch.inference_mode():
+            out = model(x)
+            tiled = model(x, TiledMaps(32, window=model.window_size))
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(native, "_load", lambda: (None, "switched off for the comparison"))
+                reference = model(x)
+        assert (out - reference).abs().max().item() <= 2e-5, preset
+        assert (tiled - out).abs().max().item() <= 2e-5, preset

@@ -26,6 +26,7 @@
 
 #include <omp.h>
 
+#include "gemm.h"
 #include "vector.h"
 
 namespace {
@@ -56,98 +57,164 @@ Orbits orbits(int radius, int64_t row_floats, int64_t pixel_floats) {
     return o;
 }
 
-}  // namespace
+// The padded input and the orbits of one call, and the correlation of one row from them.
+class Correlation {
+  public:
+    Correlation(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic, int64_t batch,
+                int64_t height, int64_t width, int channels, int radius)
+        : weights_(weights), dynamic_(dynamic), height_(height), width_(width), channels_(channels), radius_(radius),
+          C_((channels + LANES - 1) / LANES * LANES), count_((radius + 1) * (radius + 2) / 2),
+          row_floats_((width + 2 * radius) * C_), image_floats_((height + 2 * radius) * row_floats_),
+          padded_(static_cast<size_t>(batch * image_floats_), 0.0f),  // zero padding, and zero padded channels
+          orbits_(orbits(radius, row_floats_, C_)), x_(x), x_strides_(x_strides) {}
 
-extern "C" {
+    int sums_per_pixel() const { return count_ * C_; }
 
-// Returns 0 on success, 1 for arguments the kernel does not take, 2 when its buffers cannot be allocated.
-int esc_symmetric_correlate(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
-                            float* out, const int64_t* out_strides, int64_t batch, int64_t height, int64_t width,
-                            int channels, int radius, int threads) {
-    if (channels < 1 || radius < 1 || batch < 1 || height < 1 || width < 1) return 1;
-    const int C = (channels + LANES - 1) / LANES * LANES, vectors = C / LANES;
-    const int64_t padded_w = width + 2 * radius, padded_h = height + 2 * radius;
-    const int64_t row_floats = padded_w * C, image_floats = padded_h * row_floats;
-    const int count = (radius + 1) * (radius + 2) / 2, K = count * C;
-    std::vector<float> padded;
-    Orbits o;
-    try {
-        padded.assign(static_cast<size_t>(batch * image_floats), 0.0f);  // zero padding, and zero padded channels
-        o = orbits(radius, row_floats, C);
-    } catch (const std::bad_alloc&) {
-        return 2;
+    void pad_row(int64_t row) {  // copy input row `row` (of batch * height) into the padded buffer
+        const int64_t b = row / height_, y = row % height_;
+        float* dst = padded_.data() + b * image_floats_ + (y + radius_) * row_floats_ + radius_ * C_;
+        const float* src = x_ + b * x_strides_[0] + y * x_strides_[1];
+        for (int64_t p = 0; p < width_; ++p) std::memcpy(dst + p * C_, src + p * x_strides_[2], channels_ * sizeof(float));
     }
-    std::atomic<bool> failed{false};
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t row = 0; row < batch * height; ++row) {
-            const int64_t b = row / height, y = row % height;
-            float* dst = padded.data() + b * image_floats + (y + radius) * row_floats + radius * C;
-            const float* src = x + b * x_strides[0] + y * x_strides[1];
-            for (int64_t p = 0; p < width; ++p)
-                std::memcpy(dst + p * C, src + p * x_strides[2], channels * sizeof(float));
-        }
-        std::unique_ptr<float[]> sums;  // S for a block of pixels: (PIXEL_BLOCK, K)
-        try {
-            sums.reset(new float[static_cast<size_t>(PIXEL_BLOCK) * K]);
-        } catch (const std::bad_alloc&) {
-            failed = true;
-        }
-#pragma omp for schedule(dynamic)
-        for (int64_t row = 0; row < batch * height; ++row) {
-            if (!sums) continue;
-            const int64_t b = row / height, y = row % height;
-            const float* centre_row = padded.data() + b * image_floats + (y + radius) * row_floats + radius * C;
-            const float* taps = dynamic + b * 9 * C;
-            for (int64_t first = 0; first < width; first += PIXEL_BLOCK) {
-                const int pixels = static_cast<int>(std::min<int64_t>(PIXEL_BLOCK, width - first));
-                for (int p = 0; p < pixels; ++p) {
-                    const float* centre = centre_row + (first + p) * C;
-                    for (int r = 0; r < count; ++r)
-                        for (int v = 0; v < vectors; ++v) {
-                            v16f acc = v16f{};
-                            for (int j = o.start[r]; j < o.start[r + 1]; ++j) acc += load(centre + o.offset[j] + v * LANES);
-                            store(sums.get() + p * K + r * C + v * LANES, acc);
-                        }
+
+    // Row `row`'s correlation plus dynamic 3x3, `channels` floats per pixel at `dst + p * pixel_stride`; `sums` is
+    // scratch of PIXEL_BLOCK * sums_per_pixel() floats.
+    void row(int64_t row, float* dst, int64_t pixel_stride, float* sums) const {
+        const int64_t b = row / height_, y = row % height_;
+        const int K = count_ * C_, vectors = C_ / LANES;
+        const float* centre_row = padded_.data() + b * image_floats_ + (y + radius_) * row_floats_ + radius_ * C_;
+        const float* taps = dynamic_ + b * 9 * C_;
+        for (int64_t first = 0; first < width_; first += PIXEL_BLOCK) {
+            const int pixels = static_cast<int>(std::min<int64_t>(PIXEL_BLOCK, width_ - first));
+            for (int p = 0; p < pixels; ++p) {
+                const float* centre = centre_row + (first + p) * C_;
+                for (int r = 0; r < count_; ++r)
+                    for (int v = 0; v < vectors; ++v) {
+                        v16f acc = v16f{};
+                        for (int j = orbits_.start[r]; j < orbits_.start[r + 1]; ++j)
+                            acc += load(centre + orbits_.offset[j] + v * LANES);
+                        store(sums + p * K + r * C_ + v * LANES, acc);
+                    }
+            }
+            for (int v = 0; v < vectors; ++v) {
+                v16f acc[PIXEL_BLOCK];
+                for (int p = 0; p < pixels; ++p) {  // the dynamic depthwise 3x3: channel vector v of the input
+                    const float* centre = centre_row + (first + p) * C_ + v * LANES;
+                    v16f a = v16f{};
+                    for (int t = 0; t < 9; ++t)
+                        a += load(taps + t * C_ + v * LANES) * load(centre + (t / 3 - 1) * row_floats_ + (t % 3 - 1) * C_);
+                    acc[p] = a;
                 }
-                for (int v = 0; v < vectors; ++v) {
-                    v16f acc[PIXEL_BLOCK];
-                    for (int p = 0; p < pixels; ++p) {  // the dynamic depthwise 3x3: channel v of the input
-                        const float* centre = centre_row + (first + p) * C + v * LANES;
-                        v16f a = v16f{};
-                        for (int t = 0; t < 9; ++t)
-                            a += load(taps + t * C + v * LANES) * load(centre + (t / 3 - 1) * row_floats + (t % 3 - 1) * C);
-                        acc[p] = a;
+                if (pixels == PIXEL_BLOCK) {
+                    for (int k = 0; k < K; ++k) {
+                        const v16f w = load(weights_ + k * C_ + v * LANES);
+                        for (int p = 0; p < PIXEL_BLOCK; ++p) acc[p] += splat(sums[p * K + k]) * w;
                     }
-                    if (pixels == PIXEL_BLOCK) {
-                        for (int k = 0; k < K; ++k) {
-                            const v16f w = load(weights + k * C + v * LANES);
-                            for (int p = 0; p < PIXEL_BLOCK; ++p) acc[p] += splat(sums[p * K + k]) * w;
-                        }
+                } else {
+                    for (int k = 0; k < K; ++k) {
+                        const v16f w = load(weights_ + k * C_ + v * LANES);
+                        for (int p = 0; p < pixels; ++p) acc[p] += splat(sums[p * K + k]) * w;
+                    }
+                }
+                const int lanes = std::min(LANES, channels_ - v * LANES);
+                for (int p = 0; p < pixels; ++p) {
+                    float* out = dst + (first + p) * pixel_stride + v * LANES;
+                    if (lanes == LANES) {
+                        store(out, acc[p]);
                     } else {
-                        for (int k = 0; k < K; ++k) {
-                            const v16f w = load(weights + k * C + v * LANES);
-                            for (int p = 0; p < pixels; ++p) acc[p] += splat(sums[p * K + k]) * w;
-                        }
-                    }
-                    const int lanes = std::min(LANES, channels - v * LANES);
-                    for (int p = 0; p < pixels; ++p) {
-                        float* dst = out + b * out_strides[0] + y * out_strides[1] + (first + p) * out_strides[2] +
-                                     v * LANES;
-                        if (lanes == LANES) {
-                            store(dst, acc[p]);
-                        } else {
-                            float lane[LANES];
-                            store(lane, acc[p]);
-                            std::memcpy(dst, lane, lanes * sizeof(float));
-                        }
+                        float lane[LANES];
+                        store(lane, acc[p]);
+                        std::memcpy(out, lane, lanes * sizeof(float));
                     }
                 }
             }
         }
     }
+
+  private:
+    const float *weights_, *dynamic_;
+    int64_t height_, width_;
+    int channels_, radius_, C_, count_;
+    int64_t row_floats_, image_floats_;
+    std::vector<float> padded_;
+    Orbits orbits_;
+    const float* x_;
+    const int64_t* x_strides_;
+};
+
+// Runs `body(row, scratch)` for every row of every image on `threads` OpenMP threads, after padding the input;
+// scratch: `scratch_floats` per thread. Returns 0, or 2 when memory runs out.
+template <typename Body>
+int for_each_row(Correlation& c, int64_t rows, int threads, size_t scratch_floats, Body body) {
+    std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; ++row) c.pad_row(row);
+        std::unique_ptr<float[]> scratch;
+        try {
+            scratch.reset(new float[scratch_floats]);
+        } catch (const std::bad_alloc&) {
+            failed = true;  // the thread still takes part in the loop (every thread must), doing nothing
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t row = 0; row < rows; ++row)
+            if (scratch) body(row, scratch.get());
+    }
     return failed ? 2 : 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// The correlation alone: returns 0 on success, 1 for arguments the kernel does not take, 2 when its buffers cannot be
+// allocated.
+int esc_symmetric_correlate(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
+                            float* out, const int64_t* out_strides, int64_t batch, int64_t height, int64_t width,
+                            int channels, int radius, int threads) {
+    if (channels < 1 || radius < 1 || batch < 1 || height < 1 || width < 1) return 1;
+    try {
+        Correlation c(x, x_strides, weights, dynamic, batch, height, width, channels, radius);
+        return for_each_row(c, batch * height, threads, static_cast<size_t>(PIXEL_BLOCK) * c.sums_per_pixel(),
+                            [&](int64_t row, float* sums) {
+                                c.row(row, out + row / height * out_strides[0] + row % height * out_strides[1],
+                                      out_strides[2], sums);
+                            });
+    } catch (const std::bad_alloc&) {
+        return 2;
+    }
+}
+
+// ESC's whole partial convolution with its 1x1 projection: out = project([correlation of x's first `channels`
+// channels, x's other channels]) + bias (+ add), per row, so the concatenated map is never written. x, add and out:
+// `dim` floats per pixel (channels-last maps or tiles of them; strides are per image and per row). project: (dim,
+// dim) transposed (inputs, outputs); dim a multiple of 16. Returns as esc_symmetric_correlate.
+int esc_partial_conv_attention(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
+                               const float* project, const float* project_bias, const float* add,
+                               const int64_t* add_strides, float* out, const int64_t* out_strides, int64_t batch,
+                               int64_t height, int64_t width, int channels, int dim, int radius, int threads) {
+    if (channels < 1 || channels > dim || dim % LANES || radius < 1 || batch < 1 || height < 1 || width < 1) return 1;
+    const int64_t x_pixel[3] = {x_strides[0], x_strides[1], dim};
+    try {
+        Correlation c(x, x_pixel, weights, dynamic, batch, height, width, channels, radius);
+        const size_t sums = static_cast<size_t>(PIXEL_BLOCK) * c.sums_per_pixel();
+        return for_each_row(c, batch * height, threads, sums + static_cast<size_t>(width) * dim,
+                            [&](int64_t row, float* scratch) {
+                                const int64_t b = row / height, y = row % height;
+                                float* mixed = scratch + sums;  // the row as the projection reads it
+                                const float* x_row = x + b * x_strides[0] + y * x_strides[1];
+                                for (int64_t p = 0; p < width; ++p)
+                                    std::memcpy(mixed + p * dim + channels, x_row + p * dim + channels,
+                                                (dim - channels) * sizeof(float));
+                                c.row(row, mixed, dim, scratch);
+                                gemm_row<false>(mixed, static_cast<int>(width), dim, project, dim, project_bias,
+                                                add ? add + b * add_strides[0] + y * add_strides[1] : nullptr,
+                                                out + b * out_strides[0] + y * out_strides[1]);
+                            });
+    } catch (const std::bad_alloc&) {
+        return 2;
+    }
 }
 
 }  // extern "C"

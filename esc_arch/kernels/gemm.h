@@ -1,0 +1,68 @@
+// Row-by-row matrix products for the CPU kernels: a row of pixels (channels-last: each pixel's channels consecutive)
+// times a (inputs, outputs) weight matrix, with the bias, then GELU or an added row, in registers.
+#pragma once
+
+#include <algorithm>
+
+#include "vector.h"
+
+namespace esc {
+
+// out[p][o] = act(bias[o] + sum_i in[p][i] w[i][o] (+ add[p][o])) for PIXELS pixels and GROUP vectors of outputs.
+template <int PIXELS, int GROUP, bool GELU>
+inline void gemm_block(const float* in, int in_stride, int inputs, const float* w, int w_stride, const float* bias,
+                       const float* add, int add_stride, float* out, int out_stride) {
+    v16f acc[PIXELS][GROUP];
+    for (int g = 0; g < GROUP; ++g) {
+        const v16f b = load(bias + g * LANES);
+        for (int p = 0; p < PIXELS; ++p) acc[p][g] = b;
+    }
+    for (int i = 0; i < inputs; ++i) {
+        v16f wv[GROUP];
+        for (int g = 0; g < GROUP; ++g) wv[g] = load(w + i * w_stride + g * LANES);
+        for (int p = 0; p < PIXELS; ++p) {
+            const v16f xv = splat(in[p * in_stride + i]);
+            for (int g = 0; g < GROUP; ++g) acc[p][g] += xv * wv[g];
+        }
+    }
+    for (int p = 0; p < PIXELS; ++p)
+        for (int g = 0; g < GROUP; ++g) {
+            v16f v = acc[p][g];
+            if (GELU) v = gelu(v);
+            if (add) v += load(add + p * add_stride + g * LANES);
+            store(out + p * out_stride + g * LANES, v);
+        }
+}
+
+// A row of `width` pixels: out = act(in w + bias (+ add)), outputs in groups of up to 4 vectors, pixels in blocks.
+template <bool GELU>
+void gemm_row(const float* in, int width, int inputs, const float* w, int outputs, const float* bias, const float* add,
+              float* out) {
+    constexpr int BLOCK = 6;  // 6 pixels x 4 vectors: 24 accumulators of 32 registers
+    for (int o = 0; o < outputs; o += 4 * LANES) {
+        const int group = std::min(4, (outputs - o) / LANES);
+        const float* a = add ? add + o : nullptr;
+        int p = 0;
+#define ESC_GEMM(P, G) gemm_block<P, G, GELU>(in + p * inputs, inputs, inputs, w + o, outputs, bias + o, \
+                                              a ? a + p * outputs : nullptr, outputs, out + p * outputs + o, outputs)
+        for (; p + BLOCK <= width; p += BLOCK) {
+            switch (group) {
+                case 4: ESC_GEMM(BLOCK, 4); break;
+                case 3: ESC_GEMM(BLOCK, 3); break;
+                case 2: ESC_GEMM(BLOCK, 2); break;
+                default: ESC_GEMM(BLOCK, 1); break;
+            }
+        }
+        for (; p < width; ++p) {
+            switch (group) {
+                case 4: ESC_GEMM(1, 4); break;
+                case 3: ESC_GEMM(1, 3); break;
+                case 2: ESC_GEMM(1, 2); break;
+                default: ESC_GEMM(1, 1); break;
+            }
+        }
+#undef ESC_GEMM
+    }
+}
+
+}  // namespace esc
