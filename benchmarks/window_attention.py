@@ -48,13 +48,14 @@ def workload(case: dict[str, Any], device: torch.device):
 
 
 def sdpa_kernel(device: torch.device, *, dim: int, heads: int, window: int, training: bool = False) -> str | None:
-    """Which SDPA kernel torch dispatches for this shape; asked in the parent process, because the
-    profiler it uses leaves memory behind that would count towards a child's peak."""
+    """Which kernel the sdpa backend runs for this shape (``esc_arch.attention_kernel``: the native CPU kernel where
+    it applies, else what torch dispatches); asked in the parent process, because the profiler it may use leaves
+    memory behind that would count towards a child's peak."""
     try:
         import esc_arch
 
-        return esc_arch.sdpa_kernel_name(device=device, num_heads=heads, tokens=window * window,
-                                         head_dim=dim // heads, training=training)
+        layer = esc_arch.WindowAttention(dim, window, heads, "sdpa")
+        return esc_arch.attention_kernel(layer, device, training=training)
     except Exception as exc:  # informational only
         return f"unknown ({type(exc).__name__})"
 
