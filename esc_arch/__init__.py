@@ -74,7 +74,7 @@ def attention_kernel(
     heads, window, head_dim = (4, 32, 16) if attn is None else (attn.num_heads, attn.window_size, attn.dim // attn.num_heads)
     tokens = window**2
     if not training and native.takes(device, dtype, head_dim=head_dim, window=window):
-        return "native (CPU) [esc_arch.native window-attention kernel]"
+        return f"native (CPU) [{native.WINDOW_ATTENTION_EVENT}]"
     return sdpa_kernel_name(device=device, dtype=dtype, num_heads=heads, tokens=tokens, head_dim=head_dim, training=training)
 
 

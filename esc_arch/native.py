@@ -56,6 +56,8 @@ __all__ = ["HEAD_DIM", "SymmetricKernel", "applies", "available", "conv_ffn", "p
 
 #: The only head dimension the kernel takes (every ESC variant's: dim / heads = 16).
 HEAD_DIM = 16
+#: The profiler event each window-attention call records (the native calls are invisible to it otherwise).
+WINDOW_ATTENTION_EVENT = "esc_native_window_attention"
 LOG2_E = 1.4426950408889634
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "window_attention.cpp", KERNELS / "conv_ffn.cpp", KERNELS / "symmetric_conv.cpp")
@@ -178,8 +180,9 @@ def window_attention(qkv: torch.Tensor, table: torch.Tensor, *, batch: int, heig
                          f"got {tuple(qkv.shape)}")
     scaled_table = (table.detach().to(torch.float32) * LOG2_E).contiguous()  # scores are kept in base 2
     out = qkv.new_empty(batch * height * width, dim)
-    code = lib.esc_window_attention(qkv.data_ptr(), scaled_table.data_ptr(), out.data_ptr(), batch, height, width,
-                                    heads, window, torch.get_num_threads())
+    with torch.profiler.record_function(WINDOW_ATTENTION_EVENT):
+        code = lib.esc_window_attention(qkv.data_ptr(), scaled_table.data_ptr(), out.data_ptr(), batch, height,
+                                        width, heads, window, torch.get_num_threads())
     if code == 1:
         raise ValueError(f"the native kernel does not take a {height}x{width} map with window {window}")
     if code == 2:
@@ -229,10 +232,11 @@ def conv_ffn(x: torch.Tensor, expand: torch.nn.Conv2d, depthwise: torch.nn.Conv2
     if add is not None:
         add = add.contiguous(memory_format=torch.channels_last)
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    code = lib.esc_conv_ffn(x.data_ptr(), expand_t.data_ptr(), expand_bias.data_ptr(), taps.data_ptr(),
-                            taps_bias.data_ptr(), project_t.data_ptr(), project_bias.data_ptr(),
-                            None if add is None else add.data_ptr(), out.data_ptr(), b, h, w, c, padded,
-                            torch.get_num_threads())
+    with torch.profiler.record_function("esc_native_conv_ffn"):
+        code = lib.esc_conv_ffn(x.data_ptr(), expand_t.data_ptr(), expand_bias.data_ptr(), taps.data_ptr(),
+                                taps_bias.data_ptr(), project_t.data_ptr(), project_bias.data_ptr(),
+                                None if add is None else add.data_ptr(), out.data_ptr(), b, h, w, c, padded,
+                                torch.get_num_threads())
     if code == 1:
         raise ValueError(f"the native ConvFFN does not take {c} channels ({hidden} hidden)")
     if code == 2:
@@ -284,9 +288,10 @@ class SymmetricKernel:
             raise ValueError("out must have channels as its innermost axis (a channels-last map or a slice of one)")
         taps = self._taps(dynamic)  # held in a name: it must outlive the call
         strides = [(ctypes.c_int64 * 3)(t.stride(0), t.stride(2), t.stride(3)) for t in (x, out)]
-        code = lib.esc_symmetric_correlate(x.data_ptr(), strides[0], self.weights.data_ptr(), taps.data_ptr(),
-                                           out.data_ptr(), strides[1], b, h, w, c, self.kernel.shape[-1] // 2,
-                                           torch.get_num_threads())
+        with torch.profiler.record_function("esc_native_symmetric_correlate"):
+            code = lib.esc_symmetric_correlate(x.data_ptr(), strides[0], self.weights.data_ptr(), taps.data_ptr(),
+                                               out.data_ptr(), strides[1], b, h, w, c, self.kernel.shape[-1] // 2,
+                                               torch.get_num_threads())
         if code == 1:
             raise ValueError(f"the native correlation does not take a {tuple(x.shape)} map")
         if code == 2:
@@ -316,10 +321,11 @@ class SymmetricKernel:
         bias = project.bias.detach().contiguous()
         taps = self._taps(dynamic)  # every tensor passed by address is held in a name until the call returns
         strides = [(ctypes.c_int64 * 3)(t.stride(0), t.stride(2), t.stride(3)) for t in (x, x if add is None else add, out)]
-        code = lib.esc_partial_conv_attention(
-            x.data_ptr(), strides[0], self.weights.data_ptr(), taps.data_ptr(), weight.data_ptr(),
-            bias.data_ptr(), None if add is None else add.data_ptr(), strides[1], out.data_ptr(), strides[2], b, h, w,
-            self.kernel.shape[0], dim, self.kernel.shape[-1] // 2, torch.get_num_threads())
+        with torch.profiler.record_function("esc_native_partial_conv_attention"):
+            code = lib.esc_partial_conv_attention(
+                x.data_ptr(), strides[0], self.weights.data_ptr(), taps.data_ptr(), weight.data_ptr(),
+                bias.data_ptr(), None if add is None else add.data_ptr(), strides[1], out.data_ptr(), strides[2], b, h,
+                w, self.kernel.shape[0], dim, self.kernel.shape[-1] // 2, torch.get_num_threads())
         if code == 1:
             raise ValueError(f"the native partial convolution does not take {dim} channels with a "
                              f"{self.kernel.shape[0]}-channel kernel")

@@ -49,32 +49,6 @@ inline float horizontal_max(v16f v) {
     return m;
 }
 
-// 2^y for y <= 0: y = n + f with n an integer and |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error
-// below 1.2e-7, about one ulp), 2^n applied to the exponent.
-inline v16f exp2(v16f y) {
-#if defined(__AVX512F__)
-    const v16f n = (v16f)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-#else
-    y = y < splat(-126.0f) ? splat(-126.0f) : y;  // keeps 2^n a normal float for the exponent arithmetic below
-    const v16f magic = splat(12582912.0f);         // 1.5 * 2^23: adding it rounds to an integer
-    const v16f n = (y + magic) - magic;
-#endif
-    const v16f f = y - n;
-    v16f p = splat(1.5403530393381609e-4f);  // ln2^6 / 6!
-    p = p * f + splat(1.3333558146428443e-3f);
-    p = p * f + splat(9.6181291076284772e-3f);
-    p = p * f + splat(5.5504108664821580e-2f);
-    p = p * f + splat(2.4022650695910071e-1f);
-    p = p * f + splat(6.9314718055994531e-1f);
-    p = p * f + splat(1.0f);
-#if defined(__AVX512F__)
-    return (v16f)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n, underflowing to 0 below 2^-149
-#else
-    const v16i exponent = (__builtin_convertvector(n, v16i) + 127) << 23;
-    return p * (v16f)exponent;
-#endif
-}
-
 struct Geometry {
     int64_t batch, height, width;  // of the (padded) map
     int heads, window;
