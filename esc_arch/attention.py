@@ -1,7 +1,8 @@
 """Window self-attention with ESC's relative-position bias, on three interchangeable back ends.
 
 * ``sdpa`` (default): ``F.scaled_dot_product_attention`` with the bias as an additive mask, so
-  torch picks its fused (flash) kernel wherever the device has one.  No backend is forced.
+  torch picks its fused (flash) kernel wherever the device has one.  No backend is forced.  CPU inference in
+  float32 runs :mod:`esc_arch.native`'s window-attention kernel instead where it is built (the same arithmetic).
 * ``flex``: ``flex_attention`` with the bias added in a ``score_mod``; compiled when a compiler
   is available, otherwise run eagerly (inference only on CPU: torch has no flex backward there).
 * ``naive``: explicit ``softmax(q k^T / sqrt(d) + bias) v``, the reference.
@@ -197,6 +198,8 @@ class WindowAttention(nn.Module):
 
     def _forward_sdpa_cpu(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """The sdpa path on CPU, laid out for torch's CPU flash kernel: the arithmetic of :meth:`forward`, other copies.
+        Since 2026-12-07 CPU inference takes :meth:`_forward_native` where :mod:`esc_arch.native` is built; this path
+        remains for training on CPU and for machines without the native kernels.
 
         Profile of the old path (window 32, dim 64, 4 heads, 256x256 map, 1 thread, a 2-core AMD EPYC with a training
         job on the other core; torch.profiler, ms per forward pass): flash kernel 546 of 696; qkv convolution 58 (21 of

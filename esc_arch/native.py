@@ -61,7 +61,7 @@ WINDOW_ATTENTION_EVENT = "esc_native_window_attention"
 LOG2_E = 1.4426950408889634
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "window_attention.cpp", KERNELS / "conv_ffn.cpp", KERNELS / "symmetric_conv.cpp")
-HEADERS = (KERNELS / "vector.h",)
+HEADERS = (KERNELS / "vector.h", KERNELS / "gemm.h")
 # -fopenmp: the kernels' threads are OpenMP's, and the library is loaded after torch, whose libgomp.so.1 it then
 # shares (one thread pool: no second set of threads competing with torch's spinning ones).
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")

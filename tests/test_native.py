@@ -376,3 +376,16 @@ def test_models_on_the_native_kernels_match_torch_operators_and_stream_exactly()
                 reference = model(x)
         assert (out - reference).abs().max().item() <= 2e-5, preset
         assert (tiled - out).abs().max().item() <= 2e-5, preset
+
+
+def test_every_kernel_file_is_built_and_keys_the_cache() -> None:
+    """A change to any source or header gives a new build (its hash is the library's name), and the package ships
+    them all."""
+    files = {p.name for p in native.KERNELS.iterdir() if p.suffix in (".cpp", ".h")}
+    assert {p.name for p in native.SOURCES} | {p.name for p in native.HEADERS} == files
+    import fnmatch  # noqa: PLC0415
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["esc_arch"]
+    assert all(any(fnmatch.fnmatch(f"kernels/{name}", pattern) for pattern in patterns) for name in files)
