@@ -167,11 +167,15 @@ class WindowAttention(nn.Module):
             self.fused_bias = self.attention_bias(self.relative_position_bias.dtype).detach()
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over ``x``, projected by ``to_out``, plus ``add`` (the caller's residual; fused on the CPU)."""
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
+        """Attention over ``norm(x)`` (``norm``: the block's LayerNorm, fused into ``to_qkv`` on the native path),
+        projected by ``to_out``, plus ``add`` (the caller's residual; fused on the CPU)."""
+        if self.attn_type == "sdpa" and x.device.type == "cpu" \
+                and native.applies(x, head_dim=self.dim // self.num_heads, window=self.window_size):
+            return self._forward_native(x, add, norm)
+        if norm is not None:
+            x = norm(x)
         if self.attn_type == "sdpa" and x.device.type == "cpu":
-            if native.applies(x, head_dim=self.dim // self.num_heads, window=self.window_size):
-                return self._forward_native(x, add)
             return self._forward_sdpa_cpu(x, add)
         # naive (the reference, as upstream's 'Naive' path), flex, and sdpa off the CPU (the layout the GPU check
         # measured; the CPU one was tuned for torch's CPU flash kernel only): the 1x1 convolution, then the projections
@@ -251,15 +255,17 @@ class WindowAttention(nn.Module):
         out = out.view(heads, b, nh, nw, ws, ws, c).permute(1, 2, 4, 3, 5, 0, 6).reshape(b, hp * wp, dim)
         return self._project_out(out, h, w, add)
 
-    def _forward_native(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """CPU inference on :mod:`esc_arch.native`'s kernel: ``to_qkv`` as one matmul over the raster-order pixels, the
-        kernel reading each window's tokens from it where they lie and writing raster-order rows for ``to_out``; no
-        partitioning copy either way, and the bias read from its table."""
+    def _forward_native(self, x: torch.Tensor, add: torch.Tensor | None = None,
+                        norm: nn.Module | None = None) -> torch.Tensor:
+        """CPU inference on :mod:`esc_arch.native`'s kernels: ``to_qkv`` (after ``norm``, a per-pixel LayerNorm, in the
+        same pass; reflect padding commutes with it) over the raster-order pixels, the attention kernel reading each
+        window's tokens from it where they lie and writing raster-order rows for ``to_out``; no partitioning copy
+        either way, and the bias read from its table."""
         b, _, h, w = x.shape
         ws, dim = self.window_size, self.dim
-        x = pad_reflect(x, right=(ws - w % ws) % ws, bottom=(ws - h % ws) % ws)
+        x = pad_reflect(onednn.channels_last(x), right=(ws - w % ws) % ws, bottom=(ws - h % ws) % ws)
         hp, wp = x.shape[-2:]
-        qkv = onednn.linear(onednn.pixels(x), self.to_qkv.weight.reshape(3 * dim, dim), self.to_qkv.bias)
+        qkv = native.linear_rows(onednn.pixels(x), self.to_qkv.weight, self.to_qkv.bias, norm=norm)
         out = native.window_attention(qkv.contiguous(), self.relative_position_bias, batch=b, height=hp, width=wp,
                                       heads=self.num_heads, window=ws)
         del qkv

@@ -148,12 +148,13 @@ class ESCBlock(nn.Module):
         """``maps`` runs the stages (see :mod:`esc_arch.streaming`); the radii are each stage's context in pixels."""
         x = onednn.channels_last(x)  # CPU inference: the maps stay channels-last from here on
         skip = x
-        x = maps.local(lambda t: self.proj(self.ln_proj(t)), x, radius=1)  # no residual around the first FFN (upstream)
+        x = maps.local(lambda t: self.proj(t, norm=self.ln_proj), x, radius=1)  # no residual around it (upstream)
         # Window attention is window-local: no context on tiles aligned to the window grid; it may overwrite x.
-        x = maps.local(lambda t: self.attn(self.ln_attn(t), add=t), x, radius=0, into=0)
+        x = maps.local(lambda t: self.attn(t, add=t, norm=self.ln_attn), x, radius=0, into=0)
         radius = large_kernel_radius(large_kernel)
         for ln, pconv, ffn in zip(self.lns, self.pconvs, self.convffns):
-            y = maps.local(lambda t, ln=ln, ffn=ffn: ffn(ln(t)), x, radius=1)
+            y = maps.local(lambda t, ln=ln, ffn=ffn: ffn(t, norm=None if isinstance(ln, nn.Identity) else ln), x,
+                           radius=1)
             pooled = maps.mean(y[:, : pconv.plk.pdim])  # the dynamic kernel's global pool: whole-map, not per tile
             x = maps.local(lambda t, u, pconv=pconv, pooled=pooled: pconv(u, large_kernel, pooled, add=t),
                            x, y, radius=radius, into=0)  # x only as the residual: its output may overwrite it

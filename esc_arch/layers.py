@@ -48,10 +48,13 @@ class ConvFFN(nn.Module):
         self.dwc = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden)
         self.aggr = nn.Conv2d(hidden, dim, 1)
 
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
+        """The FFN of ``norm(x)`` (``norm``: a LayerNorm in front, fused into the native kernel), plus ``add``."""
         if native.takes_ffn(x, channels=self.proj.in_channels, hidden=self.proj.out_channels,
                             kernel_size=self.dwc.kernel_size[0]):
-            return native.conv_ffn(x, self.proj, self.dwc, self.aggr, add)
+            return native.conv_ffn(x, self.proj, self.dwc, self.aggr, add, norm=norm)
+        if norm is not None:
+            x = norm(x)
         x = onednn.conv(self.proj, x, gelu=True)
         y = onednn.conv(self.dwc, x, gelu=True)
         x = y.add_(x) if onednn.applies(x) else y + x  # in place where nothing is recorded for a backward pass

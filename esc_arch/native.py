@@ -51,8 +51,8 @@ import torch
 
 from . import onednn
 
-__all__ = ["HEAD_DIM", "SymmetricKernel", "applies", "available", "conv_ffn", "prepare_symmetric", "status", "takes",
-           "takes_ffn", "window_attention"]
+__all__ = ["HEAD_DIM", "SymmetricKernel", "applies", "available", "conv_ffn", "linear_rows", "prepare_symmetric",
+           "status", "takes", "takes_ffn", "window_attention"]
 
 #: The only head dimension the kernel takes (every ESC variant's: dim / heads = 16).
 HEAD_DIM = 16
@@ -60,7 +60,8 @@ HEAD_DIM = 16
 WINDOW_ATTENTION_EVENT = "esc_native_window_attention"
 LOG2_E = 1.4426950408889634
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "window_attention.cpp", KERNELS / "conv_ffn.cpp", KERNELS / "symmetric_conv.cpp")
+SOURCES = (KERNELS / "window_attention.cpp", KERNELS / "conv_ffn.cpp", KERNELS / "symmetric_conv.cpp",
+           KERNELS / "linear_rows.cpp")
 HEADERS = (KERNELS / "vector.h", KERNELS / "gemm.h")
 # -fopenmp: the kernels' threads are OpenMP's, and the library is loaded after torch, whose libgomp.so.1 it then
 # shares (one thread pool: no second set of threads competing with torch's spinning ones).
@@ -130,11 +131,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.esc_window_attention.restype = ctypes.c_int
     lib.esc_window_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     lib.esc_conv_ffn.restype = ctypes.c_int
-    lib.esc_conv_ffn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
+    lib.esc_conv_ffn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + \
+        [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.esc_symmetric_correlate.restype = ctypes.c_int
     lib.esc_symmetric_correlate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
     lib.esc_partial_conv_attention.restype = ctypes.c_int
     lib.esc_partial_conv_attention.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 4
+    lib.esc_linear_rows.restype = ctypes.c_int
+    lib.esc_linear_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_int]
     if lib.esc_window_attention_vector_bits() != 512:
         return None, "this CPU has no AVX-512 (the kernels were measured on AVX-512 only)"
     return lib, f"built for this CPU ({library.name})"
@@ -208,8 +214,9 @@ def _padded(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 
 
 def conv_ffn(x: torch.Tensor, expand: torch.nn.Conv2d, depthwise: torch.nn.Conv2d, project: torch.nn.Conv2d,
-             add: torch.Tensor | None = None) -> torch.Tensor:
-    """``project(GELU(depthwise(h)) + h) (+ add)`` with ``h = GELU(expand(x))``: ESC's ConvFFN in one fused pass.
+             add: torch.Tensor | None = None, *, norm: torch.nn.LayerNorm | None = None) -> torch.Tensor:
+    """``project(GELU(depthwise(h)) + h) (+ add)`` with ``h = GELU(expand(norm(x)))``: ESC's ConvFFN (and the
+    LayerNorm in front of it, per pixel over its channels, where given) in one fused pass.
 
     ``x`` and ``add``: ``(b, channels, h, w)`` maps (made channels-last); returns a channels-last map. The weights
     are transposed and their hidden channels padded to whole vectors of 16 for each call (a few small copies).
@@ -228,6 +235,8 @@ def conv_ffn(x: torch.Tensor, expand: torch.nn.Conv2d, depthwise: torch.nn.Conv2
     taps_bias = _padded(detach[3], padded, 0)
     project_t = _padded(detach[4].view(c, hidden).t(), padded, 0)
     project_bias = detach[5].contiguous()
+    norm_weight = None if norm is None else norm.weight.detach().contiguous()
+    norm_bias = None if norm is None else norm.bias.detach().contiguous()
     x = x.contiguous(memory_format=torch.channels_last)
     if add is not None:
         add = add.contiguous(memory_format=torch.channels_last)
@@ -236,7 +245,9 @@ def conv_ffn(x: torch.Tensor, expand: torch.nn.Conv2d, depthwise: torch.nn.Conv2
         code = lib.esc_conv_ffn(x.data_ptr(), expand_t.data_ptr(), expand_bias.data_ptr(), taps.data_ptr(),
                                 taps_bias.data_ptr(), project_t.data_ptr(), project_bias.data_ptr(),
                                 None if add is None else add.data_ptr(), out.data_ptr(), b, h, w, c, padded,
-                                torch.get_num_threads())
+                                None if norm is None else norm_weight.data_ptr(),
+                                None if norm is None else norm_bias.data_ptr(),
+                                float(norm.eps) if norm is not None else 0.0, torch.get_num_threads())
     if code == 1:
         raise ValueError(f"the native ConvFFN does not take {c} channels ({hidden} hidden)")
     if code == 2:
@@ -351,3 +362,33 @@ def prepare_symmetric(kernel: torch.Tensor, x: torch.Tensor) -> SymmetricKernel 
             or onednn.tracing() or not available():
         return None
     return SymmetricKernel(kernel)
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, norm: torch.nn.LayerNorm | None = None,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+    """``norm(x) @ weight.T + bias (+ add)`` for ``(rows, in)`` pixels: a 1x1 convolution (``weight`` ``(out, in)``,
+    ``out`` a multiple of 16) on a channels-last map's rows, with its LayerNorm over each pixel's channels fused in
+    front (never written out) and the residual added. Inference only, as every native call."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernels are not available: {status()}")
+    rows, inputs = x.shape
+    outputs = weight.shape[0]
+    x = x.contiguous()
+    weight_t = weight.detach().reshape(outputs, inputs).t().contiguous()
+    bias = bias.detach().contiguous()
+    norm_weight = None if norm is None else norm.weight.detach().contiguous()
+    norm_bias = None if norm is None else norm.bias.detach().contiguous()
+    add = None if add is None else add.contiguous()
+    out = x.new_empty(rows, outputs)
+    with torch.profiler.record_function("esc_native_linear_rows"):
+        code = lib.esc_linear_rows(x.data_ptr(), rows, inputs, weight_t.data_ptr(), bias.data_ptr(), outputs,
+                                   None if norm is None else norm_weight.data_ptr(),
+                                   None if norm is None else norm_bias.data_ptr(),
+                                   float(norm.eps) if norm is not None else 0.0,
+                                   None if add is None else add.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    if code == 1:
+        raise ValueError(f"the native 1x1 convolution does not take {inputs} -> {outputs} channels")
+    if code == 2:
+        raise MemoryError("the native 1x1 convolution could not allocate its buffers")
+    return out

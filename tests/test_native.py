@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import esc_arch
 from esc_arch import native
 from esc_arch.attention import WindowAttention, relative_position_index
-from esc_arch.layers import ConvFFN, geometric_ensemble
+from esc_arch.layers import ConvFFN, LayerNorm2d, geometric_ensemble
 from golden import checkpoint_path, golden_cases, tensors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -362,7 +362,9 @@ def test_models_on_the_native_kernels_match_torch_operators_and_stream_exactly()
     (tiles cut from the maps, the partial convolution reading them in place) against the whole map."""
     from esc_arch.streaming import TiledMaps  # noqa: PLC0415
 
-    for preset, x in (("esc_tiny", torch.rand(2, 3, 45, 61)), ("esc_light", torch.rand(1, 3, 70, 38))):
+    # the default model; ESC-light; ESC-FP, whose blocks have LayerNorms in front of every FFN (fused into the kernel)
+    for preset, x in (("esc_tiny", torch.rand(2, 3, 45, 61)), ("esc_light", torch.rand(1, 3, 70, 38)),
+                      ("esc_fp", torch.rand(1, 3, 33, 40))):
         model = esc_arch.PRESETS[preset](2)
         with torch.no_grad():
             for p in model.parameters():
@@ -389,3 +391,40 @@ def test_every_kernel_file_is_built_and_keys_the_cache() -> None:
 
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["esc_arch"]
     assert all(any(fnmatch.fnmatch(f"kernels/{name}", pattern) for pattern in patterns) for name in files)
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_native_projection_equals_layer_norm_then_linear(with_norm, with_add) -> None:
+    """The attention's to_qkv with the block's LayerNorm fused in front, and to_out with the residual: rows of
+    pixels (97 of them: not a whole number of the kernel's chunks)."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(97, 64, generator=generator) * 3 + 1
+    weight, bias = torch.randn(192, 64, generator=generator) * 0.1, torch.randn(192, generator=generator)
+    norm = LayerNorm2d(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=generator) + 0.5)
+        norm.bias.copy_(torch.randn(64, generator=generator))
+    add = torch.randn(97, 192, generator=generator) if with_add else None
+    with torch.inference_mode():
+        out = native.linear_rows(x, weight, bias, norm=norm if with_norm else None, add=add)
+    rows = F.layer_norm(x.double(), (64,), norm.weight.double(), norm.bias.double(), norm.eps) if with_norm else x.double()
+    expected = rows @ weight.double().t() + bias.double() + (0 if add is None else add.double())
+    assert (out.double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
+
+
+@NEEDS_KERNEL
+def test_fused_ffn_applies_the_layer_norm_in_front() -> None:
+    ffn = _ffn(64, 1.25)
+    norm = LayerNorm2d(64)
+    generator = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=generator) + 0.5)
+        norm.bias.copy_(torch.randn(64, generator=generator))
+    x = torch.randn(1, 64, 13, 22, generator=generator) * 2 + 1
+    with torch.inference_mode():
+        out = ffn(x, norm=norm)
+    normed = F.layer_norm(x.double().permute(0, 2, 3, 1), (64,), norm.weight.double(), norm.bias.double(), norm.eps)
+    expected = _plain_ffn(ffn, normed.permute(0, 3, 1, 2), None)
+    assert (out.double() - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()

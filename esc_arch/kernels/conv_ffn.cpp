@@ -5,7 +5,9 @@
 // Built and loaded with window_attention.cpp by esc_arch/native.py; why and what it was measured against:
 // esc_arch/native.py.
 //
-// Layout. x, add, out: (batch, height, width, channels) floats (channels-last maps). Weights, transposed and padded by
+// Layout. x, add, out: (batch, height, width, channels) floats (channels-last maps); norm_weight / norm_bias:
+// (channels), a LayerNorm applied to each pixel of x first (ESC's ln_proj, and the conv-stage LayerNorms of the
+// variants that have them), or null. Weights, transposed and padded by
 // the caller so every row is whole vectors: expand (channels, hidden), depthwise (9, hidden) (tap-major, row by row),
 // project (hidden, channels); biases (hidden), (hidden), (channels). hidden and channels are multiples of 16; padded
 // hidden channels have zero weights and biases, so they stay 0 and add nothing.
@@ -28,13 +30,16 @@ using namespace esc;
 struct FFN {
     const float *expand, *expand_bias, *depthwise, *depthwise_bias, *project, *project_bias;
     int channels, hidden;
+    const float *norm_weight, *norm_bias;  // the LayerNorm in front, or null
+    float eps;
 };
 
 class RowWorker {
   public:
     RowWorker(const FFN& f, int64_t width)
         : f_(f), width_(width), padded_(width + 2),
-          ring_(static_cast<size_t>(3 * padded_ * f.hidden)), mixed_(static_cast<size_t>(width * f.hidden)) {}
+          ring_(static_cast<size_t>(3 * padded_ * f.hidden)), mixed_(static_cast<size_t>(width * f.hidden)),
+          normed_(f.norm_weight ? static_cast<size_t>(width * f.channels) : 0) {}
 
     // Rows [first, last) of one image (height rows) from x into out.
     void run(const float* x, const float* add, float* out, int64_t height, int64_t first, int64_t last) {
@@ -53,8 +58,12 @@ class RowWorker {
     float* slot(int64_t r) { return ring_.data() + (r % 3) * padded_ * f_.hidden + f_.hidden; }  // pixel 0 of row r
 
     void expand(const float* x, int64_t r) {
-        gemm_row<true>(x + r * width_ * f_.channels, width_, f_.channels, f_.expand, f_.hidden, f_.expand_bias,
-                       nullptr, slot(r));
+        const float* row = x + r * width_ * f_.channels;
+        if (f_.norm_weight) {
+            layer_norm(row, width_, f_.channels, f_.norm_weight, f_.norm_bias, f_.eps, normed_.data());
+            row = normed_.data();
+        }
+        gemm_row<true>(row, width_, f_.channels, f_.expand, f_.hidden, f_.expand_bias, nullptr, slot(r));
     }
 
     // mixed = GELU(depthwise 3x3 of the expanded rows r-1..r+1, zero-padded) + expanded row r
@@ -80,7 +89,7 @@ class RowWorker {
 
     const FFN& f_;
     int64_t width_, padded_;
-    std::vector<float> ring_, mixed_;
+    std::vector<float> ring_, mixed_, normed_;
 };
 
 }  // namespace
@@ -90,10 +99,12 @@ extern "C" {
 // Returns 0 on success, 1 for channel counts the kernel does not take, 2 when its buffers cannot be allocated.
 int esc_conv_ffn(const float* x, const float* expand, const float* expand_bias, const float* depthwise,
                  const float* depthwise_bias, const float* project, const float* project_bias, const float* add,
-                 float* out, int64_t batch, int64_t height, int64_t width, int channels, int hidden, int threads) {
+                 float* out, int64_t batch, int64_t height, int64_t width, int channels, int hidden,
+                 const float* norm_weight, const float* norm_bias, float eps, int threads) {
     if (channels < LANES || channels % LANES || hidden < LANES || hidden % LANES || batch < 1 || height < 1 || width < 1)
         return 1;
-    const FFN f{expand, expand_bias, depthwise, depthwise_bias, project, project_bias, channels, hidden};
+    const FFN f{expand,   expand_bias, depthwise,   depthwise_bias, project, project_bias,
+                channels, hidden,      norm_weight, norm_bias,      eps};
     // Each thread takes a band of rows of every image (one row of the expanded map is recomputed at each band's top).
     // OpenMP: the runtime torch has loaded (the library is loaded after torch, which provides libgomp.so.1), so the
     // threads are torch's own, awake from its previous operator instead of spinning beside new ones.

@@ -1,8 +1,11 @@
 // Row-by-row matrix products for the CPU kernels: a row of pixels (channels-last: each pixel's channels consecutive)
-// times a (inputs, outputs) weight matrix, with the bias, then GELU or an added row, in registers.
+// times a (inputs, outputs) weight matrix, with the bias, then GELU or an added row, in registers; and the per-pixel
+// LayerNorm that precedes some of them.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 
 #include "vector.h"
 
@@ -62,6 +65,22 @@ void gemm_row(const float* in, int width, int inputs, const float* w, int output
             }
         }
 #undef ESC_GEMM
+    }
+}
+
+// dst[p] = (src[p] - mean) / sqrt(var + eps) * weight + bias over each pixel's `inputs` channels (biased variance,
+// as torch's layer_norm)
+inline void layer_norm(const float* src, int64_t pixels, int inputs, const float* weight, const float* bias, float eps,
+                float* dst) {
+    for (int64_t p = 0; p < pixels; ++p) {
+        const float* x = src + p * inputs;
+        float mean = 0.0f;
+        for (int i = 0; i < inputs; ++i) mean += x[i];
+        mean /= inputs;
+        float var = 0.0f;
+        for (int i = 0; i < inputs; ++i) var += (x[i] - mean) * (x[i] - mean);
+        const float inv = 1.0f / std::sqrt(var / inputs + eps);
+        for (int i = 0; i < inputs; ++i) dst[p * inputs + i] = (x[i] - mean) * inv * weight[i] + bias[i];
     }
 }
 

@@ -1,0 +1,60 @@
+// A 1x1 convolution on rows of pixels (channels-last maps), optionally after a per-pixel LayerNorm and before an
+// added residual, for CPU inference: ESC's attention projections, with the LayerNorm in front of to_qkv fused in so
+// the normalised map is never written. Built and loaded with the other kernels by esc_arch/native.py.
+//
+// Layout. x: (rows, inputs) floats; out and add: (rows, outputs); weight: (inputs, outputs) transposed, outputs a
+// multiple of 16; norm_weight / norm_bias: (inputs), or null for no LayerNorm.
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <new>
+
+#include <omp.h>
+
+#include "gemm.h"
+
+namespace {
+
+using namespace esc;
+
+constexpr int64_t CHUNK = 96;  // pixels per task: a multiple of the row GEMM's 6-pixel blocks
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0 on success, 1 for arguments the kernel does not take, 2 when its buffers cannot be allocated.
+int esc_linear_rows(const float* x, int64_t rows, int inputs, const float* weight, const float* bias, int outputs,
+                    const float* norm_weight, const float* norm_bias, float eps, const float* add, float* out,
+                    int threads) {
+    if (rows < 1 || inputs < 1 || outputs < LANES || outputs % LANES) return 1;
+    const int64_t chunks = (rows + CHUNK - 1) / CHUNK;
+    std::atomic<bool> failed{false};
+#pragma omp parallel num_threads(threads)
+    {
+        std::unique_ptr<float[]> normed;
+        if (norm_weight) {
+            try {
+                normed.reset(new float[static_cast<size_t>(CHUNK) * inputs]);
+            } catch (const std::bad_alloc&) {
+                failed = true;
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; ++c) {
+            if (norm_weight && !normed) continue;
+            const int64_t first = c * CHUNK, pixels = std::min(CHUNK, rows - first);
+            const float* in = x + first * inputs;
+            if (norm_weight) {
+                layer_norm(in, pixels, inputs, norm_weight, norm_bias, eps, normed.get());
+                in = normed.get();
+            }
+            gemm_row<false>(in, static_cast<int>(pixels), inputs, weight, outputs, bias,
+                            add ? add + first * outputs : nullptr, out + first * outputs);
+        }
+    }
+    return failed ? 2 : 0;
+}
+
+}  // extern "C"
