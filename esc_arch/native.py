@@ -1,5 +1,5 @@
-"""Two of ESC's layers as small native kernels for CPU inference, built on first use for this machine: window
-attention and the ConvFFN.
+"""ESC's layers as small native kernels for CPU inference, built on first use for this machine: window attention,
+the ConvFFN, the partial convolution with its projection, and the attention's input projection with its LayerNorm.
 
 Why. On CPU, half of an ESC forward pass was window attention inside torch's CPU flash kernel, whose q·kᵀ and p·v
 GEMMs (head dimension 16, 1,024 keys) run far below the core's peak and which reads the bias as a
@@ -7,28 +7,32 @@ GEMMs (head dimension 16, 1,024 keys) run far below the core's peak and which re
 one 16-float vector register, a query's bias over one key row is ws consecutive floats of the (2ws-1)² table, and
 the window's tokens can be read straight from the raster-order ``to_qkv`` output, so neither the partition of the
 map into windows nor the way back is a copy. The ConvFFN (``kernels/conv_ffn.cpp``) was four oneDNN passes over
-maps of its hidden width (expand + GELU, depthwise 3x3 + GELU, the inner residual, project); fused row by row, the
-hidden maps stay in the core's cache.
+maps of its hidden width; fused row by row, the hidden maps stay in the core's cache. The partial convolution
+(``kernels/symmetric_conv.cpp``) uses the symmetry of ESC's geometric-ensembled 13x13 kernel: 28 orbits instead of
+169 taps, then the block's 1x1 projection on the row in cache. ``kernels/linear_rows.cpp`` runs ``to_qkv`` with the
+LayerNorm in front of it in one pass.
 
-Measured on the 2-core AMD EPYC VM (AVX-512, 2 threads, ``OMP_WAIT_POLICY=PASSIVE``, interleaved medians): the
-attention of one ESC layer at window 32 on a 192x320 map, q/k/v in and attended rows out, 113 ms against torch's
-200-217 ms (q·kᵀ and p·v near the core's FMA peak: 109 GFLOP/s each at 1 thread); ESC's conv-stage FFN (64
-channels, 80 hidden) at 192x320, 13.5 against 20.0 ms. An ESC x4 forward pass at 180x320: torch's operators 2.62 s,
-with the attention kernel 1.96 s, with both 1.87 s (0.71x; six alternating rounds in one process, a slow phase of
-the VM); outputs within 4.8e-6 of torch's path.
+Measured on the 2-core AMD EPYC VM (AVX-512, 2 threads, interleaved; ``benchmarks/README.md``, "Native CPU
+kernels"): window attention of one ESC layer at window 32 on a 192x320 map 113 against torch's 200-217 ms (q·kᵀ
+and p·v near the core's FMA peak); ESC's conv-stage FFN 13.0 against 17.9 ms; the 13x13 correlation 9.7 against
+17.1 ms (FFT) and 23.5 ms (oneDNN); ``to_qkv`` with its LayerNorm 14.5 against 30 ms. An ESC x4 forward pass at
+180x320: 1.47 against 2.19 s with torch's operators (0.67x); outputs within 4.8e-6 of torch's path.
 
 How. The C++ sources (plain C ABI, no torch headers) are compiled once per machine with ``c++ -O3 -march=native
 -fopenmp`` (``CXX`` overrides the compiler) into ``$ESC_SR_CACHE`` or ``~/.cache/esc_sr``, keyed by a hash of the
-sources, the compiler, its flags and the CPU's flags, written atomically so that concurrent processes (torchrun)
+sources and headers, the compiler, its flags and the CPU's flags, written atomically so that concurrent processes (torchrun)
 can build side by side, and loaded with ctypes, which releases the GIL during the call. Their threads are OpenMP's:
 loaded after torch, the library shares torch's ``libgomp.so.1`` and so its thread pool (threads of their own
 competed with torch's spinning ones: the FFN took 19 ms at 2 threads instead of 13.5). Each call uses torch's
 thread count.
 
-When. :func:`applies` (attention) and :func:`takes_ffn`: a float32 CPU tensor without autograd and outside tracing
-or export, an x86-64 Linux machine whose build targets AVX-512 (where it was measured), ``ESC_SR_NATIVE`` not ``0``
-in the environment; for attention head dimension 16 and a window that is a multiple of 16, for the FFN a multiple
-of 16 channels and a 3x3 depthwise kernel (every ESC variant and the default model qualify). Elsewhere (no
+When. :func:`applies` (attention), :func:`takes_ffn` and :func:`prepare_symmetric`: a float32 CPU tensor without
+autograd and outside tracing or export, an x86-64 Linux machine whose build targets AVX-512 (where it was
+measured), ``ESC_SR_NATIVE`` not ``0`` in the environment; for attention head dimension 16 and a window that is a
+multiple of 16, for the FFN a multiple of 16 channels and a 3x3 depthwise kernel, for the partial convolution a
+square kernel symmetric under the square's flips and rotations (the caller's guarantee: ESC's geometric ensemble)
+and, for its fused projection, a multiple of 16 channels (every ESC variant and the default model qualify; ESC-FP's
+decomposed kernel keeps torch's path). Elsewhere (no
 compiler, a failed build, other CPUs) torch's operators run as before; a build that fails says so once in a
 warning, and :func:`status` says why the kernels are or are not in use.
 """
