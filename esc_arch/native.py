@@ -114,7 +114,7 @@ def _build(compiler: str, folder: Path) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    """The loaded kernel, or None and why not (built at most once per process)."""
+    """The loaded library, or None, and why (built at most once per process)."""
     if os.environ.get("ESC_SR_NATIVE", "").strip() == "0":
         return None, "switched off (ESC_SR_NATIVE=0)"
     if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
@@ -151,17 +151,17 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def available() -> bool:
-    """Whether this process can run the kernel (built or loaded on first call)."""
+    """Whether this process can run the native kernels (built or loaded on first call)."""
     return _load()[0] is not None
 
 
 def status() -> str:
-    """Why the kernel is or is not in use, in one line."""
+    """Why the native kernels are or are not in use, in one line."""
     return _load()[1]
 
 
 def takes(device: torch.device | str, dtype: torch.dtype, *, head_dim: int, window: int) -> bool:
-    """Whether inference on ``device``/``dtype`` with this head dimension and window runs on the kernel."""
+    """Whether attention inference on ``device``/``dtype`` with this head dimension and window runs natively."""
     return head_dim == HEAD_DIM and window % 16 == 0 and torch.device(device).type == "cpu" \
         and dtype == torch.float32 and available()
 
