@@ -160,10 +160,16 @@ class WindowAttention(nn.Module):
 
         Biases over :data:`BAKE_LIMIT_BYTES` stay derived per forward pass: ESC-XL's would hold 254 MiB per block
         (12 heads x 2304^2 floats), 2 GiB for the model, to save a gather that costs far less than the attention.
+        Nothing is baked where :mod:`esc_arch.native`'s kernel runs this layer (float32 on a CPU that has it): it reads
+        the table itself, and ESC's five gathered biases would be 80 MiB it never reads. A fused model moved to
+        another device or dtype afterwards gathers its bias in each pass, as an unfused one does.
         """
         self.fused_bias = None
         heads, tokens = self.num_heads, self.window_size**2
-        if heads * tokens * tokens * self.relative_position_bias.element_size() <= BAKE_LIMIT_BYTES:
+        table = self.relative_position_bias
+        if native.takes(table.device, table.dtype, head_dim=self.dim // heads, window=self.window_size):
+            return
+        if heads * tokens * tokens * table.element_size() <= BAKE_LIMIT_BYTES:
             self.fused_bias = self.attention_bias(self.relative_position_bias.dtype).detach()
 
     # -- forward ------------------------------------------------------------------------------

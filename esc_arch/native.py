@@ -160,6 +160,13 @@ def status() -> str:
     return _load()[1]
 
 
+def _inference(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` is one the kernels serve: float32 on the CPU, no autograd, not traced or exported, and
+    the kernels available."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
+        and not onednn.tracing() and available()
+
+
 def takes(device: torch.device | str, dtype: torch.dtype, *, head_dim: int, window: int) -> bool:
     """Whether attention inference on ``device``/``dtype`` with this head dimension and window runs natively."""
     return head_dim == HEAD_DIM and window % 16 == 0 and torch.device(device).type == "cpu" \
@@ -169,8 +176,7 @@ def takes(device: torch.device | str, dtype: torch.dtype, *, head_dim: int, wind
 def applies(x: torch.Tensor, *, head_dim: int, window: int) -> bool:
     """Whether window attention over ``x`` (the layer's input) takes the kernel: :func:`takes`, without autograd and
     outside tracing or export."""
-    return not torch.is_grad_enabled() and not onednn.tracing() and takes(x.device, x.dtype, head_dim=head_dim,
-                                                                              window=window)
+    return head_dim == HEAD_DIM and window % 16 == 0 and _inference(x)
 
 
 def window_attention(qkv: torch.Tensor, table: torch.Tensor, *, batch: int, height: int, width: int, heads: int,
@@ -203,8 +209,7 @@ def window_attention(qkv: torch.Tensor, table: torch.Tensor, *, batch: int, heig
 def takes_ffn(x: torch.Tensor, *, channels: int, hidden: int, kernel_size: int) -> bool:
     """Whether a ConvFFN over ``x`` runs on the fused kernel: inference as for :func:`applies`, channels a multiple of
     16 (the hidden channels are padded to one), and a 3x3 depthwise convolution."""
-    return channels % 16 == 0 and kernel_size == 3 and hidden > 0 and x.device.type == "cpu" \
-        and x.dtype == torch.float32 and not torch.is_grad_enabled() and not onednn.tracing() and available()
+    return channels % 16 == 0 and kernel_size == 3 and hidden > 0 and _inference(x)
 
 
 def _padded(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
@@ -362,8 +367,7 @@ def prepare_symmetric(kernel: torch.Tensor, x: torch.Tensor) -> SymmetricKernel 
     ESC's geometric ensemble) by orbit, where the forward pass on ``x`` runs the native correlation; else None."""
     if kernel.dim() != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[-1] % 2 == 0 or kernel.shape[-1] < 3:
         return None
-    if x.device.type != "cpu" or x.dtype != torch.float32 or kernel.dtype != torch.float32 or torch.is_grad_enabled() \
-            or onednn.tracing() or not available():
+    if kernel.dtype != torch.float32 or not _inference(x):
         return None
     return SymmetricKernel(kernel)
 

@@ -7,6 +7,7 @@ import ctypes
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import warnings
@@ -26,6 +27,23 @@ REPO = Path(__file__).resolve().parent.parent
 # The kernel is built where it was measured: x86-64 Linux with a C++ compiler and AVX-512. This development machine
 # and CI are such machines; elsewhere the tests that need the kernel say why they cannot run.
 NEEDS_KERNEL = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.status()}")
+BUILT_HERE = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _has_avx512() -> bool:
+    try:
+        return re.search(r"\bavx512f\b", Path("/proc/cpuinfo").read_text()) is not None
+    except OSError:
+        return False
+
+
+def test_the_kernels_are_built_wherever_they_apply() -> None:
+    """On x86-64 Linux with a compiler and AVX-512 (this project's machines and CI) the kernels must be there, so the
+    tests marked NEEDS_KERNEL can only be skipped where the kernels do not apply, never because a build broke."""
+    if BUILT_HERE and native._compiler() is not None and _has_avx512():
+        assert native.available(), native.status()
+    else:
+        assert not native.available() and native.status()
 
 
 def reference(qkv: torch.Tensor, table: torch.Tensor, batch: int, height: int, width: int, heads: int, window: int):
@@ -69,10 +87,11 @@ def test_portable_build_without_avx512_computes_the_same(tmp_path) -> None:
     """The source also builds for CPUs without AVX-512 (GCC vector extensions, the exponent by integer arithmetic);
     the loader does not use that build, but it must compute the same thing."""
     compiler = native._compiler()
-    if compiler is None or platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip("needs an x86-64 C++ compiler")
+    if compiler is None:  # nothing to build with: the loader says so, and torch's operators run
+        assert not native.available() and "no C++ compiler" in native.status()
+        return
     library = tmp_path / "portable.so"
-    flags = [f for f in native.FLAGS if f != "-march=native"] + ["-march=x86-64-v3"]
+    flags = [f for f in native.FLAGS if f != "-march=native"] + (["-march=x86-64-v3"] if BUILT_HERE else [])
     subprocess.run([compiler, *flags, *map(str, native.SOURCES), "-o", str(library)], check=True, capture_output=True)
     lib = ctypes.CDLL(str(library))
     lib.esc_window_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
@@ -174,17 +193,17 @@ def test_switched_off_or_without_a_compiler_inference_runs_on_torch_and_says_why
 
 
 def test_a_failed_build_warns_once_and_inference_still_runs(tmp_path) -> None:
-    if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
-        pytest.skip("the kernel is only built on x86-64 Linux")
     failed = _fresh_load(_PROBE + "model(torch.rand(1, 3, 20, 24))\n", {"CXX": "false", "ESC_SR_CACHE": str(tmp_path)})
     assert failed.returncode == 0, failed.stderr
-    assert "status: build failed" in failed.stdout and "shape: (1, 3, 40, 48)" in failed.stdout
-    assert failed.stderr.count("native CPU kernels were not built") == 1
+    assert "shape: (1, 3, 40, 48)" in failed.stdout
+    if BUILT_HERE:
+        assert "status: build failed" in failed.stdout
+        assert failed.stderr.count("native CPU kernels were not built") == 1
+    else:  # no build is tried where the kernels were never measured: nothing to warn about
+        assert "status: not built on" in failed.stdout and "not built" not in failed.stderr
 
 
 def test_the_build_is_cached_per_machine_and_concurrent_builds_agree(tmp_path) -> None:
-    if native._compiler() is None or not sys.platform.startswith("linux"):
-        pytest.skip("needs a C++ compiler on Linux")
     code = "from esc_arch import native; print(native.status())"
     env = {"ESC_SR_CACHE": str(tmp_path), "ESC_SR_NATIVE": "1"}
     builders = [subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, cwd=REPO,
@@ -192,6 +211,9 @@ def test_the_build_is_cached_per_machine_and_concurrent_builds_agree(tmp_path) -
     outputs = [b.communicate(timeout=300) for b in builders]
     assert all(b.returncode == 0 for b in builders), outputs
     libraries = list((tmp_path / "kernels").glob("esc_kernels-*.so"))
+    if not (BUILT_HERE and native._compiler() is not None):  # nothing is built, and nothing is left in the cache
+        assert not libraries and all(out.strip() for out, _ in outputs)
+        return
     assert len(libraries) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p not in libraries]
     built = libraries[0].stat().st_mtime_ns
     again = _fresh_load(code, env)  # a later process loads the cached build
@@ -385,11 +407,12 @@ def test_every_kernel_file_is_built_and_keys_the_cache() -> None:
     them all."""
     files = {p.name for p in native.KERNELS.iterdir() if p.suffix in (".cpp", ".h")}
     assert {p.name for p in native.SOURCES} | {p.name for p in native.HEADERS} == files
+    import ast  # noqa: PLC0415
     import fnmatch  # noqa: PLC0415
 
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-
-    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["esc_arch"]
+    # the package-data line of pyproject.toml (a TOML array of strings reads as a Python list; tomllib is 3.11+)
+    line = next(row for row in (REPO / "pyproject.toml").read_text().splitlines() if row.startswith("esc_arch = ["))
+    patterns = ast.literal_eval(line.split("=", 1)[1].strip())
     assert all(any(fnmatch.fnmatch(f"kernels/{name}", pattern) for pattern in patterns) for name in files)
 
 
