@@ -12,7 +12,10 @@ Each fix replaces one name and leaves the CUDA path as stock BasicSR has it:
 3. ``BaseModel.model_to_device``: stock wraps DDP with ``device_ids=[torch.cuda.current_device()]``. On CPU the
    replacement wraps without ``device_ids``; on CUDA it calls the original.
 4. ``filter2D`` as used by the Real-ESRGAN models: on CPU, DiffJPEG returns a permuted (non-contiguous) tensor and
-   ``filter2D``'s ``view`` fails; the wrapper passes contiguous tensors (a no-op where they already are).
+   ``filter2D``'s ``view`` fails; the wrapper passes contiguous tensors (a no-op where they already are). On CPU it
+   also filters by FFT: the degradation's 21x21 blurs and USMSharp's 51x51 Gaussian as direct depthwise
+   convolutions took 86 % of a training iteration (benchmarks/README.md, "Real-world training"). The same
+   reflect padding and the same correlation, to float rounding; CUDA keeps the direct convolution.
 """
 
 from __future__ import annotations
@@ -94,8 +97,28 @@ def _make_model_to_device(original):
     return model_to_device
 
 
+def fft_filter2d(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """BasicSR's ``filter2D`` (reflect-pad by k // 2, correlate with one k x k kernel per image or one for all) by FFT.
+
+    ``img``: (b, c, h, w); ``kernel``: (b, k, k) or (1, k, k), k odd.
+    """
+    k = kernel.size(-1)
+    if k % 2 == 0:
+        raise ValueError("Wrong kernel size")
+    h, w = img.shape[-2:]
+    padded = torch.nn.functional.pad(img, (k // 2,) * 4, mode="reflect")
+    ph, pw = padded.shape[-2:]
+    # Correlation = convolution with the flipped kernel; of the circular convolution over the padded size, the
+    # entries from k - 1 on are the linear ones (the "valid" part, h x w).
+    spectrum = torch.fft.rfft2(kernel.flip(-1, -2).to(img.dtype), s=(ph, pw)).unsqueeze(1)
+    out = torch.fft.irfft2(torch.fft.rfft2(padded) * spectrum, s=(ph, pw))
+    return out[..., k - 1 :, k - 1 :].contiguous()
+
+
 def _make_contiguous_filter2d(original):
     def filter2D(img, kernel):  # noqa: N802  (same name as the wrapped BasicSR function)
+        if img.device.type == "cpu":
+            return fft_filter2d(img, kernel)
         return original(img.contiguous(), kernel.contiguous())
 
     filter2D.__wrapped__ = original
@@ -116,6 +139,8 @@ def apply() -> None:
     basicsr.train.load_resume_state = load_resume_state
     basicsr.utils.options.init_dist = _make_init_dist(basicsr.utils.options.init_dist)
     BaseModel.model_to_device = _make_model_to_device(BaseModel.model_to_device)
-    for module in (realesrnet_model, realesrgan_model):
+    import basicsr.utils.img_process_util as img_process_util  # USMSharp's filter2D
+
+    for module in (realesrnet_model, realesrgan_model, img_process_util):
         module.filter2D = _make_contiguous_filter2d(module.filter2D)
     _applied = True

@@ -23,14 +23,14 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from esc_arch import read_state_dict
-
 from basicsr_plugin.checkpoint_io import atomic_write_text
-from basicsr_plugin.models.mixins import AtomicCheckpointMixin, WindowPaddedTestMixin, fill_default_attention, use_inference_attention
+from basicsr_plugin.models.mixins import (
+    AtomicCheckpointMixin, SafetensorsPretrainMixin, WindowPaddedTestMixin, fill_default_attention, use_inference_attention,
+)
 
 
 @MODEL_REGISTRY.register()
-class ESRModel(AtomicCheckpointMixin, WindowPaddedTestMixin, SRModel):
+class ESRModel(AtomicCheckpointMixin, SafetensorsPretrainMixin, WindowPaddedTestMixin, SRModel):
     """Single-image SR model for the ESC family (see the module docstring)."""
 
     def __init__(self, opt: dict) -> None:
@@ -60,11 +60,6 @@ class ESRModel(AtomicCheckpointMixin, WindowPaddedTestMixin, SRModel):
         self.log_dict = self.reduce_loss_dict(losses)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
-
-    def load_network(self, net, load_path, strict=True, param_key="params"):
-        if not str(load_path).endswith(".safetensors"):
-            return super().load_network(net, load_path, strict, param_key)
-        self.get_bare_model(net).load_state_dict(read_state_dict(load_path), strict=strict)
 
     def _update_best_metric_result(self, dataset_name, metric, val, current_iter):
         super()._update_best_metric_result(dataset_name, metric, val, current_iter)

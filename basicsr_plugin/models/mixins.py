@@ -4,6 +4,8 @@
   checkpoint first verifies that all ranks still hold identical weights.
 * :class:`WindowPaddedTestMixin`: the official ESC test protocol (reflect-pad the LR to a multiple of the window,
   run the network, crop), on the EMA network when there is one.
+* :class:`SafetensorsPretrainMixin`: ``path.pretrain_network_g`` may be a ``.safetensors`` file (an embedded model);
+  with ``strict_load_g: false`` the tensors whose names match are loaded (a warm start of another head).
 * :func:`fill_default_attention`: pick the attention back end when the option file does not name one.
 """
 
@@ -65,6 +67,19 @@ class WindowPaddedTestMixin:
         with torch.no_grad():
             self.output = net(pad_to_multiple(self.lq, multiple))[..., : h * scale, : w * scale]
         net.train(was_training)
+
+
+class SafetensorsPretrainMixin:
+    """Read ``.safetensors`` pretrained weights through ``esc_arch`` (other files go to BasicSR's loader)."""
+
+    def load_network(self, net, load_path, strict=True, param_key="params"):
+        if not str(load_path).endswith(".safetensors"):
+            return super().load_network(net, load_path, strict, param_key)
+        result = self.get_bare_model(net).load_state_dict(esc_arch.read_state_dict(load_path), strict=strict)
+        if not strict:
+            get_root_logger().info(
+                f"Loaded {load_path} non-strictly: {len(result.missing_keys)} tensors of the network kept their "
+                f"initialisation, {len(result.unexpected_keys)} of the file were not used")
 
 
 class AtomicCheckpointMixin:

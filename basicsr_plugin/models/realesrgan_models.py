@@ -18,7 +18,9 @@ from basicsr.models.srgan_model import SRGANModel
 from basicsr.utils import DiffJPEG, USMSharp
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from basicsr_plugin.models.mixins import AtomicCheckpointMixin, WindowPaddedTestMixin, fill_default_attention, use_inference_attention
+from basicsr_plugin.models.mixins import (
+    AtomicCheckpointMixin, SafetensorsPretrainMixin, WindowPaddedTestMixin, fill_default_attention, use_inference_attention,
+)
 
 
 class _DeviceAwareDegradationMixin:
@@ -58,7 +60,7 @@ class _DeviceAwareDegradationMixin:
 
 
 @MODEL_REGISTRY.register()
-class ESCRealMSEModel(AtomicCheckpointMixin, WindowPaddedTestMixin, _DeviceAwareDegradationMixin, RealESRNetModel):
+class ESCRealMSEModel(AtomicCheckpointMixin, SafetensorsPretrainMixin, WindowPaddedTestMixin, _DeviceAwareDegradationMixin, RealESRNetModel):
     """Real-ESRGAN "Net" stage (pixel loss only) on any device."""
 
     def __init__(self, opt: dict) -> None:
@@ -69,7 +71,7 @@ class ESCRealMSEModel(AtomicCheckpointMixin, WindowPaddedTestMixin, _DeviceAware
 
 
 @MODEL_REGISTRY.register()
-class ESCRealGANModel(AtomicCheckpointMixin, WindowPaddedTestMixin, _DeviceAwareDegradationMixin, RealESRGANModel):
+class ESCRealGANModel(AtomicCheckpointMixin, SafetensorsPretrainMixin, WindowPaddedTestMixin, _DeviceAwareDegradationMixin, RealESRGANModel):
     """Real-ESRGAN GAN stage (pixel + perceptual + GAN losses, UNet discriminator) on any device."""
 
     def __init__(self, opt: dict) -> None:
