@@ -1,4 +1,4 @@
-"""The shared large kernel by FFT (``esc_arch.spectral``) against the direct convolutions, on CPU.
+"""The shared large kernel by FFT (``esc_runtime.spectral``) against the direct convolutions, on CPU.
 
 Two parts, each interleaved in one process (every round runs both sides, the order alternating), minima and
 medians of the rounds:
@@ -55,7 +55,7 @@ def _row(what: str, times: dict[str, list[float]], **extra: Any) -> dict[str, An
 
 
 def correlation(name: str, channels: int, size: tuple[int, int], rounds: int) -> dict[str, Any]:
-    from esc_arch import spectral
+    from esc_runtime import spectral
     from esc_arch.layers import per_sample_depthwise_conv
 
     generator = torch.Generator().manual_seed(0)
@@ -79,7 +79,7 @@ def correlation(name: str, channels: int, size: tuple[int, int], rounds: int) ->
 
 
 def forward(name: str, model: torch.nn.Module, size: tuple[int, int], rounds: int) -> dict[str, Any]:
-    from esc_arch import spectral
+    from esc_runtime import spectral
     from esc_sr import heap
 
     real = spectral.enabled

@@ -3,7 +3,7 @@
 Modes, all through ``esc_sr.upscale`` on the same model and image:
 
 * ``untiled``: ``tile=None``, the whole image at once (the reference compute);
-* ``streamed``: ``tile=N``, layer-streamed (every stage over all tiles before the next; :mod:`esc_arch.streaming`);
+* ``streamed``: ``tile=N``, layer-streamed (every stage over all tiles before the next; :mod:`esc_runtime.streaming`);
 * ``overlap``: ``tile=N`` forced onto the crop-overlap fallback (64 px of context per side and a statistics pass
   for the global pools), what tiling cost before streaming.
 

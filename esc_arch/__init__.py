@@ -17,7 +17,7 @@ from torch import nn
 
 __version__ = "0.1.0"
 
-from . import native  # noqa: E402
+from esc_runtime import native  # noqa: E402
 from .attention import ATTENTION_BACKENDS, WindowAttention, sdpa_kernel_name  # noqa: E402
 from .base import ESCModelBase  # noqa: E402
 from .checkpoint import canonicalize_state_dict, load_model, read_state_dict, save_model  # noqa: E402
@@ -56,7 +56,7 @@ def attention_kernel(
 ) -> str:
     """Describe the attention kernel that will run for ``model`` on ``device``/``dtype``.
 
-    For the 'sdpa' backend: CPU inference in float32 runs :mod:`esc_arch.native`'s kernel where it is available;
+    For the 'sdpa' backend: CPU inference in float32 runs :mod:`esc_runtime.native`'s kernel where it is available;
     otherwise this probes torch's dispatcher (see :func:`sdpa_kernel_name`), since torch silently falls back to the
     unfused math kernel in some cases, such as training on CPU.
     """

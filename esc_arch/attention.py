@@ -2,7 +2,7 @@
 
 * ``sdpa`` (default): ``F.scaled_dot_product_attention`` with the bias as an additive mask, so
   torch picks its fused (flash) kernel wherever the device has one.  No backend is forced.  CPU inference in
-  float32 runs :mod:`esc_arch.native`'s window-attention kernel instead where it is built (the same arithmetic).
+  float32 runs :mod:`esc_runtime.native`'s window-attention kernel instead where it is built (the same arithmetic).
 * ``flex``: ``flex_attention`` with the bias added in a ``score_mod``; compiled when a compiler
   is available, otherwise run eagerly (inference only on CPU: torch has no flex backward there).
 * ``naive``: explicit ``softmax(q k^T / sqrt(d) + bias) v``, the reference.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native, onednn
+from esc_runtime import native, onednn
 from .layers import pad_reflect
 
 AttentionBackend = Literal["sdpa", "flex", "naive"]
@@ -160,7 +160,7 @@ class WindowAttention(nn.Module):
 
         Biases over :data:`BAKE_LIMIT_BYTES` stay derived per forward pass: ESC-XL's would hold 254 MiB per block
         (12 heads x 2304^2 floats), 2 GiB for the model, to save a gather that costs far less than the attention.
-        Nothing is baked where :mod:`esc_arch.native`'s kernel runs this layer (float32 on a CPU that has it): it reads
+        Nothing is baked where :mod:`esc_runtime.native`'s kernel runs this layer (float32 on a CPU that has it): it reads
         the table itself, and ESC's five gathered biases would be 80 MiB it never reads. A fused model moved to
         another device or dtype afterwards gathers its bias in each pass, as an unfused one does.
         """
@@ -208,7 +208,7 @@ class WindowAttention(nn.Module):
 
     def _forward_sdpa_cpu(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """The sdpa path on CPU, laid out for torch's CPU flash kernel: the arithmetic of :meth:`forward`, other copies.
-        Since 2026-12-07 CPU inference takes :meth:`_forward_native` where :mod:`esc_arch.native` is built; this path
+        Since 2026-12-07 CPU inference takes :meth:`_forward_native` where :mod:`esc_runtime.native` is built; this path
         remains for training on CPU and for machines without the native kernels.
 
         Profile of the old path (window 32, dim 64, 4 heads, 256x256 map, 1 thread, a 2-core AMD EPYC with a training
@@ -232,7 +232,7 @@ class WindowAttention(nn.Module):
           192x320: 2.17 against 2.27 s), interleaved medians on the 2-core AMD EPYC VM;
         * copies the kernel's output, (heads, tokens, windows, c) in memory, once into raster order (pixels,
           channels; rows of c contiguous), from which the ``to_out`` GEMM writes NCHW directly; on the oneDNN path
-          (:mod:`esc_arch.onednn`: inference) both GEMMs are oneDNN matmuls, ``to_out`` writes a channels-last map
+          (:mod:`esc_runtime.onednn`: inference) both GEMMs are oneDNN matmuls, ``to_out`` writes a channels-last map
           and adds the residual in the same pass.
 
         The layer, interleaved with the old path in one process: 603 against 767 ms (median of 9; 1.27x); the flash
@@ -263,7 +263,7 @@ class WindowAttention(nn.Module):
 
     def _forward_native(self, x: torch.Tensor, add: torch.Tensor | None = None,
                         norm: nn.Module | None = None) -> torch.Tensor:
-        """CPU inference on :mod:`esc_arch.native`'s kernels: ``to_qkv`` (after ``norm``, a per-pixel LayerNorm, in the
+        """CPU inference on :mod:`esc_runtime.native`'s kernels: ``to_qkv`` (after ``norm``, a per-pixel LayerNorm, in the
         same pass; reflect padding commutes with it) over the raster-order pixels, the attention kernel reading each
         window's tokens from it where they lie and writing raster-order rows for ``to_out``; no partitioning copy
         either way, and the bias read from its table."""

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import native, spectral
+from esc_runtime import native, spectral
 from .attention import WindowAttention, normalize_backend
 from .layers import geometric_ensemble
-from .streaming import WHOLE, MapRunner
+from esc_runtime.streaming import WHOLE, MapRunner
 
 
 class ESCModelBase(nn.Module):

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native, onednn, spectral
+from esc_runtime import native, onednn, spectral
 from .attention import WindowAttention
 from .layers import ConvFFN, LayerNorm2d, per_sample_depthwise_conv
-from .streaming import WHOLE, MapRunner
+from esc_runtime.streaming import WHOLE, MapRunner
 
 #: The large kernel prepared for a forward pass (by orbit for the native correlation, or with its FFT spectrum): each
 #: has ``.kernel`` and ``.correlate(x, dynamic, out=...)``.
@@ -145,7 +145,7 @@ class ESCBlock(nn.Module):
         self.conv_out = nn.Conv2d(dim, dim, 3, padding=1)
 
     def forward(self, x: torch.Tensor, large_kernel, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps`` runs the stages (see :mod:`esc_arch.streaming`); the radii are each stage's context in pixels."""
+        """``maps`` runs the stages (see :mod:`esc_runtime.streaming`); the radii are each stage's context in pixels."""
         x = onednn.channels_last(x)  # CPU inference: the maps stay channels-last from here on
         skip = x
         x = maps.local(lambda t: self.proj(t, norm=self.ln_proj), x, radius=1)  # no residual around it (upstream)

@@ -9,7 +9,7 @@ from torch import nn
 from .base import ESCModelBase, SharedKernelTrunk
 from .blocks import DecomposedConvolutionalAttention, make_blocks, shared_large_kernel
 from .layers import LayerNorm2d
-from .streaming import WHOLE, MapRunner
+from esc_runtime.streaming import WHOLE, MapRunner
 
 
 def resize_subpixel_head(weight: torch.Tensor, bias: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,7 @@ class ESC(_PixelShuffleHeadMixin, SharedKernelTrunk):
         self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
 
     def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_arch.streaming`)."""
+        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_runtime.streaming`)."""
         feat = maps.local(self.proj, x, radius=1)
         body = self.run_blocks(feat, maps)
 
@@ -126,7 +126,7 @@ class ESCFP(_PixelShuffleHeadMixin, ESCModelBase):
         self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
 
     def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_arch.streaming`)."""
+        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_runtime.streaming`)."""
         feat = maps.local(self.proj, x, radius=1)
         skip = feat
         lk = (self.lk_channel, self.lk_spatial)

@@ -8,7 +8,7 @@ from torch import nn
 from .base import SharedKernelTrunk
 from .blocks import make_blocks, shared_large_kernel
 from .layers import ReflectConv2d, pad_to_multiple
-from .streaming import WHOLE, MapRunner
+from esc_runtime.streaming import WHOLE, MapRunner
 from .upsamplers import DySample, UniUpsample, esc_real_nearest_conv_head, neosr_nearest_conv_head
 
 ESC_REAL_HEADS = ("nearest+conv", "dysample", "nearest+conv-neosr")
@@ -105,7 +105,7 @@ class ESCReal(_RealTrunk):
         self.skip = _input_skip(dim)
 
     def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_arch.streaming`)."""
+        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_runtime.streaming`)."""
         return maps.local(self.to_img, self._features(x, maps), radius=self.head_radius)
 
 
@@ -165,7 +165,7 @@ class ESCRealM(_RealTrunk):
         return state_dict
 
     def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_arch.streaming`)."""
+        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_runtime.streaming`)."""
         h, w = x.shape[-2:]
         if self.unshuffle > 1:
             x = pad_to_multiple(x, self.unshuffle)

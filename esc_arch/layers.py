@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native, onednn
+from esc_runtime import native, onednn
 
 __all__ = [
     "LayerNorm2d",
@@ -38,7 +38,7 @@ class ConvFFN(nn.Module):
     """1x1 expand -> GELU -> 3x3 depthwise (+ residual inside) -> GELU -> 1x1 project.
 
     ``add``: a map added to the output (the caller's residual), fused into the last convolution on the oneDNN path
-    (:mod:`esc_arch.onednn`), where the activations are also applied in place.
+    (:mod:`esc_runtime.onednn`), where the activations are also applied in place.
     """
 
     def __init__(self, dim: int, kernel_size: int = 3, exp_ratio: float = 2.0) -> None:

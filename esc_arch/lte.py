@@ -14,7 +14,7 @@ from torch import nn
 
 from .base import ESCModelBase, SharedKernelTrunk
 from .blocks import make_blocks, shared_large_kernel
-from .streaming import WHOLE, MapRunner
+from esc_runtime.streaming import WHOLE, MapRunner
 
 
 def make_coord(height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -124,7 +124,7 @@ class ESCLTE(ESCModelBase):
     def encode(self, lr: torch.Tensor, maps: MapRunner = WHOLE) -> tuple[torch.Tensor, ...]:
         """Run the encoder once, for any number of :meth:`query` calls: (lr, coefficient map, frequency map, the
         feature map's coordinate grid, its (h, w) as a tensor). What depends only on the LR image is made here,
-        not per query chunk. ``maps``: whole or layer-streamed (:mod:`esc_arch.streaming`)."""
+        not per query chunk. ``maps``: whole or layer-streamed (:mod:`esc_runtime.streaming`)."""
         feat = self.encoder(lr, maps)
         coef, freq = maps.local(self.coef, feat, radius=1), maps.local(self.freq, feat, radius=1)
         b, h, w = lr.shape[0], coef.shape[-2], coef.shape[-1]

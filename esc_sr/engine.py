@@ -15,7 +15,7 @@ How an image goes through it
    multiple of ``model.window_size`` and the output cropped back to ``h*scale x w*scale``: the
    evaluation protocol of the ESC paper, so benchmark PSNR matches it.
 4. **Tiling.** Only when the image does not fit (or a ``tile`` is asked for). The tiles are cut on the window
-   grid, and by default the model is **layer-streamed** (:mod:`esc_arch.streaming`): each stage of the network
+   grid, and by default the model is **layer-streamed** (:mod:`esc_runtime.streaming`): each stage of the network
    runs over every tile before the next stage starts, from whole LR feature maps kept in memory, so a tile needs
    only its stage's own radius of context, window attention none, and the dynamic kernels' global averages are
    taken over the whole map. The result is the untiled one up to float rounding, at a few percent more compute
@@ -55,7 +55,7 @@ from torch import nn
 
 import esc_arch
 from esc_arch import pad_to_multiple
-from esc_arch.streaming import TiledMaps, count_stages
+from esc_runtime.streaming import TiledMaps, count_stages
 
 from .errors import EngineError, OutOfMemory
 from . import heap, memory
@@ -310,7 +310,7 @@ def _run_fixed_scale(
 
 
 def _streams(model: nn.Module) -> bool:
-    """Models whose forward pass can be layer-streamed (:mod:`esc_arch.streaming`): every ESC model."""
+    """Models whose forward pass can be layer-streamed (:mod:`esc_runtime.streaming`): every ESC model."""
     return isinstance(model, esc_arch.ESCModelBase)
 
 

@@ -12,7 +12,7 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from esc_arch.footprint import activation_elements_per_pixel
+from esc_runtime.footprint import activation_elements_per_pixel
 
 from . import heap
 from .errors import EngineError, OutOfMemory
@@ -186,7 +186,7 @@ def check_memory(
 def bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
     """Estimated peak working memory per LR pixel of an untiled run or a tile (activations, not weights).
 
-    :func:`esc_arch.footprint.activation_elements_per_pixel` (the widest phase of the forward pass, read off the
+    :func:`esc_runtime.footprint.activation_elements_per_pixel` (the widest phase of the forward pass, read off the
     model's layers) in ``dtype``, plus the padded input and the model's output kept for the host copy, with a 25 %
     margin for allocator slack; ``benchmarks/memory_estimate.py`` measures it per variant. OOM halving catches what
     an estimate misses.

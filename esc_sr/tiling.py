@@ -1,7 +1,7 @@
 """Crop-overlap tiling, the fallback when not even an image's whole feature maps fit: each tile is run with real
 image context around its core and only the core is kept; a first pass gathers the whole image's global pools.
 
-(The default tiling is layer-streamed, in :mod:`esc_sr.engine` with :mod:`esc_arch.streaming`; this module also
+(The default tiling is layer-streamed, in :mod:`esc_sr.engine` with :mod:`esc_runtime.streaming`; this module also
 serves the arbitrary-scale LTE model and models that are not ESC.)
 """
 

@@ -36,7 +36,7 @@ def test_cpu_sdpa_layout_matches_naive_in_inference(case) -> None:
         out = sdpa(x)
         sdpa.bake()
         baked = sdpa(x)
-    # dense either way: NCHW, or channels-last where CPU inference runs on oneDNN (esc_arch.onednn)
+    # dense either way: NCHW, or channels-last where CPU inference runs on oneDNN (esc_runtime.onednn)
     assert out.shape == expected.shape == x.shape
     assert out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)
     scale = expected.abs().max().item()

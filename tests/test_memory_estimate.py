@@ -1,4 +1,4 @@
-"""The memory estimate is read off the model's layers (esc_arch.footprint); benchmarks/memory_estimate.py checks it
+"""The memory estimate is read off the model's layers (esc_runtime.footprint); benchmarks/memory_estimate.py checks it
 against measured peaks (1.16-1.66x of them for ten variants). These tests pin what it must see."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import esc_arch
-from esc_arch.footprint import activation_elements_per_pixel
+from esc_runtime.footprint import activation_elements_per_pixel
 from esc_sr import memory
 
 

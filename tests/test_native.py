@@ -1,4 +1,4 @@
-"""The native window-attention kernel (``esc_arch.native``): built on first use, equal to the reference attention,
+"""The native window-attention kernel (``esc_runtime.native``): built on first use, equal to the reference attention,
 used by CPU inference exactly where it applies, and out of the way (with the reason stated) everywhere else."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import esc_arch
-from esc_arch import native
+from esc_runtime import native
 from esc_arch.attention import WindowAttention, relative_position_index
 from esc_arch.layers import ConvFFN, LayerNorm2d, geometric_ensemble
 from golden import checkpoint_path, golden_cases, tensors
@@ -171,7 +171,7 @@ def _fresh_load(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 _PROBE = """
 import warnings, torch, esc_arch
-from esc_arch import native
+from esc_runtime import native
 warnings.simplefilter("always")
 model = esc_arch.esc_tiny(scale=2).eval()
 with torch.inference_mode():
@@ -382,7 +382,7 @@ def test_fused_partial_convolution_equals_its_layers(case, with_add) -> None:
 def test_models_on_the_native_kernels_match_torch_operators_and_stream_exactly() -> None:
     """Whole models: the native kernels against torch's operators (native switched off), and layer-streamed tiles
     (tiles cut from the maps, the partial convolution reading them in place) against the whole map."""
-    from esc_arch.streaming import TiledMaps  # noqa: PLC0415
+    from esc_runtime.streaming import TiledMaps  # noqa: PLC0415
 
     # the default model; ESC-light; ESC-FP, whose blocks have LayerNorms in front of every FFN (fused into the kernel)
     for preset, x in (("esc_tiny", torch.rand(2, 3, 45, 61)), ("esc_light", torch.rand(1, 3, 70, 38)),

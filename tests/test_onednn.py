@@ -1,4 +1,4 @@
-"""CPU inference on oneDNN (esc_arch.onednn): channels-last maps, 1x1 convolutions as fused oneDNN matmuls and the
+"""CPU inference on oneDNN (esc_runtime.onednn): channels-last maps, 1x1 convolutions as fused oneDNN matmuls and the
 other convolutions with their GELU or residual fused in give the outputs of the plain PyTorch path, are taken
 exactly where they may be (fp32 CPU inference), and never where autograd, tracing or the user's switch rules them
 out."""
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import esc_arch
-from esc_arch import onednn
+from esc_runtime import onednn
 from esc_arch.layers import ConvFFN
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")

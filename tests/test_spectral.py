@@ -1,8 +1,8 @@
-"""The shared large kernel by overlap-save FFT (esc_arch.spectral): the same correlation as the direct convolutions,
+"""The shared large kernel by overlap-save FFT (esc_runtime.spectral): the same correlation as the direct convolutions,
 taken for fp32 CPU inference on maps large enough to repay it, and never where autograd, tracing, other dtypes or the
 user's switch rule it out. The golden fixtures pass on it (their inputs are small, so the size floor is lowered).
 
-It is the CPU path where the native correlation (esc_arch.native, tests/test_native.py) is not built: every test here
+It is the CPU path where the native correlation (esc_runtime.native, tests/test_native.py) is not built: every test here
 switches that off, as a machine without a compiler or AVX-512 has it."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import esc_arch
 from esc_arch import native, spectral
 from esc_arch.layers import per_sample_depthwise_conv
-from esc_arch.streaming import TiledMaps
+from esc_runtime.streaming import TiledMaps
 from golden import checkpoint_path, golden_cases, tensors
 
 FFT_OP = "aten::_fft_r2c"

@@ -1,4 +1,4 @@
-"""Layer-streamed tiling (esc_arch.streaming): every stage runs over all tiles before the next, so tiles need no
+"""Layer-streamed tiling (esc_runtime.streaming): every stage runs over all tiles before the next, so tiles need no
 overlap and no statistics pass, and the result is the untiled one up to float rounding, for every variant."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import esc_arch
-from esc_arch.streaming import WHOLE, TiledMaps, count_stages
+from esc_runtime.streaming import WHOLE, TiledMaps, count_stages
 from esc_sr import engine, memory, upscale
 from golden import checkpoint_path, golden_cases
 

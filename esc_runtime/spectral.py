@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import onednn
-from .layers import per_sample_depthwise_conv
+from esc_arch.layers import per_sample_depthwise_conv
 
 __all__ = ["MIN_KERNEL", "MIN_PIXELS", "enabled", "applies", "block_size", "SpectralKernel", "prepare"]
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import WindowAttention
-from .layers import ConvFFN
-from .upsamplers import DySample
+from esc_arch.attention import WindowAttention
+from esc_arch.layers import ConvFFN
+from esc_arch.upsamplers import DySample
 
 __all__ = ["activation_elements_per_pixel"]
 

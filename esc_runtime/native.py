@@ -275,10 +275,10 @@ def _orbits(kernel_size: int) -> torch.Tensor:
 
 class SymmetricKernel:
     """A large kernel that is the same at every position of each orbit of the square's symmetries (ESC's geometric
-    ensemble), by orbit, for :func:`esc_arch.native`'s correlation (``kernels/symmetric_conv.cpp``).
+    ensemble), by orbit, for :func:`esc_runtime.native`'s correlation (``kernels/symmetric_conv.cpp``).
 
     Built once per forward pass (:func:`prepare_symmetric`); ``correlate`` does what ``F.conv2d(x, kernel,
-    padding=k // 2)`` plus a per-sample depthwise 3x3 convolution do, as :class:`esc_arch.spectral.SpectralKernel`.
+    padding=k // 2)`` plus a per-sample depthwise 3x3 convolution do, as :class:`esc_runtime.spectral.SpectralKernel`.
     Each orbit's weight is the mean of the kernel over the orbit (equal to every member up to float rounding).
     """
 
