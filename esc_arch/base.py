@@ -7,10 +7,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from esc_runtime import native, spectral
 from .attention import WindowAttention, normalize_backend
 from .layers import geometric_ensemble
-from esc_runtime.streaming import WHOLE, MapRunner
 
 
 class ESCModelBase(nn.Module):
@@ -107,12 +105,3 @@ class SharedKernelTrunk(ESCModelBase):
     def bake(self) -> None:
         """Store the ensembled kernel as a (non-persistent) buffer, so it follows ``.to()`` and ``.half()``."""
         self.register_buffer("fused_large_kernel", geometric_ensemble(self.plk_filter).detach(), persistent=False)
-
-    def run_blocks(self, feat: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        # once for all blocks: by orbit for the native correlation (the geometric ensemble is symmetric), else its FFT
-        # spectrum where that pays, else the kernel itself
-        kernel = self.large_kernel()
-        lk = native.prepare_symmetric(kernel, feat) or spectral.prepare(kernel, feat)
-        for block in self.blocks:
-            feat = block(feat, lk, maps)
-        return feat

@@ -9,7 +9,6 @@ from torch import nn
 from .base import ESCModelBase, SharedKernelTrunk
 from .blocks import DecomposedConvolutionalAttention, make_blocks, shared_large_kernel
 from .layers import LayerNorm2d
-from esc_runtime.streaming import WHOLE, MapRunner
 
 
 def resize_subpixel_head(weight: torch.Tensor, bias: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,16 +75,15 @@ class ESC(_PixelShuffleHeadMixin, SharedKernelTrunk):
         self.last = nn.Conv2d(dim, dim, 3, padding=1)
         self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_runtime.streaming`)."""
-        feat = maps.local(self.proj, x, radius=1)
-        body = self.run_blocks(feat, maps)
-
-        def head(body: torch.Tensor, feat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            out = self.to_img(self.last(body) + feat)
-            return F.pixel_shuffle(out, self.scale) + F.interpolate(x, scale_factor=self.scale, mode="nearest")
-
-        return maps.local(head, body, feat, x, radius=2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.proj(x)
+        skip = feat
+        large_kernel = self.large_kernel()
+        for block in self.blocks:
+            feat = block(feat, large_kernel)
+        feat = self.last(feat) + skip
+        out = F.pixel_shuffle(self.to_img(feat), self.scale)
+        return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
 
 
 class ESCFP(_PixelShuffleHeadMixin, ESCModelBase):
@@ -125,18 +123,16 @@ class ESCFP(_PixelShuffleHeadMixin, ESCModelBase):
         self.last = nn.Conv2d(dim, dim, 3, padding=1)
         self.to_img = nn.Conv2d(dim, 3 * upscaling_factor**2, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_runtime.streaming`)."""
-        feat = maps.local(self.proj, x, radius=1)
+    def large_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decomposed large kernel: a 1x1 channel mix and a depthwise spatial kernel (no ensemble, no bake)."""
+        return self.lk_channel, self.lk_spatial
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.proj(x)
         skip = feat
-        lk = (self.lk_channel, self.lk_spatial)
+        large_kernel = self.large_kernel()
         for block in self.blocks:
-            feat = block(feat, lk, maps)
-
-        def head(feat: torch.Tensor, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            feat = self.last(self.ln_last(feat)) + skip
-            residual = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
-            return F.pixel_shuffle(self.to_img(feat), self.scale) + residual
-
-        # Two 3x3 convs, and bicubic taps reach 2 LR pixels.
-        return maps.local(head, feat, skip, x, radius=2)
+            feat = block(feat, large_kernel)
+        feat = self.last(self.ln_last(feat)) + skip
+        residual = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return F.pixel_shuffle(self.to_img(feat), self.scale) + residual

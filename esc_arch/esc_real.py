@@ -8,7 +8,6 @@ from torch import nn
 from .base import SharedKernelTrunk
 from .blocks import make_blocks, shared_large_kernel
 from .layers import ReflectConv2d, pad_to_multiple
-from esc_runtime.streaming import WHOLE, MapRunner
 from .upsamplers import DySample, UniUpsample, esc_real_nearest_conv_head, neosr_nearest_conv_head
 
 ESC_REAL_HEADS = ("nearest+conv", "dysample", "nearest+conv-neosr")
@@ -27,7 +26,7 @@ def _input_skip(dim: int, unshuffle: int = 1) -> nn.Sequential:
 
 
 class _RealTrunk(SharedKernelTrunk):
-    """The ESC-Real trunk: features = last(blocks(proj(x))) + proj(x) + skip(x)."""
+    """The ESC-Real trunk: features = last(blocks(proj(x))) + proj(x) + skip(x), then the ``to_img`` head."""
 
     def _init_trunk(self, *, dim, pdim, n_blocks, conv_blocks, window_size, num_heads, exp_ratio, attn_type):
         self.blocks = make_blocks(
@@ -36,18 +35,16 @@ class _RealTrunk(SharedKernelTrunk):
         )
         self.last = nn.Conv2d(dim, dim, 3, padding=1)
 
-    #: LR pixels of context the upsampling heads get when streamed: the conv heads need at most 3, DySample's learned
-    #: sampling offsets were measured below 1 pixel on the golden checkpoints; 8 leaves a margin for trained ones.
-    head_radius = 8
     #: The trunk runs on pixel-unshuffled input by this factor (ESCRealM below x3 sets it per instance).
     unshuffle: int = 1
 
-    def _features(self, x: torch.Tensor, maps: MapRunner) -> torch.Tensor:
-        unshuffle = self.unshuffle  # radii below are in pixels of x, the trunk's input
-        feat = maps.local(self.proj, x, radius=unshuffle)
-        body = self.run_blocks(feat, maps)
-        skip = maps.local(self.skip, x, radius=3 * unshuffle)  # the 7x7 depthwise conv
-        return maps.local(lambda body, feat, skip: self.last(body) + feat + skip, body, feat, skip, radius=1)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.proj(x)
+        body = feat
+        large_kernel = self.large_kernel()
+        for block in self.blocks:
+            body = block(body, large_kernel)
+        return self.last(body) + feat + self.skip(x)
 
 
 class ESCReal(_RealTrunk):
@@ -104,9 +101,8 @@ class ESCReal(_RealTrunk):
             self.to_img = neosr_nearest_conv_head(dim, upscaling_factor)
         self.skip = _input_skip(dim)
 
-    def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_runtime.streaming`)."""
-        return maps.local(self.to_img, self._features(x, maps), radius=self.head_radius)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_img(self.features(x))
 
 
 class ESCRealM(_RealTrunk):
@@ -164,12 +160,11 @@ class ESCRealM(_RealTrunk):
             state_dict["to_img.MetaUpsample"] = self.to_img.MetaUpsample.clone()
         return state_dict
 
-    def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        """``maps``: how the stages run, whole or layer-streamed over tiles (:mod:`esc_runtime.streaming`)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if self.unshuffle > 1:
             x = pad_to_multiple(x, self.unshuffle)
-        out = maps.local(self.to_img, self._features(x, maps), radius=self.head_radius)
+        out = self.to_img(self.features(x))
         if self.scale < 1:  # the 'conv' head after unshuffling: nothing to crop
             return out
         return out[:, :, : h * self.scale, : w * self.scale]  # integer arithmetic stays symbolic in exports

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esc_runtime import native, onednn
 
 __all__ = [
     "LayerNorm2d",
@@ -35,11 +34,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class ConvFFN(nn.Module):
-    """1x1 expand -> GELU -> 3x3 depthwise (+ residual inside) -> GELU -> 1x1 project.
-
-    ``add``: a map added to the output (the caller's residual), fused into the last convolution on the oneDNN path
-    (:mod:`esc_runtime.onednn`), where the activations are also applied in place.
-    """
+    """1x1 expand -> GELU -> 3x3 depthwise (+ residual inside) -> GELU -> 1x1 project."""
 
     def __init__(self, dim: int, kernel_size: int = 3, exp_ratio: float = 2.0) -> None:
         super().__init__()
@@ -48,17 +43,10 @@ class ConvFFN(nn.Module):
         self.dwc = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden)
         self.aggr = nn.Conv2d(hidden, dim, 1)
 
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, norm: nn.Module | None = None) -> torch.Tensor:
-        """The FFN of ``norm(x)`` (``norm``: a LayerNorm in front, fused into the native kernel), plus ``add``."""
-        if native.takes_ffn(x, channels=self.proj.in_channels, hidden=self.proj.out_channels,
-                            kernel_size=self.dwc.kernel_size[0]):
-            return native.conv_ffn(x, self.proj, self.dwc, self.aggr, add, norm=norm)
-        if norm is not None:
-            x = norm(x)
-        x = onednn.conv(self.proj, x, gelu=True)
-        y = onednn.conv(self.dwc, x, gelu=True)
-        x = y.add_(x) if onednn.applies(x) else y + x  # in place where nothing is recorded for a backward pass
-        return onednn.conv(self.aggr, x, add=add)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.proj(x))
+        x = x + F.gelu(self.dwc(x))
+        return self.aggr(x)
 
 
 def pad_reflect(x: torch.Tensor, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0) -> torch.Tensor:

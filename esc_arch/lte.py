@@ -14,7 +14,6 @@ from torch import nn
 
 from .base import ESCModelBase, SharedKernelTrunk
 from .blocks import make_blocks, shared_large_kernel
-from esc_runtime.streaming import WHOLE, MapRunner
 
 
 def make_coord(height: int, width: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -55,10 +54,13 @@ class ESCEncoder(SharedKernelTrunk):
         )
         self.last = nn.Conv2d(dim, dim, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, maps: MapRunner = WHOLE) -> torch.Tensor:
-        feat = maps.local(self.proj, x, radius=1)
-        body = self.run_blocks(feat, maps)
-        return maps.local(lambda body, feat: self.last(body) + feat, body, feat, radius=1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.proj(x)
+        body = feat
+        large_kernel = self.large_kernel()
+        for block in self.blocks:
+            body = block(body, large_kernel)
+        return self.last(body) + feat
 
 
 class MLP(nn.Module):
@@ -121,12 +123,19 @@ class ESCLTE(ESCModelBase):
         self.phase = nn.Linear(2, hidden_dim // 2, bias=False)
         self.imnet = MLP(hidden_dim, 3, list(mlp_hidden))
 
-    def encode(self, lr: torch.Tensor, maps: MapRunner = WHOLE) -> tuple[torch.Tensor, ...]:
+    def encode(self, lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the encoder once, for any number of :meth:`query` calls: (lr, coefficient map, frequency map, the
         feature map's coordinate grid, its (h, w) as a tensor). What depends only on the LR image is made here,
-        not per query chunk. ``maps``: whole or layer-streamed (:mod:`esc_runtime.streaming`)."""
-        feat = self.encoder(lr, maps)
-        coef, freq = maps.local(self.coef, feat, radius=1), maps.local(self.freq, feat, radius=1)
+        not per query chunk."""
+        return self.encoded(lr, *self.encode_maps(lr))
+
+    def encode_maps(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The coefficient and frequency maps of ``lr``."""
+        feat = self.encoder(lr)
+        return self.coef(feat), self.freq(feat)
+
+    def encoded(self, lr: torch.Tensor, coef: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """:meth:`encode`'s tuple from the maps of :meth:`encode_maps`."""
         b, h, w = lr.shape[0], coef.shape[-2], coef.shape[-1]
         feat_coord = make_coord(h, w, device=lr.device, dtype=lr.dtype).view(1, h, w, 2).permute(0, 3, 1, 2)
         # Stacked from the shape rather than torch.tensor([h, w]): a traced ONNX export then keeps it symbolic.
@@ -191,12 +200,13 @@ class ESCLTE(ESCModelBase):
         *,
         size: tuple[int, int] | None = None,
         max_queries: int = 65536,
-        maps: MapRunner = WHOLE,
+        encode=None,
     ) -> torch.Tensor:
         """Upscale a (B, 3, h, w) image by any real ``factor`` (or to ``size`` = (H, W)).
 
-        The encoder runs once (whole or layer-streamed by ``maps``); the output pixels are decoded in chunks of
-        ``max_queries`` so memory stays bounded for any output size.  Cells follow :meth:`query_cell`.
+        The encoder runs once (``encode``: another implementation of :meth:`encode`, e.g. a layer-streamed one); the
+        output pixels are decoded in chunks of ``max_queries`` so memory stays bounded for any output size.  Cells
+        follow :meth:`query_cell`.
         """
         h, w = lr.shape[-2:]
         if size is None:
@@ -206,7 +216,7 @@ class ESCLTE(ESCModelBase):
         out_h, out_w = size
         coord = make_coord(out_h, out_w, device=lr.device, dtype=lr.dtype)
         cell = torch.tensor(self.query_cell((h, w), size), device=lr.device, dtype=lr.dtype).expand_as(coord)
-        encoded = self.encode(lr, maps)
+        encoded = (encode or self.encode)(lr)
         b = lr.shape[0]
         chunks = []
         for start in range(0, coord.shape[0], max_queries):

@@ -55,7 +55,8 @@ from torch import nn
 
 import esc_arch
 from esc_arch import pad_to_multiple
-from esc_runtime.streaming import TiledMaps, count_stages
+import esc_runtime
+from esc_runtime import PreparedModel, TiledMaps, count_stages
 
 from .errors import EngineError, OutOfMemory
 from . import heap, memory
@@ -122,45 +123,33 @@ def resolve_device(device: str | torch.device | None, model: nn.Module | None = 
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """Map ``'auto' | 'fp32' | 'fp16' | 'bf16'`` to a dtype this device can run.
+    """Map ``'auto' | 'fp32' | 'fp16' | 'bf16'`` to a dtype this device can run (:mod:`esc_sr.precision`)."""
+    from .precision import resolve_precision as resolve  # the policy lives in esc_sr/precision.py
 
-    ``'auto'`` is fp16 on CUDA and MPS (what users of such devices expect, and about twice as fast)
-    and fp32 on CPU (CPU half-precision convolutions are slower than fp32 on most processors).
-    """
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16}
-    if precision == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    if precision not in names:
-        raise EngineError(f"unknown precision {precision!r}; use auto, fp32, fp16 or bf16")
-    dtype = names[precision]
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise EngineError("this CUDA device does not support bf16; use --precision fp16 or fp32")
-    if dtype == torch.bfloat16 and device.type == "mps":
-        raise EngineError("bf16 is not supported on MPS; use fp16 or fp32")
-    return dtype
+    return resolve(precision, device)
 
 
 def prepare_model(
     model: nn.Module, device: str | torch.device | None = None, precision: str = "auto"
 ) -> tuple[nn.Module, torch.device, torch.dtype]:
-    """Return ``(model, device, dtype)``: the model on ``device`` in the precision's dtype, fused for inference.
+    """Return ``(model, device, dtype)``: the model prepared for inference on ``device`` in the precision's dtype
+    (:func:`esc_runtime.prepare`: each layer's implementation chosen once).
 
-    A model already on the device and in the dtype is used as it is when it is fused or in eval mode; otherwise a
-    fused copy is prepared (:func:`esc_arch.fuse` bakes the ensembled kernel and attention biases once instead of in
-    every tile), so the caller's model is left as it was. An unfused model recomputes those in each pass, a few ms
-    for ESC x4 on the CPU, while copying and fusing it took 95 ms there (``copy.deepcopy`` of the module tree): for a
-    single untiled image the copy costs more than it saves. Call this once and pass the result to :func:`upscale`
-    for many images (then :func:`upscale` has nothing to copy).
+    A model already on the device, in the dtype and in eval mode is used as it is (nothing is copied or baked: the
+    caller's model is left as it was); otherwise a fused copy is prepared. Call this once and pass the result to
+    :func:`upscale` for many images (then :func:`upscale` has nothing to prepare).
     """
     device = resolve_device(device, model)
     dtype = resolve_precision(precision, device)
+    if isinstance(model, (esc_arch.ESCModelBase, PreparedModel)):
+        if isinstance(model, PreparedModel) and (model.target.device, model.target.dtype) != (device, dtype):
+            model = model.model
+        return esc_runtime.prepare(model, device, dtype), device, dtype
     params = list(model.parameters())
     usable = getattr(model, "is_fused", True) or not model.training
     if params and all(p.device == device and p.dtype == dtype for p in params) and usable:
         return model, device, dtype
-    return esc_arch.fuse(copy.deepcopy(model).to(device=device, dtype=dtype)), device, dtype
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval(), device, dtype
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -218,7 +207,7 @@ class _Runner:
     def _fp32(self) -> nn.Module:
         if self._fp32_model is None:  # from the caller's weights, not a round trip through fp16
             source = self.original if self.original is not None else self.model
-            self._fp32_model = esc_arch.fuse(copy.deepcopy(source).to(device=self.device, dtype=torch.float32))
+            self._fp32_model, _, _ = prepare_model(source, self.device, "fp32")
         return self._fp32_model
 
     def call(self, model: nn.Module, fn: Callable[[], torch.Tensor], core, tile_size) -> torch.Tensor | None:
@@ -310,8 +299,8 @@ def _run_fixed_scale(
 
 
 def _streams(model: nn.Module) -> bool:
-    """Models whose forward pass can be layer-streamed (:mod:`esc_runtime.streaming`): every ESC model."""
-    return isinstance(model, esc_arch.ESCModelBase)
+    """Models whose forward pass can be layer-streamed (:mod:`esc_runtime.streaming`): every prepared ESC model."""
+    return isinstance(model, PreparedModel)
 
 
 def _run_exact(
@@ -525,8 +514,9 @@ def upscale(
     else:
         raise EngineError(f"unsupported image type {type(image).__name__}: use a torch tensor, numpy array or PIL image")
 
-    if precision == "auto" and not getattr(model, "supports_half", True):
-        precision = "fp32"  # e.g. LTE: its query coordinates need more than fp16's 11 bits of mantissa
+    from .precision import for_model
+
+    precision = for_model(precision, model)  # 'auto' is fp32 for a model without half precision (e.g. LTE)
     prepared, run_device, dtype = prepare_model(model, device, precision)
     runner = _Runner(prepared, run_device, dtype, original=model)
     window = window_of(prepared)

@@ -1,4 +1,6 @@
-"""The package boundary: esc_arch is the architecture, importable with torch + safetensors + numpy alone."""
+"""The package boundaries: esc_arch is the architecture, importable with torch + safetensors + numpy alone, and
+plain PyTorch; esc_runtime (the inference runtime) imports it and is never imported by it; imports go
+hosts -> esc_sr -> esc_runtime -> esc_arch."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import sys
 
 # Everything the application and the hosts use that the core must not need.
 _NOT_FOR_THE_CORE = ("PIL", "cv2", "tqdm", "chainner_ext", "spandrel", "basicsr", "torchvision", "onnx",
-                     "onnxruntime", "yaml", "matplotlib", "esc_sr", "comfyui_nodes", "basicsr_plugin")
+                     "onnxruntime", "yaml", "matplotlib", "esc_sr", "esc_runtime", "comfyui_nodes",
+                     "basicsr_plugin")
 
 # The application's packages are made absent as Python sees an uninstalled package: ``sys.modules[name] = None``
 # makes ``import name`` fail and ``importlib.util.find_spec(name)`` answer None (torch's own optional-dependency
@@ -33,12 +36,47 @@ def test_the_core_runs_without_any_application_dependency():
     assert proc.stdout.strip() == "ok []"
 
 
-def test_esc_arch_never_imports_the_application():
+def _importers(package: str, imported: str) -> list[str]:
+    """The modules of ``package`` with an import statement of ``imported``."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(importlib.import_module(package).__file__).parent
+    return [str(p.relative_to(root)) for p in root.rglob("*.py")
+            if any(line.lstrip().startswith((f"import {imported}", f"from {imported}"))
+                   for line in p.read_text(encoding="utf-8").splitlines())]
+
+
+def test_esc_arch_never_imports_the_runtime_or_the_application():
+    assert _importers("esc_arch", "esc_runtime") == []
+    assert _importers("esc_arch", "esc_sr") == []
+
+
+def test_the_runtime_never_imports_the_application():
+    assert _importers("esc_runtime", "esc_sr") == []
+
+
+def test_the_model_code_is_plain_pytorch():
+    """No environment switches, subprocesses, native libraries, private operators or tracing guards in esc_arch:
+    what runs is what the forward methods say, on any device."""
     from pathlib import Path
 
     import esc_arch
 
-    core = Path(esc_arch.__file__).parent
-    offenders = [str(p.relative_to(core)) for p in core.rglob("*.py") if "esc_sr" in p.read_text(encoding="utf-8")
-                 and any(line.lstrip().startswith(("import esc_sr", "from esc_sr")) for line in p.read_text().splitlines())]
-    assert offenders == []
+    forbidden = ("os.environ", "subprocess", "ctypes", "torch.ops", "is_tracing", "is_compiling", "is_in_onnx_export")
+    root = Path(esc_arch.__file__).parent
+    found = [(str(p.relative_to(root)), word) for p in root.rglob("*.py") for word in forbidden
+             if word in p.read_text(encoding="utf-8")]
+    assert found == []
+
+
+def test_the_model_files_fit_their_budget():
+    """The architecture (layers, attention, blocks, heads, models) in at most 1,400 lines."""
+    from pathlib import Path
+
+    import esc_arch
+
+    root = Path(esc_arch.__file__).parent
+    model_files = ("layers", "attention", "blocks", "upsamplers", "base", "esc", "esc_real", "lte")
+    lines = {p.stem: len(p.read_text(encoding="utf-8").splitlines()) for p in root.rglob("*.py")}
+    assert sum(lines[name] for name in model_files) <= 1400

@@ -1,5 +1,6 @@
-"""Layer-streamed tiling (esc_runtime.streaming): every stage runs over all tiles before the next, so tiles need no
-overlap and no statistics pass, and the result is the untiled one up to float rounding, for every variant."""
+"""Layer-streamed tiling (esc_runtime.streaming): a prepared model runs every stage over all tiles before the next,
+so tiles need no overlap and no statistics pass, and the result is the untiled one up to float rounding, for every
+variant."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import esc_arch
+import esc_runtime
 from esc_runtime.streaming import WHOLE, TiledMaps, count_stages
 from esc_sr import engine, memory, upscale
 from golden import checkpoint_path, golden_cases
@@ -27,22 +29,25 @@ def _load(case_id: str) -> torch.nn.Module:
 @pytest.mark.parametrize("case_id", CASES)
 def test_streamed_forward_equals_the_whole_forward(case_id):
     model = _load(case_id)
-    forward = model.encoder if model.arbitrary_scale else model
+    prepared = esc_runtime.prepare(model)
+    forward = prepared.encode if model.arbitrary_scale else prepared
     ws = model.window_size
     # Sides that are not multiples of the window or of the tile: the last tiles hold partial windows.
     x = torch.rand(1, 3, 3 * ws + 4, 2 * ws + 6, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         whole = forward(x)
         streamed = forward(x, TiledMaps(ws, window=ws))
+    if model.arbitrary_scale:  # the coefficient and frequency maps
+        whole, streamed = torch.cat(whole[1:3], 1), torch.cat(streamed[1:3], 1)
     assert streamed.shape == whole.shape
     assert float((streamed - whole).abs().max()) < 2e-5
 
 
-def test_the_default_runner_is_the_plain_forward():
-    model = _load("esc_x4")
+def test_the_default_runner_runs_the_whole_maps():
+    prepared = esc_runtime.prepare(_load("esc_x4"))
     x = torch.rand(1, 3, 40, 40)
     with torch.inference_mode():
-        assert torch.equal(model(x), model(x, WHOLE))
+        assert torch.equal(prepared(x), prepared(x, WHOLE))
 
 
 def test_tiles_cover_the_grid_and_a_partial_last_window_gets_the_window_before_it():
@@ -66,7 +71,8 @@ def test_the_engine_streams_when_the_image_does_not_fit_untiled_but_its_feature_
     assert not engine.fits_untiled(model, torch.device("cpu"), torch.float32, 96, 100)
     calls = []
     streamed = upscale(model, x, tile="auto", progress=lambda done, total: calls.append((done, total)))
-    assert calls[-1] == (count_stages(model), count_stages(model))  # progress counts stages, each over all tiles
+    stages = count_stages(esc_runtime.prepare(model))
+    assert calls[-1] == (stages, stages)  # progress counts stages, each over all tiles
     assert float((streamed - untiled).abs().max()) < 1e-5  # exact: no overlap, no statistics pass
 
 
@@ -88,7 +94,7 @@ def test_stage_count_does_not_depend_on_the_image():
     model = _load("esc_fp_x4")
     blocks, conv_blocks = model.hyperparameters["n_blocks"], model.hyperparameters["conv_blocks"]
     # stem, per block (FFN, attention, conv_blocks x (FFN, partial conv), output conv), head
-    assert count_stages(model) == 1 + blocks * (3 + 2 * conv_blocks) + 1
+    assert count_stages(esc_runtime.prepare(model)) == 1 + blocks * (3 + 2 * conv_blocks) + 1
 
 
 @pytest.mark.parametrize("factor", [2.5, 0.75])
@@ -98,13 +104,15 @@ def test_the_arbitrary_scale_model_streams_its_encoder_and_decodes_every_pixel_o
     untiled = upscale(model, x, outscale=factor, tile=None)
     calls = []
     streamed = upscale(model, x, outscale=factor, tile=32, progress=lambda done, total: calls.append((done, total)))
-    assert calls[-1] == (count_stages(model), count_stages(model))  # streamed, not crop-overlap tiles
+    stages = count_stages(esc_runtime.prepare(model))
+    assert calls[-1] == (stages, stages)  # streamed, not crop-overlap tiles
     assert streamed.shape == untiled.shape == (1, 3, round(50 * factor), round(70 * factor))
     assert float((streamed - untiled).abs().max()) < 1e-5
 
 
 def test_a_stage_may_write_its_output_over_a_map_it_reads_pointwise_or_window_by_window():
     from esc_arch.attention import WindowAttention
+    from esc_runtime.layers import ATTENTION
 
     maps = TiledMaps(16, window=8)
     generator = torch.Generator().manual_seed(0)
@@ -118,7 +126,7 @@ def test_a_stage_may_write_its_output_over_a_map_it_reads_pointwise_or_window_by
         out = maps.local(residual, target, y, radius=2, into=0)
         assert out.data_ptr() == target.data_ptr() and float((out - expected).abs().max()) < 1e-6
 
-        windowed = lambda t: attention(t, add=t)  # noqa: E731 - read window by window at radius 0
+        windowed = lambda t: ATTENTION[-1](attention, t, add=t)  # noqa: E731 - read window by window at radius 0
         expected = windowed(x)
         target = x.clone()
         out = maps.local(windowed, target, radius=0, into=0)

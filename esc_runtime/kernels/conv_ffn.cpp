@@ -2,8 +2,7 @@
 // (+ an optional residual), one image row at a time, so the expanded maps (hidden channels per pixel) never leave
 // the core's cache: each thread keeps the expanded rows above, at and below its current row in a ring of three.
 //
-// Built and loaded with window_attention.cpp by esc_arch/native.py; why and what it was measured against:
-// esc_arch/native.py.
+// Built and loaded with window_attention.cpp (setup.py, esc_runtime/native.py); why: esc_runtime/native.py.
 //
 // Layout. x, add, out: (batch, height, width, channels) floats (channels-last maps); norm_weight / norm_bias:
 // (channels), a LayerNorm applied to each pixel of x first (ESC's ln_proj, and the conv-stage LayerNorms of the
@@ -12,20 +11,14 @@
 // project (hidden, channels); biases (hidden), (hidden), (channels). hidden and channels are multiples of 16; padded
 // hidden channels have zero weights and biases, so they stay 0 and add nothing.
 
-#include <algorithm>
-#include <atomic>
-#include <cstring>
-#include <new>
-#include <vector>
+#include "target.h"
 
-#include <omp.h>
-
+ESC_TARGET_BEGIN
 #include "gemm.h"
 #include "vector.h"
 
+namespace ESC_NS {
 namespace {
-
-using namespace esc;
 
 struct FFN {
     const float *expand, *expand_bias, *depthwise, *depthwise_bias, *project, *project_bias;
@@ -94,10 +87,11 @@ class RowWorker {
 
 }  // namespace
 
+// Plain C ABI (loaded with ctypes); the names carry the variant (target.h).
 extern "C" {
 
 // Returns 0 on success, 1 for channel counts the kernel does not take, 2 when its buffers cannot be allocated.
-int esc_conv_ffn(const float* x, const float* expand, const float* expand_bias, const float* depthwise,
+int ESC_EXPORT(esc_conv_ffn)(const float* x, const float* expand, const float* expand_bias, const float* depthwise,
                  const float* depthwise_bias, const float* project, const float* project_bias, const float* add,
                  float* out, int64_t batch, int64_t height, int64_t width, int channels, int hidden,
                  const float* norm_weight, const float* norm_bias, float eps, int threads) {
@@ -128,3 +122,7 @@ int esc_conv_ffn(const float* x, const float* expand, const float* expand_bias, 
 }
 
 }  // extern "C"
+
+}  // namespace ESC_NS
+
+ESC_TARGET_END

@@ -1,15 +1,12 @@
 // Row-by-row matrix products for the CPU kernels: a row of pixels (channels-last: each pixel's channels consecutive)
 // times a (inputs, outputs) weight matrix, with the bias, then GELU or an added row, in registers; and the per-pixel
 // LayerNorm that precedes some of them.
+// Included inside ESC_TARGET_BEGIN / ESC_TARGET_END (target.h), as vector.h.
 #pragma once
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
 
 #include "vector.h"
 
-namespace esc {
+namespace ESC_NS {
 
 // out[p][o] = act(bias[o] + sum_i in[p][i] w[i][o] (+ add[p][o])) for PIXELS pixels and GROUP vectors of outputs.
 template <int PIXELS, int GROUP, bool GELU>
@@ -84,4 +81,4 @@ inline void layer_norm(const float* src, int64_t pixels, int inputs, const float
     }
 }
 
-}  // namespace esc
+}  // namespace ESC_NS

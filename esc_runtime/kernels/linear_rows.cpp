@@ -1,31 +1,27 @@
 // A 1x1 convolution on rows of pixels (channels-last maps), optionally after a per-pixel LayerNorm and before an
 // added residual, for CPU inference: ESC's attention projections, with the LayerNorm in front of to_qkv fused in so
-// the normalised map is never written. Built and loaded with the other kernels by esc_arch/native.py.
+// the normalised map is never written. Built and loaded with the other kernels (setup.py, esc_runtime/native.py).
 //
 // Layout. x: (rows, inputs) floats; out and add: (rows, outputs); weight: (inputs, outputs) transposed, outputs a
 // multiple of 16; norm_weight / norm_bias: (inputs), or null for no LayerNorm.
 
-#include <algorithm>
-#include <atomic>
-#include <memory>
-#include <new>
+#include "target.h"
 
-#include <omp.h>
-
+ESC_TARGET_BEGIN
 #include "gemm.h"
 
+namespace ESC_NS {
 namespace {
-
-using namespace esc;
 
 constexpr int64_t CHUNK = 96;  // pixels per task: a multiple of the row GEMM's 6-pixel blocks
 
 }  // namespace
 
+// Plain C ABI (loaded with ctypes); the names carry the variant (target.h).
 extern "C" {
 
 // Returns 0 on success, 1 for arguments the kernel does not take, 2 when its buffers cannot be allocated.
-int esc_linear_rows(const float* x, int64_t rows, int inputs, const float* weight, const float* bias, int outputs,
+int ESC_EXPORT(esc_linear_rows)(const float* x, int64_t rows, int inputs, const float* weight, const float* bias, int outputs,
                     const float* norm_weight, const float* norm_bias, float eps, const float* add, float* out,
                     int threads) {
     if (rows < 1 || inputs < 1 || outputs < LANES || outputs % LANES) return 1;
@@ -58,3 +54,7 @@ int esc_linear_rows(const float* x, int64_t rows, int inputs, const float* weigh
 }
 
 }  // extern "C"
+
+}  // namespace ESC_NS
+
+ESC_TARGET_END

@@ -8,8 +8,7 @@
 // 169 vector additions per pixel and a (pixels, 28 x in) x (28 x in, out) product, against 169 x in x out
 // multiply-adds per pixel for the direct correlation (4.4x fewer operations at 16 channels).
 //
-// Built and loaded with the other kernels by esc_arch/native.py; why and what it was measured against:
-// esc_arch/native.py.
+// Built and loaded with the other kernels (setup.py, esc_runtime/native.py); why: esc_runtime/native.py.
 //
 // Layout. x: (batch, height, width) pixels of `channels` consecutive floats, at the strides x_strides[0..2] (the
 // first channels of a channels-last map, or of a tile cut from one); out likewise at out_strides. weights: (orbits * C, C) floats with C = channels rounded
@@ -17,21 +16,14 @@
 // is a (a + 1) / 2 + b with a = max(|dy|, |dx|), b = min(|dy|, |dx|). dynamic: (batch, 9, C), each sample's 3x3
 // depthwise kernel tap by tap (zero for padded channels).
 
-#include <algorithm>
-#include <atomic>
-#include <cstring>
-#include <memory>
-#include <new>
-#include <vector>
+#include "target.h"
 
-#include <omp.h>
-
+ESC_TARGET_BEGIN
 #include "gemm.h"
 #include "vector.h"
 
+namespace ESC_NS {
 namespace {
-
-using namespace esc;
 
 constexpr int PIXEL_BLOCK = 8;  // pixels sharing each loaded weight vector
 
@@ -170,11 +162,12 @@ int for_each_row(Correlation& c, int64_t rows, int threads, size_t scratch_float
 
 }  // namespace
 
+// Plain C ABI (loaded with ctypes); the names carry the variant (target.h).
 extern "C" {
 
 // The correlation alone: returns 0 on success, 1 for arguments the kernel does not take, 2 when its buffers cannot be
 // allocated.
-int esc_symmetric_correlate(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
+int ESC_EXPORT(esc_symmetric_correlate)(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
                             float* out, const int64_t* out_strides, int64_t batch, int64_t height, int64_t width,
                             int channels, int radius, int threads) {
     if (channels < 1 || radius < 1 || batch < 1 || height < 1 || width < 1) return 1;
@@ -194,7 +187,7 @@ int esc_symmetric_correlate(const float* x, const int64_t* x_strides, const floa
 // channels, x's other channels]) + bias (+ add), per row, so the concatenated map is never written. x, add and out:
 // `dim` floats per pixel (channels-last maps or tiles of them; strides are per image and per row). project: (dim,
 // dim) transposed (inputs, outputs); dim a multiple of 16. Returns as esc_symmetric_correlate.
-int esc_partial_conv_attention(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
+int ESC_EXPORT(esc_partial_conv_attention)(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
                                const float* project, const float* project_bias, const float* add,
                                const int64_t* add_strides, float* out, const int64_t* out_strides, int64_t batch,
                                int64_t height, int64_t width, int channels, int dim, int radius, int threads) {
@@ -222,3 +215,7 @@ int esc_partial_conv_attention(const float* x, const int64_t* x_strides, const f
 }
 
 }  // extern "C"
+
+}  // namespace ESC_NS
+
+ESC_TARGET_END

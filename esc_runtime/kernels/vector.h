@@ -1,14 +1,13 @@
-// 16-float vectors for the CPU kernels: one AVX-512 register, or two AVX / four SSE registers elsewhere (GCC/Clang
-// vector extensions), and the transcendental functions the kernels need on them.
+// 16-float vectors for the CPU kernels: one AVX-512 register, or two AVX2 registers (GCC/Clang vector extensions),
+// and the transcendental functions the kernels need on them. Included inside ESC_TARGET_BEGIN / ESC_TARGET_END
+// (target.h): compiled once per variant, in the variant's namespace.
 #pragma once
 
-#include <cstdint>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#ifndef ESC_NS
+#error "include target.h first"
 #endif
 
-namespace esc {
+namespace ESC_NS {
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v16f_unaligned __attribute__((vector_size(64), aligned(4)));
@@ -24,7 +23,7 @@ inline v16f select(v16i mask, v16f a, v16f b) { return mask ? a : b; }
 // 2^y for y < 128 (0 below -149): y = n + f with n an integer and |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error
 // below 1.2e-7, about one ulp), 2^n applied to the exponent.
 inline v16f exp2(v16f y) {
-#if defined(__AVX512F__)
+#if ESC_AVX512
     const v16f n = (v16f)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
     y = y < splat(-126.0f) ? splat(-126.0f) : y;  // keeps 2^n a normal float for the exponent arithmetic below
@@ -39,7 +38,7 @@ inline v16f exp2(v16f y) {
     p = p * f + splat(2.4022650695910071e-1f);
     p = p * f + splat(6.9314718055994531e-1f);
     p = p * f + splat(1.0f);
-#if defined(__AVX512F__)
+#if ESC_AVX512
     return (v16f)_mm512_scalef_ps((__m512)p, (__m512)n);  // p * 2^n, underflowing to 0 below 2^-149
 #else
     const v16i exponent = (__builtin_convertvector(n, v16i) + 127) << 23;
@@ -70,4 +69,4 @@ inline v16f gelu(v16f x) {
     return splat(0.5f) * x * one_plus_erf;
 }
 
-}  // namespace esc
+}  // namespace ESC_NS

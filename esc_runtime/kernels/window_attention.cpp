@@ -1,9 +1,8 @@
 // ESC's window attention for CPU inference: softmax(q k^T / sqrt(16) + bias) v per window and head, read from and
 // written to raster-order channels-last maps, with the relative-position bias read from its (2ws-1)^2 table.
 //
-// Built by esc_arch/native.py with the machine's own instruction set (-march=native) and loaded with ctypes; plain
-// C ABI, no torch headers (a build takes about a second). Why it exists, and what it was measured against:
-// esc_arch/native.py.
+// Built by setup.py when the package is built, once per instruction-set variant (target.h), and loaded with ctypes
+// by esc_runtime/native.py; plain C ABI, no torch headers. Why it exists: esc_runtime/native.py.
 //
 // Layout. qkv: (b, hp, wp, 3, heads, 16) floats, the to_qkv projection of every pixel in raster order (its channels
 // are (q|k|v, head, c), as the 1x1 convolution orders them). out: (b, hp, wp, heads, 16), what to_out reads. A window
@@ -20,19 +19,13 @@
 // the thread's buffers, then queries go in blocks of QUERY_BLOCK, which share each loaded key and value vector.
 // Tasks are shared out dynamically among `threads` OpenMP threads.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <new>
-#include <vector>
+#include "target.h"
 
+ESC_TARGET_BEGIN
 #include "vector.h"
 
+namespace ESC_NS {
 namespace {
-
-using namespace esc;
 
 constexpr int HEAD_DIM = 16;
 constexpr int QUERY_BLOCK = 8;  // x 2 key vectors: 16 accumulators (of 32 AVX-512 registers)
@@ -156,19 +149,11 @@ void attend(const float* qkv, const float* table, float* out, const Geometry& g,
 
 }  // namespace
 
+// Plain C ABI (loaded with ctypes); the names carry the variant (target.h).
 extern "C" {
 
-// What the build targets: 512 where the kernel runs on AVX-512 registers (where it was measured), else 0.
-int esc_window_attention_vector_bits() {
-#if defined(__AVX512F__)
-    return 512;
-#else
-    return 0;
-#endif
-}
-
 // Returns 0 on success, 1 for a geometry the kernel does not take, 2 when its buffers cannot be allocated.
-int esc_window_attention(const float* qkv, const float* table, float* out, int64_t batch, int64_t height,
+int ESC_EXPORT(esc_window_attention)(const float* qkv, const float* table, float* out, int64_t batch, int64_t height,
                          int64_t width, int heads, int window, int threads) {
     if (window < LANES || window % LANES || height % window || width % window || heads < 1 || batch < 1)
         return 1;
@@ -197,3 +182,7 @@ int esc_window_attention(const float* qkv, const float* table, float* out, int64
 }
 
 }  // extern "C"
+
+}  // namespace ESC_NS
+
+ESC_TARGET_END
