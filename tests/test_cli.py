@@ -6,6 +6,7 @@ Exit statuses: 0 all written (or skipped because the output exists), 1 some imag
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 
 import json
@@ -288,12 +289,18 @@ def test_every_command_has_help(capsys):
     assert done.value.code == 2 and "--no-such-option" in capsys.readouterr().err
 
 
-def test_copied_constants_agree_with_the_library():
-    from esc_sr import engine, onnx_export
+def test_the_options_offer_what_the_library_has():
+    """The choices and defaults come from esc_sr.facts (checked against their owners in tests/test_facts.py)."""
+    from esc_sr import engine, facts
 
-    assert cli._DEFAULT_OVERLAP == engine.DEFAULT_OVERLAP
-    assert cli._ONNX_OPSET == onnx_export.OPSET
-    assert tuple(cli._ATTENTION_BACKENDS) == tuple(esc_arch.ATTENTION_BACKENDS)
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("upscale", "info"):
+        options = {action.dest: action for action in commands[name]._actions}
+        assert tuple(options["attention"].choices) == tuple(esc_arch.ATTENTION_BACKENDS), name
+        assert tuple(options["precision"].choices) == facts.PRECISIONS, name
+    options = {action.dest: action for action in commands["upscale"]._actions}
+    assert tuple(options["alpha"].choices) == facts.ALPHA_MODES
+    assert options["overlap"].default == engine.DEFAULT_OVERLAP
 
 
 def test_library_modules_do_not_import_the_cli():
@@ -312,7 +319,7 @@ def test_an_internal_error_is_one_line_asking_for_a_report(model_file, monkeypat
     def broken(*args, **kwargs):
         raise TypeError("unexpected keyword argument 'x'")
 
-    monkeypatch.setattr(cli, "describe_model", broken)
+    monkeypatch.setattr(cli.info, "describe_model", broken)  # the info subcommand's module (esc_sr/cli/info.py)
     code, out, err = run(["info", model_file], capsys)
     assert code == 1 and out == ""
     lines = err.strip().splitlines()
