@@ -17,26 +17,28 @@ import torch
 
 import esc_arch
 import esc_sr
-from esc_sr import engine
+from esc_sr.alpha import fit_alpha, join_alpha, split_alpha
+from esc_sr import engine, facts, precision as precision_policy
 
 from . import comfy_bridge as bridge
 from .model_handle import PRECISION_ATTRIBUTE, esc_network, precision_preference
 from .spandrel_bridge import describe
 
 CATEGORY = "image/upscaling"
-PRECISIONS = ["auto", "fp32", "fp16", "bf16"]
-ATTENTION_BACKENDS = ["auto", "sdpa", "flex", "naive"]
-ALPHA_MODES = ["model", "resize"]
+# ComfyUI's combo inputs are lists; the choices are esc_sr's (esc_sr/facts.py).
+PRECISIONS = list(facts.PRECISIONS)
+ATTENTION_BACKENDS = ["auto", *facts.ATTENTION_BACKENDS]  # auto: the model's own
+ALPHA_MODES = list(facts.ALPHA_MODES)
 MAX_TILE = 4096
 MAX_FACTOR = 16.0
 
 _TILE_INPUT = ("INT", {"default": 0, "min": 0, "max": MAX_TILE, "step": 8,
                        "tooltip": "Tile side in input pixels; 0 = automatic (the largest tile that fits in free memory)."})
-_OVERLAP_INPUT = ("INT", {"default": engine.DEFAULT_OVERLAP, "min": 0, "max": 256, "step": 8,
+_OVERLAP_INPUT = ("INT", {"default": facts.DEFAULT_OVERLAP, "min": 0, "max": 256, "step": 8,
                           "tooltip": "Input pixels of context around each tile; the default gives seamless results."})
-_PRECISION_INPUT = (PRECISIONS, {"default": "auto",
+_PRECISION_INPUT = (PRECISIONS, {"default": facts.DEFAULT_PRECISION,
                                  "tooltip": "auto = the loader's choice, else what ComfyUI considers safe on this device."})
-_ALPHA_INPUT = (ALPHA_MODES, {"default": "model",
+_ALPHA_INPUT = (ALPHA_MODES, {"default": facts.DEFAULT_ALPHA,
                               "tooltip": "How alpha is upscaled: through the model as a gray image, or with a Lanczos resize."})
 _MASK_INPUT = ("MASK", {"tooltip": "Alpha for an RGB image, as ComfyUI masks it (1 = transparent), e.g. LoadImage's mask."})
 
@@ -45,20 +47,13 @@ _MASK_INPUT = ("MASK", {"tooltip": "Alpha for an RGB image, as ComfyUI masks it 
 
 
 def _resolve_precision(choice: str, upscale_model: Any, device: torch.device) -> str:
-    """The engine precision for this run: explicit > the loader's preference > the model's own rule
-    (``supports_half``: ESC-LTE must run in fp32) > ComfyUI's advice."""
+    """The engine precision for this run: explicit > the loader's preference > esc_sr's rule for "auto"
+    (:func:`esc_sr.precision.choose`: the model's ``supports_half``, then the device), with ComfyUI's advice on
+    which half precision this GPU runs well (it honours --force-fp32 / --fp16-* flags)."""
     if choice == "auto":
         choice = precision_preference(upscale_model)
-    if choice != "auto":
-        return choice
-    if device.type == "cpu" or not esc_network(upscale_model).supports_half:
-        return "fp32"
-    # ComfyUI knows which GPUs run half precision badly and honours --force-fp32 / --fp16-* flags.
-    if bridge.supports_dtype(device, torch.float16):
-        return "fp16"
-    if bridge.supports_dtype(device, torch.bfloat16):
-        return "bf16"
-    return "fp32"
+    return precision_policy.choose(choice, device, esc_network(upscale_model),
+                                   runs=lambda dtype: bridge.supports_dtype(device, dtype))
 
 
 def _memory_estimate(network: torch.nn.Module, image: torch.Tensor, tile: int, scale: float) -> float:
@@ -74,20 +69,16 @@ def _memory_estimate(network: torch.nn.Module, image: torch.Tensor, tile: int, s
 
 
 def _alpha_from_inputs(image: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Split an IMAGE into RGB and alpha (``[B,1,H,W]``), taking alpha from the image or a MASK."""
+    """Split an IMAGE into RGB and alpha (``[B,1,H,W]``), taking alpha from the image or a MASK (fitted to the
+    image by :func:`esc_sr.alpha.fit_alpha`)."""
     rgb = image[..., :3].movedim(-1, 1)
     if image.shape[-1] == 4:
         return rgb, image[..., 3:4].movedim(-1, 1)
     if mask is None or not bool(mask.any()):
         # No mask, or LoadImage's all-zero placeholder for an image without alpha: fully opaque.
         return rgb, None
-    alpha = 1.0 - (mask if mask.ndim == 3 else mask.unsqueeze(0)).to(rgb).unsqueeze(1)
-    if alpha.shape[-2:] != rgb.shape[-2:]:
-        alpha = torch.nn.functional.interpolate(alpha, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
-        alpha = alpha.clamp(0.0, 1.0)
-    if alpha.shape[0] != rgb.shape[0]:
-        alpha = alpha[:1].expand(rgb.shape[0], -1, -1, -1) if alpha.shape[0] == 1 else alpha[: rgb.shape[0]]
-    return rgb, alpha
+    alpha = 1.0 - (mask if mask.ndim == 3 else mask.unsqueeze(0)).to(rgb).unsqueeze(1)  # a MASK is 1 - alpha
+    return rgb, fit_alpha(alpha, rgb)
 
 
 class _ComfyProgress:
@@ -114,9 +105,9 @@ def upscale_image(upscale_model: Any, image: torch.Tensor, *, outscale: float | 
     device = bridge.torch_device()
     run_precision = _resolve_precision(precision, upscale_model, device)
     rgb, alpha = _alpha_from_inputs(image, mask)
-    planes = rgb if alpha is None else torch.cat([rgb, alpha], 1)
+    planes = join_alpha(rgb, alpha)
     scale = outscale if outscale else float(getattr(network, "scale", 1))
-    tile: int | str = tile_size if tile_size > 0 else "auto"
+    tile: int | str = tile_size if tile_size > 0 else facts.DEFAULT_TILE
 
     bridge.check_interrupted()
     bridge.free_memory_for(_memory_estimate(network, image, tile_size, scale), device)
@@ -144,12 +135,12 @@ def upscale_image(upscale_model: Any, image: torch.Tensor, *, outscale: float | 
     finally:
         bridge.empty_cache()
 
-    out = out.clamp(0.0, 1.0)
-    color = out[:, :3].movedim(1, -1)
-    if alpha is None:
+    color_planes, alpha_plane = split_alpha(out.clamp(0.0, 1.0))
+    color = color_planes.movedim(1, -1)
+    if alpha_plane is None:
         mask_out = torch.zeros(color.shape[:3], dtype=color.dtype, device=color.device)
         return color, mask_out
-    alpha_out = out[:, 3:4].movedim(1, -1)
+    alpha_out = alpha_plane.movedim(1, -1)
     mask_out = 1.0 - alpha_out[..., 0]
     image_out = torch.cat([color, alpha_out], -1) if image.shape[-1] == 4 else color
     return image_out, mask_out
@@ -224,8 +215,9 @@ class UpscaleImageESC:
             "optional": {"mask": _MASK_INPUT},
         }
 
-    def upscale(self, upscale_model: Any, image: torch.Tensor, tile_size: int = 0, overlap: int = engine.DEFAULT_OVERLAP,
-                precision: str = "auto", output_scale: float = 0.0, alpha_upscale: str = "model",
+    def upscale(self, upscale_model: Any, image: torch.Tensor, tile_size: int = 0, overlap: int = facts.DEFAULT_OVERLAP,
+                precision: str = facts.DEFAULT_PRECISION, output_scale: float = 0.0,
+                alpha_upscale: str = facts.DEFAULT_ALPHA,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         network = esc_network(upscale_model)
         if network.arbitrary_scale and not output_scale:
@@ -261,7 +253,8 @@ class UpscaleImageByFactorESC:
         }
 
     def upscale(self, upscale_model: Any, image: torch.Tensor, factor: float = 2.0, tile_size: int = 0,
-                overlap: int = engine.DEFAULT_OVERLAP, precision: str = "auto", alpha_upscale: str = "model",
+                overlap: int = facts.DEFAULT_OVERLAP, precision: str = facts.DEFAULT_PRECISION,
+                alpha_upscale: str = facts.DEFAULT_ALPHA,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         network = esc_network(upscale_model)
         if not network.arbitrary_scale:
