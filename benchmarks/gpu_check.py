@@ -66,6 +66,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from esc_sr.facts import ATTENTION_BACKENDS
+
 from .common import MIB, REPO_ROOT, RESULTS_DIR, log, machine_info, machine_slug, time_callable, time_once
 from .common import write_json_atomic, write_text_atomic
 
@@ -412,7 +414,7 @@ def section_attention_kernels(ctx: Ctx) -> dict[str, Any]:
     for preset in ctx.plan.kernel_presets:
         with torch.device("meta"):  # only the attention hyperparameters are needed
             meta = esc_arch.PRESETS[preset](4)
-        for backend in ("sdpa", "flex", "naive"):
+        for backend in ATTENTION_BACKENDS:
             esc_arch.set_attention_backend(meta, backend)
             for dtype in ctx.plan.dtypes:
                 for training in (False, True):
@@ -425,7 +427,7 @@ def section_attention_kernels(ctx: Ctx) -> dict[str, Any]:
 
     preset, size = ctx.plan.kernel_model
     rows, checks = [], []
-    for backend in ("sdpa", "flex", "naive"):
+    for backend in ATTENTION_BACKENDS:
         for dtype in ctx.plan.kernel_model_dtypes + ("fp32 training",):
             training = dtype == "fp32 training"
             row: dict[str, Any] = {"preset": preset, "backend": backend, "dtype": dtype, "lr": f"{size[0]}x{size[1]}"}

@@ -17,8 +17,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from esc_sr.facts import ATTENTION_BACKENDS as ESC_BACKENDS
+
 SCALE = 4
-ESC_BACKENDS = ("sdpa", "flex", "naive")
 
 
 @dataclass(frozen=True)
