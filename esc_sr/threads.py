@@ -1,59 +1,23 @@
 """CPU threads for the model: how many torch uses, chosen per call from the machine's state, and how they wait.
 
-Why. An ESC forward pass on a CPU is some 700 operators (convolutions, the window attention, GELU, adds, layout
-copies; at 180×320 a few milliseconds each), every one ending at an OpenMP barrier. When another process holds
-one of the cores, the team thread that shares that core runs at a fraction of its speed and every operator waits
-for it, while the team's other threads *spin* at the barrier (GNU OpenMP's default) and keep their core busy
-doing nothing, so the scheduler cannot move the other process onto it. Linux's autogroup scheduling (on by default
-on desktops and on the development VM) gives each session an equal share of the CPU whatever its nice value, so
-even a ``nice 10`` training run takes a core's worth from us.
-
-Measured on the 2-core AMD EPYC development VM (torch 2.13 CPU wheel, GNU OpenMP; ESC ×4, 180×320 input, the
-golden weights, fused; one long-lived process per setting, calls interleaved; wall / CPU seconds per forward,
-medians of 3 rounds, idle: the 2 rounds in which nothing else ran):
-
-===================================  ==================  ==================  =================
-other work on the machine            2 threads, spin     2 threads, PASSIVE  1 thread
-===================================  ==================  ==================  =================
-none (the training job stopped)      4.4-5.3 / 8.5-9.1   4.3-4.4 / 7.6-7.8   7.3-7.5 / 7.2-7.4
-a 1-thread training job (nice 10)    11.6 / 11.6         6.9 / 6.9           7.5 / 7.2
-that, and a 2-thread matmul job      18.4 / 12.0         11.6 / 7.5          11.7 / 7.6
-===================================  ==================  ==================  =================
-
-So spinning costs 1.6× as soon as anything else runs (the issue's "2.5× slower under load"); passive waiting
-costs nothing measurable on an idle machine (4.27 and 4.39 s against 5.26 and 4.41 s; a futex wake-up takes
-microseconds, the operators milliseconds); and a thread count that leaves the busy cores to the others is as
-fast as passive waiting with every core (7 % and 1 % slower), whatever the wait policy, in fewer CPU-seconds,
-which leaves the other jobs more. The profiler (2 threads under load, spin against PASSIVE) puts the spinning
-cost in the short operators: copies 2.4×, element-wise 1.7×, convolutions 1.4×, while the ten long attention
-calls are not slower. With autogroup, more threads do not buy a larger share of the CPU either: the session
-gets one share, split over its threads.
+Why. Each of the ~700 operators of an ESC forward pass on a CPU ends at an OpenMP barrier. When another process
+holds a core, the team thread on it lags and every operator waits for it, while the other threads *spin* (GNU
+OpenMP's default) and keep their cores busy doing nothing: 1.6× slower as soon as anything else runs. Waiting
+passively costs nothing measurable on an idle machine, and leaving the busy cores to the others is as fast, in fewer
+CPU-seconds. Measurements: benchmarks/README.md, "CPU threads".
 
 The policy, for a model call on the CPU (:func:`scoped`, applied by :func:`esc_sr.upscale` to each image plane):
 
-* **Threads** = the CPUs this process may use (:func:`usable_cpus`: its affinity mask, a cgroup CPU quota) minus
-  the threads of *other* processes that are runnable now (:func:`runnable_others`: the kernel's runnable count in
-  ``/proc/loadavg``, minus this process's own running threads, the median of 5 samples 2 ms apart, about
-  10 ms), at least 1 and at most torch's default (the physical cores). Counted again for every call (reused for
-  at most :data:`REUSE_S` seconds, for many small images), so a batch follows the machine as other jobs start
-  and stop; torch's own setting is restored when the call returns. It is the rule that does not depend on the
-  wait policy: a library user whose OpenMP spins (torch loaded before esc_sr could choose) gets the 1.6×.
-* **The user's setting wins**, and the policy then leaves torch's thread count alone: ``--threads N`` and the
-  torchrun share of :mod:`esc_sr.sharding` (both through :func:`set_threads`); ``OMP_NUM_THREADS`` or
-  ``MKL_NUM_THREADS`` in the environment; and a ``torch.set_num_threads(n)`` call, seen as a thread count other
-  than torch's default (:func:`torch_default_threads`). A call of ``torch.set_num_threads`` with exactly the
-  default value cannot be told from the default: call :func:`set_threads` to pin any value.
-* **Waiting** (:func:`configure_environment`, called by ``esc-sr`` first thing, before torch is imported):
-  ``OMP_WAIT_POLICY=PASSIVE`` where the process may use more than one CPU, unless the user set
-  ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``. Not chosen from the load at start: a batch outlives it, passive
-  waiting costs nothing idle, and the thread count, which is chosen per call, covers the rest. With one usable
-  CPU there is no team and nothing to set.
-
-Library users: :func:`esc_sr.upscale` applies the thread policy by itself. The wait policy can only be chosen
-before torch is imported (the OpenMP runtime reads it once, when torch loads it): call
-``esc_sr.threads.configure_environment()`` first thing in a program, or set ``OMP_WAIT_POLICY=PASSIVE`` in the
-environment. ``set_threads(n)`` pins a count for every call, ``set_threads(None)`` returns to the policy.
-``python -m benchmarks.official_cpu`` measures all of it against the official implementation.
+* **Threads** = the CPUs this process may use (:func:`usable_cpus`) minus the threads of other processes runnable
+  now (:func:`runnable_others`), at least 1 and at most torch's default; counted again for every call (reused for
+  :data:`REUSE_S`), torch's own setting restored when the call returns.
+* **The user's setting wins** and is left alone: ``--threads N`` and the torchrun share (:func:`set_threads`),
+  ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, or a ``torch.set_num_threads`` call (seen as a count other than
+  :func:`torch_default_threads`).
+* **Waiting** (:func:`configure_environment`, called by ``esc-sr`` before torch is imported):
+  ``OMP_WAIT_POLICY=PASSIVE`` where more than one CPU is usable, unless the user set ``OMP_WAIT_POLICY`` or
+  ``GOMP_SPINCOUNT``. OpenMP reads it once, when torch loads it: library users call ``configure_environment()``
+  first thing in a program, or set the variable.
 
 Importing this module loads no torch (``esc-sr --help`` must stay fast); torch is imported where it is used.
 """
