@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -56,21 +54,19 @@ from torch import nn
 import esc_arch
 from esc_arch import pad_to_multiple
 import esc_runtime
-from esc_runtime import PreparedModel, TiledMaps, count_stages
+from esc_runtime import PreparedModel, TiledMaps
 
 from .errors import EngineError, OutOfMemory
-from . import heap, memory
+from . import heap
 from . import threads as cpu_threads
 from .memory import (
-    AUTO_MAX_TILE_ACCELERATOR, AUTO_MAX_TILE_CPU, AUTO_MEMORY_FRACTION, MemorySpec, available_memory,
-    bytes_per_input_pixel, check_memory, estimate_memory, fits_untiled, format_bytes, is_out_of_memory,
-    release_memory, streamed_map_bytes, window_of,
+    MemorySpec, available_memory, check_memory, estimate_memory, fits_untiled, format_bytes, is_out_of_memory,
+    window_of,
 )
 from .planes import from_numpy, from_pil, from_tensor, geometry, is_pil
-from .tiling import (
-    DEFAULT_OVERLAP, GlobalPooling, ProgressSpec, TileProgress, TileSpec, auto_tile_size, context_pixels, initial_core,
-    run_tiles, tile_grid,
-)
+from . import ladder
+from .runner import MAX_QUERIES, Runner
+from .tiling import DEFAULT_OVERLAP, ProgressSpec, TileProgress, TileSpec, auto_tile_size, context_pixels
 
 __all__ = [
     "DEFAULT_OVERLAP",
@@ -91,9 +87,6 @@ __all__ = [
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 
-# Output pixels an arbitrary-scale (LTE) decode query holds at once: its intermediates are ~a dozen (queries x 256)
-# tensors, about 200 MB at this size in fp32.
-MAX_QUERIES = 16384
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -155,89 +148,6 @@ def prepare_model(
 # ------------------------------------------------------------------------------------------ running
 
 
-@dataclass
-class _Runner:
-    """Runs the model on one LR tile; guards half precision against overflow; applies global pools."""
-
-    model: nn.Module
-    device: torch.device
-    dtype: torch.dtype
-    pooling: GlobalPooling | None = None
-    original: nn.Module | None = field(default=None, repr=False)  # the caller's model (fp32 source)
-    _fp32_model: nn.Module | None = field(default=None, repr=False)
-    _warned_overflow: bool = False
-
-    def __post_init__(self) -> None:
-        if self.pooling is None:
-            self.pooling = GlobalPooling(self.model)
-
-    def __call__(self, tile: torch.Tensor, core: tuple[int, int, int, int] | None = None) -> torch.Tensor | None:
-        """Model output for ``tile`` (on the device); ``core``: the box of the tile that will be kept.
-
-        In the statistics pass of :class:`GlobalPooling` this returns None (no output needed).
-        """
-        core = core or (0, tile.shape[-2], 0, tile.shape[-1])
-        out = self._forward(self.model, tile, self.dtype, core)
-        if out is not None and self._overflowed(out):
-            out = self._forward(self._fp32(), tile, torch.float32, core)
-        return out
-
-    def stream(self, image: torch.Tensor, maps: TiledMaps, *, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """The model's output for the whole ``image``, layer-streamed over ``maps``' tiles (on the device); an
-        arbitrary-scale model renders ``size`` (its queries decoded in chunks)."""
-
-        def run(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-            x = image.to(device=self.device, dtype=dtype)
-            if getattr(model, "arbitrary_scale", False):
-                return model.upscale_by(x, size=size, maps=maps, max_queries=MAX_QUERIES)
-            return model(x, maps)
-
-        out = self._guarded(self.model, lambda: run(self.model, self.dtype))
-        return run(self._fp32(), torch.float32) if self._overflowed(out) else out
-
-    def _overflowed(self, out: torch.Tensor) -> bool:
-        """fp16 can overflow inside the network on unusual content: then the work is redone in fp32."""
-        if self.dtype == torch.float32 or bool(torch.isfinite(out).all()):
-            return False
-        if not self._warned_overflow:
-            warnings.warn("half-precision overflow; recomputing it in fp32", RuntimeWarning, stacklevel=4)
-            self._warned_overflow = True
-        return True
-
-    def _fp32(self) -> nn.Module:
-        if self._fp32_model is None:  # from the caller's weights, not a round trip through fp16
-            source = self.original if self.original is not None else self.model
-            self._fp32_model, _, _ = prepare_model(source, self.device, "fp32")
-        return self._fp32_model
-
-    def call(self, model: nn.Module, fn: Callable[[], torch.Tensor], core, tile_size) -> torch.Tensor | None:
-        """Run ``fn()`` (which calls ``model``) with the global-pool hooks for one tile."""
-        result = None
-        with self.pooling.hooks(model, core, tile_size):
-            result = fn()
-        return result if self.pooling.mode != "collect" else None
-
-    def _forward(self, model: nn.Module, tile: torch.Tensor, dtype: torch.dtype, core) -> torch.Tensor | None:
-        size = tuple(tile.shape[-2:])
-        out = self._guarded(model, lambda: self.call(model, lambda: model(tile.to(device=self.device, dtype=dtype)), core, size))
-        return out  # on the device: the caller copies only the core it keeps to the host
-
-    def _guarded(self, model: nn.Module, fn: Callable[[], Any]) -> Any:
-        """``fn()``, with torch's "not implemented for 'Half'" turned into a one-line EngineError."""
-        try:
-            return fn()
-        except RuntimeError as exc:
-            text = str(exc)
-            dtype = next(model.parameters()).dtype
-            if dtype != torch.float32 and ("not implemented for" in text and ("Half" in text or "BFloat16" in text)):
-                name = "fp16" if dtype == torch.float16 else "bf16"
-                raise EngineError(
-                    f"{name} is not supported on {self.device.type} for this model ({text.splitlines()[0]}); "
-                    "use precision fp32"
-                ) from exc
-            raise
-
-
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -249,7 +159,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _run_fixed_scale(
-    runner: _Runner, lr: torch.Tensor, *, scale: int, window: int, tile: TileSpec, overlap: int,
+    runner: Runner, lr: torch.Tensor, *, scale: int, window: int, tile: TileSpec, overlap: int,
     progress: TileProgress,
 ) -> torch.Tensor:
     """Upscale one ``(1, 3, h, w)`` float32 CPU image with a fixed-scale model; returns ``(1, 3, h*s, w*s)``.
@@ -282,77 +192,17 @@ def _run_fixed_scale(
                 ..., (y0 - iy0) * scale : (oy1 - iy0) * scale, (x0 - ix0) * scale : (ox1 - ix0) * scale
             ]
 
-    if tile is not None and _streams(runner.model):
+    def stream(maps: TiledMaps) -> None:
+        out.copy_(runner.stream(padded, maps)[..., : h * scale, : w * scale])
 
-        def stream(maps: TiledMaps) -> None:
-            out.copy_(runner.stream(padded, maps)[..., : h * scale, : w * scale])
-
-        tile = _run_exact(runner, tile, height=ph, width=pw, window=window, overlap=overlap, progress=progress,
-                          process=process, stream=stream)
-        if tile is None:
-            return out
-    run_tiles(runner, height=ph, width=pw, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
+    ladder.run(runner, tile, height=ph, width=pw, window=window, overlap=overlap, progress=progress, process=process,
+               stream=stream if _streams(runner.model) else None)
     return out
-
-
-# ------------------------------------------------------------------------------------ layer streaming
 
 
 def _streams(model: nn.Module) -> bool:
     """Models whose forward pass can be layer-streamed (:mod:`esc_runtime.streaming`): every prepared ESC model."""
     return isinstance(model, PreparedModel)
-
-
-def _run_exact(
-    runner: _Runner, tile: TileSpec, *, height: int, width: int, window: int, overlap: int, progress: TileProgress,
-    process: Callable[[tuple[int, int, int, int]], None], stream: Callable[[TiledMaps], None], outscale: float | None = None,
-) -> int | None:
-    """Run an image exactly: untiled when one tile covers it (``process`` of the whole image), else layer-streamed
-    (``stream``) when the whole maps fit. Returns None when done, else the tile size for crop-overlap tiles (the
-    maps do not fit, or ran out of memory)."""
-    core = initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
-    if len(tile_grid(height, width, core)) == 1:
-        try:
-            run_tiles(runner, height=height, width=width, window=window, tile=None, overlap=overlap, progress=progress,
-                      process=process)
-            return None
-        except OutOfMemory:
-            core = tile = max(window, core // 2 // window * window)
-            warnings.warn(f"out of memory untiled; retrying with {core}px tiles", RuntimeWarning, stacklevel=3)
-    stream_tile = _stream_tile(runner, tile, core, height, width, outscale)
-    if stream_tile is not None:
-        try:
-            progress.start(count_stages(runner.model))
-            stream(TiledMaps(stream_tile, window=window, on_stage=progress.advance))
-            return None
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-        release_memory(runner.device)
-        warnings.warn("out of memory streaming the feature maps; retrying with overlapping tiles", RuntimeWarning,
-                      stacklevel=3)
-    return core
-
-
-def _stream_tile(
-    runner: _Runner, tile: TileSpec, core: int, height: int, width: int, outscale: float | None = None
-) -> int | None:
-    """The tile to stream with, or None when the whole maps plus one such tile do not fit (in half the free memory).
-
-    ``tile='auto'``: the largest tile that fits beside the maps (fewest tiles), up to the auto-tiling caps."""
-    model, device, dtype = runner.model, runner.device, runner.dtype
-    window = window_of(model)
-    maps = streamed_map_bytes(model, dtype, height, width, outscale=outscale)
-    budget = memory.free_memory_bytes(device) * AUTO_MEMORY_FRACTION - maps
-    # A stage's tile carries at most its radius of context (8 px: the real-world heads); 16 covers it.
-    per_side = lambda side: (side + 16) ** 2 * bytes_per_input_pixel(model, dtype)  # noqa: E731
-    if tile == "auto":
-        cap = AUTO_MAX_TILE_CPU if device.type == "cpu" else AUTO_MAX_TILE_ACCELERATOR
-        side = min(cap, int(math.sqrt(max(budget, 0) / bytes_per_input_pixel(model, dtype))) - 16)
-        core = side // window * window
-    if core < window or per_side(core) > budget:
-        return None
-    return core
 
 
 # ------------------------------------------------------------------------------------ arbitrary scale
@@ -368,7 +218,7 @@ def _output_centres(out_size: int, in_size: int) -> np.ndarray:
 
 
 def _run_arbitrary_scale(
-    runner: _Runner, lr: torch.Tensor, *, factor: float, window: int, tile: TileSpec, overlap: int,
+    runner: Runner, lr: torch.Tensor, *, factor: float, window: int, tile: TileSpec, overlap: int,
     progress: TileProgress, max_queries: int = MAX_QUERIES,
 ) -> torch.Tensor:
     """ESCLTE: the factor goes to the model.
@@ -419,16 +269,11 @@ def _run_arbitrary_scale(
         rows, cols = ry[1] - ry[0], rx[1] - rx[0]
         out[..., ry[0] : ry[1], rx[0] : rx[1]] = rgb.transpose(1, 2).reshape(1, 3, rows, cols)  # one host copy
 
-    if tile is not None and _streams(model):
+    def stream(maps: TiledMaps) -> None:
+        out.copy_(runner.stream(lr, maps, size=(out_h, out_w)))
 
-        def stream(maps: TiledMaps) -> None:
-            out.copy_(runner.stream(lr, maps, size=(out_h, out_w)))
-
-        tile = _run_exact(runner, tile, height=h, width=w, window=window, overlap=overlap, progress=progress,
-                          process=process, stream=stream, outscale=factor)
-        if tile is None:
-            return out
-    run_tiles(runner, height=h, width=w, window=window, tile=tile, overlap=overlap, progress=progress, process=process)
+    ladder.run(runner, tile, height=h, width=w, window=window, overlap=overlap, progress=progress, process=process,
+               stream=stream if _streams(model) else None, outscale=factor)
     return out
 
 
@@ -518,7 +363,7 @@ def upscale(
 
     precision = for_model(precision, model)  # 'auto' is fp32 for a model without half precision (e.g. LTE)
     prepared, run_device, dtype = prepare_model(model, device, precision)
-    runner = _Runner(prepared, run_device, dtype, original=model)
+    runner = Runner(prepared, run_device, dtype, fp32=lambda: prepare_model(model, run_device, "fp32")[0])
     window = window_of(prepared)
     bar = TileProgress(progress)
 

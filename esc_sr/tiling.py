@@ -1,29 +1,24 @@
 """Crop-overlap tiling, the fallback when not even an image's whole feature maps fit: each tile is run with real
 image context around its core and only the core is kept; a first pass gathers the whole image's global pools.
 
-(The default tiling is layer-streamed, in :mod:`esc_sr.engine` with :mod:`esc_runtime.streaming`; this module also
-serves the arbitrary-scale LTE model and models that are not ESC.)
+Which of untiled, layer-streamed and crop-overlap runs an image is :mod:`esc_sr.ladder`'s decision; this module
+holds the crop-overlap tiles' geometry, their global-pool statistics and the progress over tiles.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator, Literal, Union
+from typing import Callable, Iterator, Literal, Union
 
 import torch
 from torch import nn
 
 from . import memory
-from .errors import EngineError, OutOfMemory
 from .memory import (
     AUTO_CPU_BUDGET_CAP, AUTO_MAX_TILE_ACCELERATOR, AUTO_MAX_TILE_CPU, AUTO_MEMORY_FRACTION, bytes_per_input_pixel,
-    fits_untiled, is_out_of_memory, release_memory, window_of,
+    window_of,
 )
-
-if TYPE_CHECKING:
-    from .engine import _Runner
 
 TileSpec = Union[Literal["auto"], int, None]
 
@@ -214,104 +209,3 @@ def tile_grid(height: int, width: int, core: int) -> list[tuple[int, int, int, i
         for y in range(0, height, core)
         for x in range(0, width, core)
     ]
-
-
-def _covered(core: tuple[int, int, int, int], done: list[tuple[int, int, int, int]]) -> bool:
-    y0, y1, x0, x1 = core
-    return any(a <= y0 and y1 <= b and c <= x0 and x1 <= d for a, b, c, d in done)
-
-
-def initial_core(runner: _Runner, tile: TileSpec, *, window: int, overlap: int, height: int, width: int) -> int:
-    if tile == "auto" and fits_untiled(runner.model, runner.device, runner.dtype, height, width):
-        core = max(height, width)
-    elif tile == "auto":
-        core = auto_tile_size(runner.model, runner.device, runner.dtype, overlap=overlap)
-    elif tile is None:
-        core = max(height, width)
-    else:
-        if int(tile) <= 0:
-            raise EngineError("tile must be a positive size, 'auto', or None to disable tiling")
-        core = max(window, int(tile) // window * window)
-    # A tile covering the whole image is the untiled run.
-    return min(core, -(-max(height, width) // window) * window)
-
-
-def _tile_loop(
-    runner: _Runner,
-    *,
-    height: int,
-    width: int,
-    window: int,
-    tile: TileSpec,
-    overlap: int,
-    progress: TileProgress,
-    core: int,
-    process: Callable[[tuple[int, int, int, int]], None],
-) -> int:
-    """Call ``process(box)`` for every ``core``-sized box of a ``height x width`` grid; returns the
-    core size finally used (smaller than asked after out-of-memory halving).
-
-    Cores are ``(y0, y1, x0, x1)`` LR boxes on the window grid. After an OOM the tile is halved
-    and only the cores not inside an already finished core are redone (halving a multiple of
-    the window refines the grid, so finished work is kept).
-    """
-    done: list[tuple[int, int, int, int]] = []
-    while True:
-        grid = [c for c in tile_grid(height, width, core) if not _covered(c, done)]
-        progress.start(len(grid))
-        try:
-            for box in grid:
-                process(box)
-                done.append(box)
-                progress.advance()
-            return core
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-        # Outside the except block, so the traceback (and the tensors it holds) is released first.
-        release_memory(runner.device)
-        if tile is None:
-            raise OutOfMemory(
-                f"out of memory upscaling a {width}x{height} image without tiling on {runner.device}; "
-                "enable tiling (tile='auto' or a tile size)"
-            )
-        if core <= window:
-            raise OutOfMemory(f"out of memory even with the smallest tile ({window}x{window} px) on {runner.device}")
-        smaller = max(window, core // 2 // window * window)
-        warnings.warn(f"out of memory with {core}px tiles; retrying with {smaller}px tiles", RuntimeWarning, stacklevel=3)
-        core = smaller
-
-
-def run_tiles(
-    runner: _Runner,
-    *,
-    height: int,
-    width: int,
-    window: int,
-    tile: TileSpec,
-    overlap: int,
-    progress: TileProgress,
-    process: Callable[[tuple[int, int, int, int]], None],
-) -> None:
-    """Tile an image: a statistics pass first when global pools matter (see :class:`GlobalPooling`)."""
-    core = initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
-    runner.pooling = GlobalPooling(runner.model)  # statistics belong to one image
-    if runner.pooling.relevant and tile is not None and len(tile_grid(height, width, core)) == 1:
-        # Untiled first (tile='auto' on an image that fits). If that runs out of memory, the tiles that replace it
-        # need the statistics pass, so the halving happens here rather than inside the loop.
-        try:
-            _tile_loop(runner, height=height, width=width, window=window, tile=None, overlap=overlap,
-                       progress=progress, core=core, process=process)
-            return
-        except OutOfMemory:
-            smaller = max(window, core // 2 // window * window)
-            warnings.warn(f"out of memory untiled; retrying with {smaller}px tiles", RuntimeWarning, stacklevel=2)
-            core = smaller
-            runner.pooling = GlobalPooling(runner.model)
-    if runner.pooling.relevant and len(tile_grid(height, width, core)) > 1:
-        runner.pooling.mode = "collect"
-        core = _tile_loop(runner, height=height, width=width, window=window, tile=tile, overlap=overlap,
-                          progress=progress, core=core, process=process)
-        runner.pooling.finish_collecting()
-    _tile_loop(runner, height=height, width=width, window=window, tile=tile, overlap=overlap,
-               progress=progress, core=core, process=process)
