@@ -1,4 +1,6 @@
-"""How much activation memory an ESC forward pass holds at its widest point, per LR pixel, read off the model itself.
+"""The one memory model of an ESC forward pass on the device, read off the model itself: how much activation memory
+a whole pass (or one tile) holds at its widest point per LR pixel, and what the whole maps of a layer-streamed pass
+hold. The engine's tile sizes and its untiled/streamed decisions all come from here.
 
 Inference frees each intermediate as soon as nothing refers to it, so the peak is the widest *phase* of the pass:
 
@@ -16,13 +18,14 @@ Counted in elements, so any precision scales it; ``benchmarks/memory_estimate.py
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from esc_arch.attention import WindowAttention
 from esc_arch.layers import ConvFFN
 from esc_arch.upsamplers import DySample
 
-__all__ = ["activation_elements_per_pixel"]
+__all__ = ["activation_elements_per_pixel", "bytes_per_input_pixel", "streamed_map_bytes"]
 
 
 def _dim(model: nn.Module) -> int:
@@ -91,3 +94,35 @@ def activation_elements_per_pixel(model: nn.Module) -> float:
         peak = max(peak, 2 * int(model.hyperparameters.get("hidden_dim", 256)) + dim)
     # A pixel-unshuffled trunk (ESCRealM below x3) runs on 1/unshuffle^2 of the input pixels, and its head with it.
     return float(peak) / getattr(model, "unshuffle", 1) ** 2
+
+
+def bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
+    """Estimated peak working memory per LR pixel of an untiled run or a tile (activations, not weights).
+
+    :func:`activation_elements_per_pixel` (the widest phase of the forward pass, read off the
+    model's layers) in ``dtype``, plus the padded input and the model's output kept for the host copy, with a 25 %
+    margin for allocator slack; ``benchmarks/memory_estimate.py`` measures it per variant. OOM halving catches what
+    an estimate misses.
+    """
+    element = torch.finfo(dtype).bits // 8
+    scale = float(getattr(model, "scale", 4) or 4)
+    return 1.25 * element * (activation_elements_per_pixel(model) + 3 + 3 * scale * scale)
+
+
+def streamed_map_bytes(
+    model: nn.Module, dtype: torch.dtype, height: int, width: int, *, outscale: float | None = None
+) -> float:
+    """Memory the whole maps of a layer-streamed ``height x width`` run hold on the device: at most four
+    ``dim``-channel maps alive at once (the stem, a block's input, its running sum, which each residual stage
+    overwrites, and an FFN output; five before, 5,337 against 4,447 MB measured at 2048x2048 x2), the
+    input, the output (at ``outscale``, default the model's scale; the caller's host canvas is
+    :func:`estimate_memory`'s), and for the arbitrary-scale model its two ``hidden_dim`` decoder maps and the decoded
+    pixels twice (the chunks and their concatenation)."""
+    element = torch.finfo(dtype).bits // 8
+    hyper = model.hyperparameters
+    channels = 4 * int(hyper.get("dim", 64)) + 3
+    outputs = 3 * float(outscale if outscale is not None else model.scale) ** 2
+    if getattr(model, "arbitrary_scale", False):
+        channels += 2 * int(hyper.get("hidden_dim", 256))
+        outputs *= 2
+    return height * width * element * (channels + outputs)

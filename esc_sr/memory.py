@@ -12,7 +12,7 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from esc_runtime.footprint import activation_elements_per_pixel
+from esc_runtime.footprint import bytes_per_input_pixel, streamed_map_bytes  # noqa: F401 (the one per-pixel model)
 
 from . import heap
 from .errors import EngineError, OutOfMemory
@@ -183,19 +183,6 @@ def check_memory(
     )
 
 
-def bytes_per_input_pixel(model: nn.Module, dtype: torch.dtype) -> float:
-    """Estimated peak working memory per LR pixel of an untiled run or a tile (activations, not weights).
-
-    :func:`esc_runtime.footprint.activation_elements_per_pixel` (the widest phase of the forward pass, read off the
-    model's layers) in ``dtype``, plus the padded input and the model's output kept for the host copy, with a 25 %
-    margin for allocator slack; ``benchmarks/memory_estimate.py`` measures it per variant. OOM halving catches what
-    an estimate misses.
-    """
-    element = torch.finfo(dtype).bits // 8
-    scale = float(getattr(model, "scale", 4) or 4)
-    return 1.25 * element * (activation_elements_per_pixel(model) + 3 + 3 * scale * scale)
-
-
 def fits_untiled(
     model: nn.Module, device: torch.device, dtype: torch.dtype, height: int, width: int, *,
     fraction: float = AUTO_MEMORY_FRACTION,
@@ -207,22 +194,3 @@ def fits_untiled(
     window = window_of(model)
     pixels = (-(-height // window) * window) * (-(-width // window) * window)
     return pixels * bytes_per_input_pixel(model, dtype) <= free_memory_bytes(device) * fraction
-
-
-def streamed_map_bytes(
-    model: nn.Module, dtype: torch.dtype, height: int, width: int, *, outscale: float | None = None
-) -> float:
-    """Memory the whole maps of a layer-streamed ``height x width`` run hold on the device: at most four
-    ``dim``-channel maps alive at once (the stem, a block's input, its running sum, which each residual stage
-    overwrites, and an FFN output; five before, 5,337 against 4,447 MB measured at 2048x2048 x2), the
-    input, the output (at ``outscale``, default the model's scale; the caller's host canvas is
-    :func:`estimate_memory`'s), and for the arbitrary-scale model its two ``hidden_dim`` decoder maps and the decoded
-    pixels twice (the chunks and their concatenation)."""
-    element = torch.finfo(dtype).bits // 8
-    hyper = model.hyperparameters
-    channels = 4 * int(hyper.get("dim", 64)) + 3
-    outputs = 3 * float(outscale if outscale is not None else model.scale) ** 2
-    if getattr(model, "arbitrary_scale", False):
-        channels += 2 * int(hyper.get("hidden_dim", 256))
-        outputs *= 2
-    return height * width * element * (channels + outputs)

@@ -252,7 +252,7 @@ def test_upscale_runs_the_model_under_the_policy(clean: pytest.MonkeyPatch) -> N
     torch.manual_seed(0)
     model = esc_arch.esc_tiny(scale=2).eval()
     seen: list[int] = []
-    esc_arch.fuse(model).register_forward_pre_hook(lambda module, inputs: seen.append(torch.get_num_threads()))
+    esc_arch.fuse(model).proj.register_forward_pre_hook(lambda module, inputs: seen.append(torch.get_num_threads()))
     out = esc_sr.upscale(model, torch.rand(1, 3, 12, 20))
     assert out.shape == (1, 3, 24, 40) and seen == [1] and torch.get_num_threads() == 2
     assert threads.last_decision()["threads"] == 1
