@@ -1,53 +1,53 @@
-"""ESC's layers as small native kernels for CPU inference, built on first use for this machine: window attention,
-the ConvFFN, the partial convolution with its projection, and the attention's input projection with its LayerNorm.
+"""ESC's layers as small native kernels for CPU inference: window attention, the ConvFFN, the partial convolution
+with its projection, and the attention's input projection with its LayerNorm.
 
 Why. On CPU, half of an ESC forward pass was window attention inside torch's CPU flash kernel, whose q·kᵀ and p·v
 GEMMs (head dimension 16, 1,024 keys) run far below the core's peak and which reads the bias as a
 (heads, ws², ws²) matrix. ESC's shapes allow a much simpler kernel (``kernels/window_attention.cpp``): a head is
 one 16-float vector register, a query's bias over one key row is ws consecutive floats of the (2ws-1)² table, and
-the window's tokens can be read straight from the raster-order ``to_qkv`` output, so neither the partition of the
-map into windows nor the way back is a copy. The ConvFFN (``kernels/conv_ffn.cpp``) was four oneDNN passes over
-maps of its hidden width; fused row by row, the hidden maps stay in the core's cache. The partial convolution
-(``kernels/symmetric_conv.cpp``) uses the symmetry of ESC's geometric-ensembled 13x13 kernel: 28 orbits instead of
-169 taps, then the block's 1x1 projection on the row in cache. ``kernels/linear_rows.cpp`` runs ``to_qkv`` with the
-LayerNorm in front of it in one pass.
+the window's tokens are read straight from the raster-order ``to_qkv`` output. The ConvFFN (``kernels/conv_ffn.cpp``)
+runs row by row so its hidden maps stay in the core's cache; the partial convolution (``kernels/symmetric_conv.cpp``)
+uses the symmetry of ESC's geometric-ensembled 13x13 kernel (28 orbits instead of 169 taps) and projects each row in
+cache; ``kernels/linear_rows.cpp`` runs ``to_qkv`` with its LayerNorm in one pass. Measurements:
+``benchmarks/README.md``, "Native CPU kernels".
 
-Measured on the 2-core AMD EPYC VM (AVX-512, 2 threads, interleaved; ``benchmarks/README.md``, "Native CPU
-kernels"): window attention of one ESC layer at window 32 on a 192x320 map 113 against torch's 200-217 ms (q·kᵀ
-and p·v near the core's FMA peak); ESC's conv-stage FFN 13.0 against 17.9 ms; the 13x13 correlation 9.7 against
-17.1 ms (FFT) and 23.5 ms (oneDNN); ``to_qkv`` with its LayerNorm 14.5 against 30 ms. An ESC x4 forward pass at
-180x320: 1.47 against 2.19 s with torch's operators (0.67x); outputs within 4.8e-6 of torch's path.
+Build. The kernels are compiled when the package is built (``setup.py``: ``pip install``, ``pip install -e``, a
+wheel), never at run time: each source once per instruction-set variant (AVX-512, and AVX2 + FMA; ``kernels/target.h``)
+into one library, ``_esc_kernels.so`` beside this file, plain C ABI, no torch headers. The build also writes
+``_esc_kernels.json``: the library's SHA-256 and the digest of the sources it was built from, or why nothing was
+built (another platform, no compiler, a failed compile: the package then runs torch's operators).
 
-How. The C++ sources (plain C ABI, no torch headers) are compiled once per machine with ``c++ -O3 -march=native
--fopenmp`` (``CXX`` overrides the compiler) into ``$ESC_SR_CACHE`` or ``~/.cache/esc_sr``, keyed by a hash of the
-sources and headers, the compiler, its flags and the CPU's flags, written atomically so that concurrent processes (torchrun)
-can build side by side, and loaded with ctypes, which releases the GIL during the call. Their threads are OpenMP's:
-loaded after torch, the library shares torch's ``libgomp.so.1`` and so its thread pool (threads of their own
-competed with torch's spinning ones: the FFN took 19 ms at 2 threads instead of 13.5). Each call uses torch's
-thread count.
+Load. Once per process, and only from this package's folder: the file and its folder must belong to this user or
+root and be writable by no one else, the file's SHA-256 must be the one the build wrote (a truncated, replaced or
+planted file is refused before it is loaded; the bytes hashed are the bytes loaded), the sources must be the ones
+it was built from, and after loading every function of the variant must be there. A refusal falls back to torch's
+operators with one RuntimeWarning naming the file and the reason. The threads are OpenMP's: loaded after torch, the
+library shares torch's ``libgomp.so.1`` and so its thread pool (threads of their own competed with torch's spinning
+ones); each call uses torch's thread count. ctypes releases the GIL during a call.
+
+Variant. :func:`variant` is the one in use: by default the best the CPU runs (``/proc/cpuinfo``) among those used by
+default, which is AVX-512 only (where the kernels were measured; the AVX2 variant is built and tested, and not yet
+measured against torch's operators). ``ESC_RUNTIME_NATIVE`` (read once: ``0``, ``avx2``, ``avx512``, default
+``auto``; ``ESC_SR_NATIVE=0`` is the older switch) or :func:`select` choose otherwise.
 
 When. :func:`applies` (attention), :func:`takes_ffn` and :func:`prepare_symmetric`: a float32 CPU tensor without
-autograd and outside tracing or export, an x86-64 Linux machine whose build targets AVX-512 (where it was
-measured), ``ESC_SR_NATIVE`` not ``0`` in the environment; for attention head dimension 16 and a window that is a
-multiple of 16, for the FFN a multiple of 16 channels and a 3x3 depthwise kernel, for the partial convolution a
+autograd and outside tracing or export, and the library loaded; for attention head dimension 16 and a window that is
+a multiple of 16, for the FFN a multiple of 16 channels and a 3x3 depthwise kernel, for the partial convolution a
 square kernel symmetric under the square's flips and rotations (the caller's guarantee: ESC's geometric ensemble)
-and, for its fused projection, a multiple of 16 channels (every ESC variant and the default model qualify; ESC-FP's
-decomposed kernel keeps torch's path). Elsewhere (no
-compiler, a failed build, other CPUs) torch's operators run as before; a build that fails says so once in a
-warning, and :func:`status` says why the kernels are or are not in use.
+and, for its fused projection, a multiple of 16 channels. Elsewhere torch's operators run; :func:`status` says why
+the kernels are or are not in use.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
+import json
 import os
 import platform
-import shutil
-import subprocess
+import stat
 import sys
-import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -55,109 +55,276 @@ import torch
 
 from . import onednn
 
-__all__ = ["HEAD_DIM", "SymmetricKernel", "applies", "available", "conv_ffn", "linear_rows", "prepare_symmetric",
-           "status", "takes", "takes_ffn", "window_attention"]
+__all__ = ["HEAD_DIM", "SymmetricKernel", "VARIANTS", "applies", "available", "conv_ffn", "cpu_variants",
+           "library_path", "linear_rows", "prepare_symmetric", "select", "status", "takes", "takes_ffn", "variant",
+           "window_attention"]
 
 #: The only head dimension the kernel takes (every ESC variant's: dim / heads = 16).
 HEAD_DIM = 16
 #: The profiler event each window-attention call records (the native calls are invisible to it otherwise).
 WINDOW_ATTENTION_EVENT = "esc_native_window_attention"
 LOG2_E = 1.4426950408889634
-KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "window_attention.cpp", KERNELS / "conv_ffn.cpp", KERNELS / "symmetric_conv.cpp",
-           KERNELS / "linear_rows.cpp")
-HEADERS = (KERNELS / "vector.h", KERNELS / "gemm.h")
-# -fopenmp: the kernels' threads are OpenMP's, and the library is loaded after torch, whose libgomp.so.1 it then
-# shares (one thread pool: no second set of threads competing with torch's spinning ones).
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+PACKAGE = Path(__file__).resolve().parent
+KERNELS = PACKAGE / "kernels"
+LIBRARY = PACKAGE / "_esc_kernels.so"
+MANIFEST_NAME = "_esc_kernels.json"
+#: The library's instruction-set variants, best first: each one's bit in ``esc_kernel_variants()`` and the
+#: ``/proc/cpuinfo`` flags of its target (``kernels/target.h``: x86-64-v4 and x86-64-v3).
+VARIANTS = {
+    "avx512": (2, ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "f16c", "bmi1", "bmi2",
+                   "abm", "movbe", "popcnt")),
+    "avx2": (1, ("avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe", "popcnt")),
+}
+#: The variants used without ``ESC_RUNTIME_NATIVE`` asking: those measured against torch's operators.
+DEFAULT_VARIANTS = ("avx512",)
+ENV = "ESC_RUNTIME_NATIVE"
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+#: Each kernel's C signature (every one returns int): the library must export ``<name>_<variant>`` for all of them.
+SIGNATURES = {
+    "esc_window_attention": [_P] * 3 + [_I] * 3 + [_F] * 3,
+    "esc_conv_ffn": [_P] * 9 + [_I] * 3 + [_F] * 2 + [_P] * 2 + [ctypes.c_float, _F],
+    "esc_symmetric_correlate": [_P] * 6 + [_I] * 3 + [_F] * 3,
+    "esc_partial_conv_attention": [_P] * 10 + [_I] * 3 + [_F] * 4,
+    "esc_linear_rows": [_P, _I, _F, _P, _P, _F, _P, _P, ctypes.c_float, _P, _P, _F],
+}
 
 
-def _cache_dir() -> Path:
-    if os.environ.get("ESC_SR_CACHE"):
-        return Path(os.environ["ESC_SR_CACHE"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "esc_sr" / "kernels"
+class _Refused(Exception):
+    """The library at hand is not loaded: a fault worth one warning (not a platform without it)."""
 
 
-def _cpu_flags() -> str:
-    """The CPU's feature flags (Linux): a library built with -march=native must not be loaded on another CPU."""
+class _Kernels:
+    """The chosen variant's functions of the loaded library, under their names without the variant."""
+
+    def __init__(self, lib: ctypes.CDLL, variant: str) -> None:
+        self.lib, self.variant = lib, variant
+        for name, argtypes in SIGNATURES.items():
+            function = getattr(lib, f"{name}_{variant}")
+            function.restype, function.argtypes = ctypes.c_int, argtypes
+            setattr(self, name, function)
+
+
+def sources_digest(folder: Path = KERNELS) -> str:
+    """SHA-256 over the kernel sources and headers, names and contents (as ``setup.py`` records it at the build)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".cpp", ".h")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            return next((line for line in info if line.startswith("flags")), "")
+            return set(next((line for line in info if line.startswith("flags")), "").partition(":")[2].split())
     except OSError:
-        return platform.processor()
+        return set()
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+def cpu_variants() -> tuple[str, ...]:
+    """The variants this CPU runs (all of their target's flags in ``/proc/cpuinfo``), best first."""
+    flags = _cpu_flags()
+    return tuple(name for name, (_, needs) in VARIANTS.items() if set(needs) <= flags)
 
 
-def _build(compiler: str, folder: Path) -> Path:
-    """Compile the kernels into ``folder`` unless a build of the same inputs is there; return the library's path."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    parts = [path.read_bytes() for path in (*SOURCES, *HEADERS)] + [version.encode(), " ".join(FLAGS).encode(),
-                                                                     _cpu_flags().encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    library = folder / f"esc_kernels-{key}.so"
-    if library.exists():
-        return library
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        built = Path(scratch) / library.name
-        result = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)],
-                                capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {(result.stderr.strip().splitlines() or ['?'])[-1][:200]}")
-        os.replace(built, library)  # atomic: a concurrent build of the same key replaces it with the same bytes
-    return library
-
-
-@functools.lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """The loaded library, or None, and why (built at most once per process)."""
-    if os.environ.get("ESC_SR_NATIVE", "").strip() == "0":
-        return None, "switched off (ESC_SR_NATIVE=0)"
-    if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
-        return None, f"not built on {sys.platform}/{platform.machine()} (measured on x86-64 Linux only)"
-    compiler = _compiler()
-    if compiler is None:
-        return None, "no C++ compiler (c++ or g++, or $CXX) to build it"
+def _open_trusted(path: Path, what: str) -> int:
+    """An open descriptor of ``path``, a regular file (not a link) of this user or root that only its owner can
+    write, as is its folder; else :class:`_Refused`."""
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        raise _Refused(f"{what} cannot be opened ({error.strerror or error})") from None
+    try:
+        for described, info in ((what, os.fstat(fd)), (f"its folder {path.parent}", os.stat(path.parent))):
+            if described == what and not stat.S_ISREG(info.st_mode):
+                raise _Refused(f"{what} is not a regular file")
+            if info.st_uid not in (0, os.geteuid()):
+                raise _Refused(f"{described} belongs to another user (uid {info.st_uid})")
+            if info.st_mode & 0o022:
+                raise _Refused(f"{described} is writable by {'group' if info.st_mode & 0o020 else 'others'} "
+                               f"(mode {stat.S_IMODE(info.st_mode):o})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_all(fd: int) -> bytes:
+    with os.fdopen(os.dup(fd), "rb") as handle:
+        return handle.read()
+
+
+def _manifest(library: Path, *, trusted: bool = True) -> dict | None:
+    """The build's record beside ``library`` (None where there is none), from a trusted file; untrusted: a first look
+    that only says whether and why nothing was built (None for anything unreadable)."""
+    path = library.with_name(MANIFEST_NAME)
+    if not os.path.lexists(path):
+        return None
+    try:
+        fd = _open_trusted(path, f"the build record {path.name}") if trusted else \
+            os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        record = json.loads(_read_all(fd))
+    except ValueError as error:
+        if not trusted:
+            return None
+        raise _Refused(f"the build record {path.name} is not JSON ({error})") from None
+    finally:
+        os.close(fd)
+    if not isinstance(record, dict):
+        if not trusted:
+            return None
+        raise _Refused(f"the build record {path.name} is not a JSON object")
+    return record
+
+
+def _choice() -> tuple[str, str]:
+    """What the environment asks for, and the setting that says so: ``off``, ``auto`` or a variant's name."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value:
+        setting = f"{ENV}={value}"
+        if value in ("0", "off", "false", "no"):
+            return "off", setting
+        if value in ("auto", "1", "on", "true", "yes"):
+            return "auto", setting
+        return value, setting
+    if os.environ.get("ESC_SR_NATIVE", "").strip() == "0":
+        return "off", "ESC_SR_NATIVE=0"
+    return "auto", ""
+
+
+def _open_library(library: Path, choice: str, setting: str) -> tuple[_Kernels | None, str]:
+    """The kernels of ``library`` for ``choice``, or None and why; raises :class:`_Refused` for a fault."""
+    if choice == "off":
+        return None, f"switched off ({setting})"
+    machine = platform.machine().lower()
+    if not (sys.platform.startswith("linux") and machine in ("x86_64", "amd64")):
+        return None, f"not built on {sys.platform}/{machine} (the kernels are built for x86-64 Linux only)"
+    if choice != "auto" and choice not in VARIANTS:
+        raise _Refused(f"{setting} names no variant (0, auto or one of {', '.join(VARIANTS)})")
+    first_look = _manifest(library, trusted=False)
+    if not os.path.lexists(library):
+        if first_look is None:
+            return None, "not built at install (no build record: install the package with pip to build the kernels)"
+        if not first_look.get("built"):
+            return None, f"not built at install ({first_look.get('reason', 'no reason recorded')})"
+    # which variants the build reports (None: no readable record, which the trusted read below refuses)
+    runnable = cpu_variants()
+    built = None if first_look is None else list(first_look.get("variants") or ())
+    if choice == "auto":
+        usable = [name for name in runnable if name in DEFAULT_VARIANTS]
+        if not usable:
+            forced = [name for name in runnable if built is None or name in built]
+            hint = f"; {ENV}={forced[0]} forces the {forced[0]} variant" if forced else ""
+            return None, (f"this CPU has no AVX-512 (by default the kernels run only where they were measured: "
+                          f"{', '.join(DEFAULT_VARIANTS)}{hint})")
+        chosen, why = usable[0], "the best this CPU runs"
+        if built is not None and chosen not in built:
+            reason = (first_look.get("not_built") or {}).get(chosen, "not compiled")
+            return None, f"not built at install for {chosen} ({reason})"
+    else:
+        if choice not in runnable:
+            raise _Refused(f"{setting} asks for a variant this CPU does not run (it lacks "
+                           f"{', '.join(sorted(set(VARIANTS[choice][1]) - _cpu_flags()))})")
+        chosen, why = choice, f"chosen by {setting}"
+    record = _manifest(library)  # now from a trusted file, with the digest to check the library against
+    if record is None:
+        raise _Refused(f"there is no build record ({MANIFEST_NAME}) with the digest to check it against")
+    if not record.get("built") or chosen not in (record.get("variants") or ()):
+        raise _Refused(f"its build record {MANIFEST_NAME} names no build with the {chosen} variant "
+                       f"({record.get('reason') or ', '.join(record.get('variants') or ()) or 'none'})")
+    expected = record.get("sha256")
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise _Refused(f"its build record {MANIFEST_NAME} holds no SHA-256")
+    if KERNELS.is_dir() and record.get("sources") != sources_digest():
+        raise _Refused(f"it was built from other kernel sources than {KERNELS} holds (rebuild: pip install the "
+                       f"package again)")
+    fd = _open_trusted(library, "the file")
+    try:
+        if hashlib.sha256(_read_all(fd)).hexdigest() != expected:
+            raise _Refused(f"its SHA-256 is not the one the build wrote in {MANIFEST_NAME} (a truncated, replaced "
+                           f"or foreign file)")
+        # load the bytes just hashed: the descriptor's file, whatever has happened to the path since
+        proc = Path(f"/proc/self/fd/{fd}")
         try:
-            library = _build(compiler, _cache_dir())
-        except OSError:  # a read-only home: build into a private temporary folder instead
-            library = _build(compiler, Path(tempfile.mkdtemp(prefix="esc_sr_kernels_")))
-        lib = ctypes.CDLL(str(library))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        warnings.warn(f"esc_arch: the native CPU kernels were not built ({error}); torch's operators run instead",
-                      RuntimeWarning, stacklevel=3)
-        return None, f"build failed: {error}"
-    lib.esc_window_attention.restype = ctypes.c_int
-    lib.esc_window_attention.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
-    lib.esc_conv_ffn.restype = ctypes.c_int
-    lib.esc_conv_ffn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2 + \
-        [ctypes.c_void_p] * 2 + [ctypes.c_float, ctypes.c_int]
-    lib.esc_symmetric_correlate.restype = ctypes.c_int
-    lib.esc_symmetric_correlate.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 3
-    lib.esc_partial_conv_attention.restype = ctypes.c_int
-    lib.esc_partial_conv_attention.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 4
-    lib.esc_linear_rows.restype = ctypes.c_int
-    lib.esc_linear_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_int]
-    if lib.esc_window_attention_vector_bits() != 512:
-        return None, "this CPU has no AVX-512 (the kernels were measured on AVX-512 only)"
-    return lib, f"built for this CPU ({library.name})"
+            lib = ctypes.CDLL(str(proc if proc.exists() else library))
+        except OSError as error:
+            raise _Refused(f"it does not load ({error})") from None
+    finally:
+        os.close(fd)
+    missing = [name for name in ("esc_kernel_variants", *(f"{n}_{chosen}" for n in SIGNATURES))
+               if not hasattr(lib, name)]
+    if missing:
+        raise _Refused(f"it lacks {', '.join(missing)}")
+    lib.esc_kernel_variants.restype = ctypes.c_int
+    if not lib.esc_kernel_variants() & VARIANTS[chosen][0]:
+        raise _Refused(f"it does not hold the {chosen} variant")
+    return _Kernels(lib, chosen), f"{chosen} variant ({why}) of {library}"
+
+
+_state: tuple[_Kernels | None, str] | None = None
+_library = LIBRARY
+_override: tuple[str, str] | None = None
+_lock = threading.Lock()
+
+
+def _load() -> tuple[_Kernels | None, str]:
+    """The loaded kernels, or None, and why (once per process, or per :func:`select`)."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                choice, setting = _override or _choice()
+                try:
+                    _state = _open_library(_library, choice, setting)
+                except _Refused as refusal:
+                    _state = None, f"refused {_library}: {refusal}"
+                    warnings.warn(f"esc_runtime: not loading the native CPU kernels {_library}: {refusal}; "
+                                  f"torch's operators run instead", RuntimeWarning, stacklevel=3)
+    return _state
+
+
+def select(choice: str | None) -> str:
+    """Choose the variant for this process, as ``ESC_RUNTIME_NATIVE`` does (``"0"``, ``"auto"``, ``"avx2"``,
+    ``"avx512"``; None: the environment's choice again), load it and return :func:`status`. For tests and
+    benchmarks: a layer already prepared keeps the implementation it was prepared with."""
+    global _state, _override
+    with _lock:
+        _override = None if choice is None else (str(choice).strip().lower(), f"select({choice!r})")
+        if _override is not None and _override[0] in ("0", "off"):
+            _override = ("off", _override[1])
+        _state = None
+    return status()
+
+
+def _load_from(path: str | os.PathLike, choice: str | None = None) -> str:
+    """Tests only: use the library at ``path`` (its build record beside it) instead of the package's, with the same
+    checks, and return :func:`status`."""
+    global _library
+    _library = Path(os.path.abspath(path))
+    return select(choice)
 
 
 def available() -> bool:
-    """Whether this process can run the native kernels (built or loaded on first call)."""
+    """Whether this process runs the native kernels (the library is checked and loaded on the first call)."""
     return _load()[0] is not None
 
 
 def status() -> str:
     """Why the native kernels are or are not in use, in one line."""
     return _load()[1]
+
+
+def variant() -> str | None:
+    """The variant in use (``"avx512"`` or ``"avx2"``), or None where torch's operators run."""
+    kernels = _load()[0]
+    return None if kernels is None else kernels.variant
+
+
+def library_path() -> Path:
+    """Where the library is looked for: ``_esc_kernels.so`` in this package's folder."""
+    return _library
 
 
 def _inference(x: torch.Tensor) -> bool:

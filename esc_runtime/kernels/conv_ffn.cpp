@@ -92,9 +92,9 @@ extern "C" {
 
 // Returns 0 on success, 1 for channel counts the kernel does not take, 2 when its buffers cannot be allocated.
 int ESC_EXPORT(esc_conv_ffn)(const float* x, const float* expand, const float* expand_bias, const float* depthwise,
-                 const float* depthwise_bias, const float* project, const float* project_bias, const float* add,
-                 float* out, int64_t batch, int64_t height, int64_t width, int channels, int hidden,
-                 const float* norm_weight, const float* norm_bias, float eps, int threads) {
+                             const float* depthwise_bias, const float* project, const float* project_bias,
+                             const float* add, float* out, int64_t batch, int64_t height, int64_t width, int channels,
+                             int hidden, const float* norm_weight, const float* norm_bias, float eps, int threads) {
     if (channels < LANES || channels % LANES || hidden < LANES || hidden % LANES || batch < 1 || height < 1 || width < 1)
         return 1;
     const FFN f{expand,   expand_bias, depthwise,   depthwise_bias, project, project_bias,

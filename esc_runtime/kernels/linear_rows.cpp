@@ -21,9 +21,9 @@ constexpr int64_t CHUNK = 96;  // pixels per task: a multiple of the row GEMM's 
 extern "C" {
 
 // Returns 0 on success, 1 for arguments the kernel does not take, 2 when its buffers cannot be allocated.
-int ESC_EXPORT(esc_linear_rows)(const float* x, int64_t rows, int inputs, const float* weight, const float* bias, int outputs,
-                    const float* norm_weight, const float* norm_bias, float eps, const float* add, float* out,
-                    int threads) {
+int ESC_EXPORT(esc_linear_rows)(const float* x, int64_t rows, int inputs, const float* weight, const float* bias,
+                                int outputs, const float* norm_weight, const float* norm_bias, float eps,
+                                const float* add, float* out, int threads) {
     if (rows < 1 || inputs < 1 || outputs < LANES || outputs % LANES) return 1;
     const int64_t chunks = (rows + CHUNK - 1) / CHUNK;
     std::atomic<bool> failed{false};

@@ -167,9 +167,9 @@ extern "C" {
 
 // The correlation alone: returns 0 on success, 1 for arguments the kernel does not take, 2 when its buffers cannot be
 // allocated.
-int ESC_EXPORT(esc_symmetric_correlate)(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
-                            float* out, const int64_t* out_strides, int64_t batch, int64_t height, int64_t width,
-                            int channels, int radius, int threads) {
+int ESC_EXPORT(esc_symmetric_correlate)(const float* x, const int64_t* x_strides, const float* weights,
+                                        const float* dynamic, float* out, const int64_t* out_strides, int64_t batch,
+                                        int64_t height, int64_t width, int channels, int radius, int threads) {
     if (channels < 1 || radius < 1 || batch < 1 || height < 1 || width < 1) return 1;
     try {
         Correlation c(x, x_strides, weights, dynamic, batch, height, width, channels, radius);
@@ -187,10 +187,11 @@ int ESC_EXPORT(esc_symmetric_correlate)(const float* x, const int64_t* x_strides
 // channels, x's other channels]) + bias (+ add), per row, so the concatenated map is never written. x, add and out:
 // `dim` floats per pixel (channels-last maps or tiles of them; strides are per image and per row). project: (dim,
 // dim) transposed (inputs, outputs); dim a multiple of 16. Returns as esc_symmetric_correlate.
-int ESC_EXPORT(esc_partial_conv_attention)(const float* x, const int64_t* x_strides, const float* weights, const float* dynamic,
-                               const float* project, const float* project_bias, const float* add,
-                               const int64_t* add_strides, float* out, const int64_t* out_strides, int64_t batch,
-                               int64_t height, int64_t width, int channels, int dim, int radius, int threads) {
+int ESC_EXPORT(esc_partial_conv_attention)(const float* x, const int64_t* x_strides, const float* weights,
+                                           const float* dynamic, const float* project, const float* project_bias,
+                                           const float* add, const int64_t* add_strides, float* out,
+                                           const int64_t* out_strides, int64_t batch, int64_t height, int64_t width,
+                                           int channels, int dim, int radius, int threads) {
     if (channels < 1 || channels > dim || dim % LANES || radius < 1 || batch < 1 || height < 1 || width < 1) return 1;
     const int64_t x_pixel[3] = {x_strides[0], x_strides[1], dim};
     try {

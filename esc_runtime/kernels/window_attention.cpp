@@ -153,8 +153,8 @@ void attend(const float* qkv, const float* table, float* out, const Geometry& g,
 extern "C" {
 
 // Returns 0 on success, 1 for a geometry the kernel does not take, 2 when its buffers cannot be allocated.
-int ESC_EXPORT(esc_window_attention)(const float* qkv, const float* table, float* out, int64_t batch, int64_t height,
-                         int64_t width, int heads, int window, int threads) {
+int ESC_EXPORT(esc_window_attention)(const float* qkv, const float* table, float* out, int64_t batch,
+                                     int64_t height, int64_t width, int heads, int window, int threads) {
     if (window < LANES || window % LANES || height % window || width % window || heads < 1 || batch < 1)
         return 1;
     const Geometry g{batch, height, width, heads, window};
