@@ -27,6 +27,9 @@ class ConvolutionalAttention(nn.Module):
     """ESC's partial convolution: the first ``pdim`` channels get the shared large kernel (a dense
     pdim->pdim conv, passed in) plus their own dynamic 3x3 depthwise kernel; the rest pass through."""
 
+    #: How a batch of per-sample depthwise kernels is applied (an exporter may substitute an equivalent).
+    depthwise_conv = staticmethod(per_sample_depthwise_conv)
+
     def __init__(self, pdim: int) -> None:
         super().__init__()
         self.pdim = pdim
@@ -46,13 +49,15 @@ class ConvolutionalAttention(nn.Module):
         """The partial convolution with a given dynamic kernel (``forward`` predicts it from ``x``)."""
         x1, x2 = x[:, : self.pdim], x[:, self.pdim :]
         k = large_kernel.shape[-1]
-        x1 = F.conv2d(x1, large_kernel, padding=k // 2) + per_sample_depthwise_conv(x1, dynamic, padding=1)
+        x1 = F.conv2d(x1, large_kernel, padding=k // 2) + self.depthwise_conv(x1, dynamic, padding=1)
         return torch.cat([x1, x2], dim=1)
 
 
 class DecomposedConvolutionalAttention(nn.Module):
     """ESC-FP's partial convolution: a 1x1 channel mix, then a depthwise large kernel to which the
     per-sample dynamic 3x3 kernel is added (zero-padded to the large kernel's size)."""
+
+    depthwise_conv = staticmethod(per_sample_depthwise_conv)
 
     def __init__(self, pdim: int) -> None:
         super().__init__()
@@ -73,7 +78,7 @@ class DecomposedConvolutionalAttention(nn.Module):
         k = lk_spatial.shape[-1]
         pad = (k - 3) // 2
         kernels = F.pad(dynamic, (pad, pad, pad, pad)) + lk_spatial.view(1, self.pdim, k, k)
-        x1 = per_sample_depthwise_conv(F.conv2d(x1, lk_channel), kernels, padding=k // 2)
+        x1 = self.depthwise_conv(F.conv2d(x1, lk_channel), kernels, padding=k // 2)
         return torch.cat([x1, x2], dim=1)
 
 

@@ -118,18 +118,25 @@ def _rot90_symbolic(g, input, k, dims):
     return flip(transpose(input), b)
 
 
+def _with_taps(cls: type) -> type:
+    """``cls`` with its per-sample depthwise convolution as shifted multiply-adds (same result, any batch)."""
+    return type(cls.__name__, (cls,), {"depthwise_conv": staticmethod(_per_sample_depthwise_conv_taps)})
+
+
 @contextlib.contextmanager
 def _export_friendly(model: nn.Module) -> Iterator[None]:
-    """Swap in the export formulations (see the module docstring) for the duration of an export."""
-    from esc_arch import blocks
+    """The export formulations (see the module docstring): ``model`` (the exporter's own copy) gets partial
+    convolutions whose per-sample depthwise kernels are taps, and ``rot90`` a symbolic for the export's duration."""
+    from esc_arch.blocks import ConvolutionalAttention, DecomposedConvolutionalAttention
 
-    original = blocks.per_sample_depthwise_conv
-    blocks.per_sample_depthwise_conv = _per_sample_depthwise_conv_taps
+    export_classes = {cls: _with_taps(cls) for cls in (ConvolutionalAttention, DecomposedConvolutionalAttention)}
+    for module in model.modules():
+        if type(module) in export_classes:
+            module.__class__ = export_classes[type(module)]
     torch.onnx.register_custom_op_symbolic("aten::rot90", _rot90_symbolic, OPSET)
     try:
         yield
     finally:
-        blocks.per_sample_depthwise_conv = original
         torch.onnx.unregister_custom_op_symbolic("aten::rot90", OPSET)
 
 
