@@ -1,7 +1,10 @@
 """CPU inference on oneDNN (esc_runtime.onednn): channels-last maps, 1x1 convolutions as fused oneDNN matmuls and the
-other convolutions with their GELU or residual fused in give the outputs of the plain PyTorch path, are taken
-exactly where they may be (fp32 CPU inference), and never where autograd, tracing or the user's switch rules them
-out."""
+other convolutions with their GELU or residual fused in give the outputs of the plain PyTorch path, are taken by a
+prepared model exactly where they may be (fp32 CPU inference), and never by the plain model (training, tracing and
+export use it) or against the user's switch.
+
+Every model here is prepared with the native kernels disabled (esc_runtime.native, tests/test_native.py), as a
+machine without a compiler or AVX-512 has them: the oneDNN path is what runs there."""
 
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import esc_arch
+import esc_runtime
+from esc_arch.layers import ConvFFN, LayerNorm2d
 from esc_runtime import onednn
-from esc_arch.layers import ConvFFN
+from esc_runtime.layers import Target
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Where the path must be on: an x86-64 torch built with oneDNN (CI's machine), unless this environment turned it off.
@@ -28,14 +33,19 @@ FUSED_OP = "mkldnn::_linear_pointwise"
 
 @pytest.fixture
 def plain(monkeypatch):
-    """``plain(True)``: the plain PyTorch path inside a test (what ``ESC_SR_ONEDNN=0`` does for a process);
-    ``plain(False)``: back to what this platform offers."""
+    """``plain(True)``: the plain PyTorch path inside a test (what ``ESC_SR_ONEDNN=0`` does for a process; a model
+    prepared then chooses without oneDNN, and the fused operators fall back); ``plain(False)``: back to what this
+    platform offers."""
     real = onednn.available
 
     def use(on: bool) -> None:
         monkeypatch.setattr(onednn, "available", (lambda: False) if on else real)
 
     return use
+
+
+def _prepare(model: nn.Module) -> esc_runtime.PreparedModel:
+    return esc_runtime.prepare(model, disable=("native",))
 
 
 def _ops(fn) -> set[str]:
@@ -60,38 +70,53 @@ def test_the_path_is_available_exactly_on_an_x86_torch_with_onednn():
 VARIANTS = [("esc", 4), ("esc_fp", 2), ("esc_real", 4), ("esc_xl", 2), ("esc_lte", None)]
 
 
+def _runner(model):
+    x = torch.rand(1, 3, 21, 30, generator=torch.Generator().manual_seed(1))  # not a window multiple: crops too
+    return (lambda: model.upscale_by(x, size=(50, 70))) if model.arbitrary_scale else (lambda: model(x))
+
+
 @pytest.mark.parametrize("preset, scale", VARIANTS)
-def test_inference_equals_the_plain_path(preset, scale, plain):
+def test_prepared_inference_equals_the_plain_path(preset, scale, plain):
     kwargs = {} if scale is None else {"scale": scale}
     overrides = {"window_size": 8, "n_blocks": 2} if preset != "esc_xl" else {"window_size": 16, "n_blocks": 1}
     model = esc_arch.fuse(_random_weights(esc_arch.PRESETS[preset](**kwargs, **overrides)))
-    x = torch.rand(1, 3, 21, 30, generator=torch.Generator().manual_seed(1))  # not a window multiple: crops too
-    run = (lambda: model.upscale_by(x, size=(50, 70))) if model.arbitrary_scale else (lambda: model(x))
     with torch.inference_mode():
         plain(True)
-        expected = run()
-        assert FUSED_OP not in _ops(run)
+        switched_off = _prepare(model)
+        assert switched_off.plan.ffn.name == "module" and switched_off.plan.convolution.name == "module"
+        expected = _runner(switched_off)()
+        assert FUSED_OP not in _ops(_runner(switched_off))
         plain(False)
-        assert (FUSED_OP in _ops(run)) is EXPECTED
-        out = run()
-    assert out.shape == expected.shape
-    assert (out - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+        assert FUSED_OP not in _ops(_runner(model))  # the plain model never takes it
+        reference = _runner(model)()
+        prepared = _prepare(model)
+        assert (prepared.plan.ffn.name == "onednn") is EXPECTED
+        assert (prepared.plan.convolution.name == "onednn") is EXPECTED
+        assert (FUSED_OP in _ops(_runner(prepared))) is EXPECTED
+        out = _runner(prepared)()
+    assert out.shape == expected.shape == reference.shape
+    scale = max(1.0, expected.abs().max().item())
+    assert (out - expected).abs().max().item() <= 1e-5 * scale
+    assert (out - reference).abs().max().item() <= 1e-5 * scale
 
 
-def test_a_batch_and_channels_last_outputs_of_a_block_stage(plain):
+def test_a_batch_and_channels_last_outputs_of_a_block_stage():
+    """The FFN implementation a prepared model runs: ``ffn(norm(x)) + residual``, its output channels-last."""
     ffn = _random_weights(ConvFFN(16, 3, 1.25)).eval()
+    norm = _random_weights(LayerNorm2d(16)).eval()
     x = torch.randn(3, 16, 9, 11)
     residual = torch.randn(3, 16, 9, 11)
+    choice = esc_runtime.choose("ConvFFN", ffn, Target(torch.device("cpu"), torch.float32), disable=("native",))
+    assert (choice.implementation.name == "onednn") is EXPECTED
     with torch.no_grad():  # no_grad takes the path as inference_mode does
-        plain(True)
-        expected = ffn(x, add=residual)
-        plain(False)
-        out = ffn(x, add=residual)
+        expected = ffn(norm(x)) + residual
+        out = choice.implementation(ffn, x, norm=norm, add=residual)
     assert out.is_contiguous(memory_format=torch.channels_last) is EXPECTED
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_training_and_grad_enabled_calls_stay_on_plain_pytorch():
+    """Training uses the plain model, which has no oneDNN operator."""
     model = esc_arch.PRESETS["esc_tiny"](window_size=8)
     x = torch.rand(2, 3, 16, 16)
     ops = _ops(lambda: model(x).mean().backward())
@@ -100,6 +125,7 @@ def test_training_and_grad_enabled_calls_stay_on_plain_pytorch():
 
 
 def test_tracing_sees_plain_convolutions():
+    """Tracing and export use the plain model, which has no oneDNN operator."""
     model = esc_arch.fuse(esc_arch.PRESETS["esc_tiny"](window_size=8))
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.rand(1, 3, 16, 16), check_trace=False)
@@ -144,11 +170,17 @@ def test_switching_onednn_off_in_torch_turns_it_off():
     x = torch.randn(1, 8, 4, 4)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
         assert not onednn.applies(x)
+        prepared = _prepare(esc_arch.esc_tiny(4).eval())
+    assert prepared.plan.ffn.name == "module" and prepared.plan.convolution.name == "module"
+    if EXPECTED:
+        assert ("onednn", "oneDNN is switched off (torch.backends.mkldnn)") in prepared.plan.choices["ConvFFN"].rejected
 
 
 def test_the_environment_switch_turns_it_off():
-    probe = "from esc_arch import onednn; print(onednn.available())"
+    probe = ("import esc_arch, esc_runtime; from esc_runtime import onednn; "
+             "prepared = esc_runtime.prepare(esc_arch.esc_tiny(4).eval(), disable=('native',)); "
+             "print(onednn.available(), prepared.plan.ffn.name, prepared.plan.convolution.name)")
     env = {**os.environ, "ESC_SR_ONEDNN": "0"}
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-1000:]
-    assert proc.stdout.strip() == "False"
+    assert proc.stdout.strip().splitlines()[-1] == "False module module"
