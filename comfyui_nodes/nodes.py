@@ -10,7 +10,6 @@ ComfyUI tensors: ``IMAGE`` is ``[B, H, W, C]`` float in 0..1 (C = 3, or 4 with a
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch
 import esc_arch
 import esc_sr
 from esc_sr.alpha import fit_alpha, join_alpha, split_alpha
-from esc_sr import engine, facts, precision as precision_policy
+from esc_sr import facts, memory, precision as precision_policy
 
 from . import comfy_bridge as bridge
 from .model_handle import PRECISION_ATTRIBUTE, esc_network, precision_preference
@@ -54,18 +53,6 @@ def _resolve_precision(choice: str, upscale_model: Any, device: torch.device) ->
         choice = precision_preference(upscale_model)
     return precision_policy.choose(choice, device, esc_network(upscale_model),
                                    runs=lambda dtype: bridge.supports_dtype(device, dtype))
-
-
-def _memory_estimate(network: torch.nn.Module, image: torch.Tensor, tile: int, scale: float) -> float:
-    """Bytes to ask ComfyUI to make room for: the weights plus a generous per-tile working set.
-
-    The per-pixel factor is of the same order as ComfyUI's stock upscale node estimate; if it
-    is too small, the engine halves the tile on out-of-memory anyway.
-    """
-    h, w = image.shape[1:3]
-    side = min(max(h, w), tile if tile > 0 else 512)
-    weights = sum(p.numel() * p.element_size() for p in network.parameters())
-    return float(weights + side * side * 3 * 4 * max(scale, 1.0) * 384)
 
 
 def _alpha_from_inputs(image: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -106,11 +93,15 @@ def upscale_image(upscale_model: Any, image: torch.Tensor, *, outscale: float | 
     run_precision = _resolve_precision(precision, upscale_model, device)
     rgb, alpha = _alpha_from_inputs(image, mask)
     planes = join_alpha(rgb, alpha)
-    scale = outscale if outscale else float(getattr(network, "scale", 1))
     tile: int | str = tile_size if tile_size > 0 else facts.DEFAULT_TILE
 
     bridge.check_interrupted()
-    bridge.free_memory_for(_memory_estimate(network, image, tile_size, scale), device)
+    dtype = precision_policy.resolve_precision(run_precision, device)
+    bridge.free_memory_for(memory.device_bytes(network, dtype, *image.shape[1:3], tile_size), device)
+
+    def make_room() -> None:  # the engine's last resort: ComfyUI unloads every other model it holds here
+        bridge.free_memory_for(1e30, device)
+        bridge.empty_cache()
 
     def run() -> torch.Tensor:
         # The engine copies the network to the device/dtype it needs and leaves ours where it was
@@ -119,18 +110,10 @@ def upscale_image(upscale_model: Any, image: torch.Tensor, *, outscale: float | 
         # inference mode itself for the actual computation.
         with torch.inference_mode(False):
             return esc_sr.upscale(network, planes, outscale=outscale, tile=tile, overlap=overlap, device=device,
-                                    precision=run_precision, alpha=alpha_mode, progress=_ComfyProgress())
+                                  precision=run_precision, alpha=alpha_mode, progress=_ComfyProgress(),
+                                  make_room=make_room)
 
     try:
-        out = run()
-    except Exception as exc:
-        if not (isinstance(exc, engine.OutOfMemory) or bridge.is_out_of_memory(exc)):
-            raise
-        # The engine already halved the tile down to one window. Last resort: have ComfyUI unload
-        # every other model it holds on this device, then try once more.
-        warnings.warn(f"ESC upscale ran out of memory on {device}; unloading other models and retrying", RuntimeWarning)
-        bridge.free_memory_for(1e30, device)
-        bridge.empty_cache()
         out = run()
     finally:
         bridge.empty_cache()

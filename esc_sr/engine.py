@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -292,6 +292,7 @@ def upscale(
     alpha: Literal["model", "resize"] = "model",
     progress: ProgressSpec = False,
     max_memory: MemorySpec = "auto",
+    make_room: Callable[[], None] | None = None,
 ) -> Any:
     """Upscale ``image`` with ``model``; see the module docstring for the full behaviour.
 
@@ -313,6 +314,8 @@ def upscale(
         max_memory: the memory the image's copies and output may take (:func:`estimate_memory`): ``'auto'`` (the
             RAM available now), a number of bytes, or None (no check). A larger job is refused before the model
             runs, instead of failing (or being killed) when its output is allocated.
+        make_room: a host's way to free device memory it holds (ComfyUI: unload its other models), tried once when
+            even the smallest tile runs out of memory, before the image fails.
 
     Non-finite input values (NaN, Inf: possible in float images) are replaced, NaN and -Inf by 0 and +Inf by 1,
     with a ``RuntimeWarning``. A non-finite output is never returned: it raises :class:`EngineError`.
@@ -363,7 +366,8 @@ def upscale(
 
     precision = for_model(precision, model)  # 'auto' is fp32 for a model without half precision (e.g. LTE)
     prepared, run_device, dtype = prepare_model(model, device, precision)
-    runner = Runner(prepared, run_device, dtype, fp32=lambda: prepare_model(model, run_device, "fp32")[0])
+    runner = Runner(prepared, run_device, dtype, fp32=lambda: prepare_model(model, run_device, "fp32")[0],
+                    make_room=make_room)
     window = window_of(prepared)
     bar = TileProgress(progress)
 

@@ -36,7 +36,26 @@ def run(
 ) -> None:
     """Run a ``height x width`` LR image on the first rung that fits: ``process(box)`` computes and keeps one
     crop-overlap box (the whole image, untiled), ``stream(maps)`` the whole image layer-streamed (None: the model
-    cannot stream)."""
+    cannot stream). When the last rung fails too, the host's ``make_room`` (if any) is asked once and the ladder
+    climbed again."""
+    rungs = dict(height=height, width=width, window=window, overlap=overlap, progress=progress, process=process,
+                 stream=stream, outscale=outscale)
+    try:
+        _climb(runner, tile, **rungs)
+    except OutOfMemory:
+        if runner.make_room is None:
+            raise
+        warnings.warn(f"out of memory on {runner.device} on every rung; asking the host to free memory and retrying",
+                      RuntimeWarning, stacklevel=3)
+        runner.make_room()
+        release_memory(runner.device)
+        _climb(runner, tile, **rungs)
+
+
+def _climb(
+    runner: Runner, tile: TileSpec, *, height: int, width: int, window: int, overlap: int, progress: TileProgress,
+    process: Callable[[Box], None], stream: Callable[[TiledMaps], None] | None, outscale: float | None,
+) -> None:
     core = initial_core(runner, tile, window=window, overlap=overlap, height=height, width=width)
     runner.pooling = GlobalPooling(runner.model)  # statistics belong to one image
     if len(tile_grid(height, width, core)) == 1:

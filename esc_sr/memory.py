@@ -194,3 +194,14 @@ def fits_untiled(
     window = window_of(model)
     pixels = (-(-height // window) * window) * (-(-width // window) * window)
     return pixels * bytes_per_input_pixel(model, dtype) <= free_memory_bytes(device) * fraction
+
+
+def device_bytes(model: nn.Module, dtype: torch.dtype, height: int, width: int, tile: int | None = None) -> float:
+    """What one upscale of a ``height x width`` image holds on the device at most: the weights, and the working set
+    of the whole image or of one ``tile`` (with 16 px of context), whichever is smaller. For hosts that make room
+    before a run (ComfyUI); the engine itself decides tiles by :func:`fits_untiled` and the ladder."""
+    weights = sum(p.numel() for p in model.parameters()) * (torch.finfo(dtype).bits // 8)
+    window = window_of(model)
+    whole = (-(-height // window) * window) * (-(-width // window) * window)
+    pixels = whole if not tile or tile <= 0 else min(whole, (tile + 16) ** 2)
+    return float(weights + pixels * bytes_per_input_pixel(model, dtype))

@@ -29,6 +29,7 @@ class Runner:
     dtype: torch.dtype
     pooling: GlobalPooling | None = None
     fp32: Callable[[], nn.Module] | None = field(default=None, repr=False)  # prepares the fp32 model on demand
+    make_room: Callable[[], None] | None = field(default=None, repr=False)  # the host frees memory it holds
     _fp32_model: nn.Module | None = field(default=None, repr=False)
     _warned_overflow: bool = False
 
