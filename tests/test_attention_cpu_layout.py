@@ -1,12 +1,25 @@
-"""The CPU sdpa path of ``WindowAttention`` (its own layout, GEMM projections) computes what the naive reference
-computes: outputs and gradients, odd sizes, batches, large and small windows."""
+"""The CPU sdpa layout a prepared model runs for ``WindowAttention`` (esc_runtime.layers, "sdpa-cpu-layout": its own
+layout, GEMM projections) computes what the naive reference computes, odd sizes, batches, large and small windows; the
+plain sdpa module, which training uses, has the naive reference's outputs and gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import esc_runtime
 from esc_arch.attention import WindowAttention, relative_position_index
+from esc_arch.layers import LayerNorm2d
+from esc_runtime.layers import Target
+
+CPU_FP32 = Target(torch.device("cpu"), torch.float32)
+
+
+def _layout(layer: WindowAttention):
+    """The implementation a prepared model runs ``layer`` with on fp32 CPU where the native kernel is not built."""
+    implementation = esc_runtime.choose("window attention", layer, CPU_FP32, disable=("native",)).implementation
+    assert implementation.name == "sdpa-cpu-layout"
+    return implementation
 
 
 def _pair(dim: int, window: int, heads: int, seed: int = 0) -> tuple[WindowAttention, WindowAttention]:
@@ -30,22 +43,44 @@ CASES = [(16, 32, 2, 1, 64, 64), (16, 32, 2, 2, 40, 70), (12, 28, 3, 1, 30, 29),
 def test_cpu_sdpa_layout_matches_naive_in_inference(case) -> None:
     dim, window, heads, batch, height, width = case
     sdpa, naive = (m.eval() for m in _pair(dim, window, heads))
+    layout = _layout(sdpa)
     x = torch.randn(batch, dim, height, width, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = naive(x)
-        out = sdpa(x)
+        plain = sdpa(x)
+        out = layout(sdpa, x)
         sdpa.bake()
-        baked = sdpa(x)
+        baked = layout(sdpa, x)
     # dense either way: NCHW, or channels-last where CPU inference runs on oneDNN (esc_runtime.onednn)
     assert out.shape == expected.shape == x.shape
     assert out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)
     scale = expected.abs().max().item()
     assert (out - expected).abs().max().item() <= 2e-6 * scale
+    assert (plain - expected).abs().max().item() <= 2e-6 * scale
     assert torch.equal(baked, out)
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["window-multiple", "cropped"])
+def test_cpu_sdpa_layout_fuses_the_norm_and_the_residual(case) -> None:
+    """``layout(layer, x, norm=ln, add=x)`` is the block's ``x + attn(ln(x))`` (a window multiple adds the residual
+    inside the output projection; a cropped map after it)."""
+    dim, window, heads, batch, height, width = case
+    sdpa, naive = (m.eval() for m in _pair(dim, window, heads))
+    norm = LayerNorm2d(dim).eval()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(batch, dim, height, width, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = x + naive(norm(x))
+        out = _layout(sdpa)(sdpa, x, norm=norm, add=x)
+    assert out.shape == x.shape
+    assert (out - expected).abs().max().item() <= 2e-6 * expected.abs().max().item()
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=["large-window", "small-window"])
-def test_cpu_sdpa_layout_trains_like_naive(case) -> None:
+def test_the_plain_sdpa_module_trains_like_naive(case) -> None:
+    """Training uses the plain model (a prepared one is for inference only): its sdpa module's gradients are naive's."""
     dim, window, heads, batch, height, width = case
     sdpa, naive = (m.train() for m in _pair(dim, window, heads))
     x = torch.randn(batch, dim, height, width, generator=torch.Generator().manual_seed(2))
