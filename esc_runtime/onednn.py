@@ -1,24 +1,14 @@
 """CPU inference on oneDNN: channels-last feature maps, 1x1 convolutions as oneDNN matmuls and the other convolutions
 as oneDNN convolutions, each with its GELU or residual add fused in.
 
-Why. On the 2-core AMD EPYC development VM (AVX-512), torch's fp32 matmuls go to MKL, which runs at about 100
-GFLOP/s per core at 2048^3 and at 16-58 GFLOP/s at attention-sized shapes, while oneDNN's matmul, the same
-arithmetic, runs at 227 GFLOP/s; a 1x1 convolution (MKL at one thread, oneDNN's NCHW convolution at two) at 70-135
-GFLOP/s. A 1x1 convolution on a channels-last map *is* a matmul, ``(pixels, in) @ (out, in)^T``, with no copy on
-either side, and oneDNN adds GELU or a residual to its output in the same pass. Measured (ESC's ConvFFN, 64
-channels, 192x320): 57.5 -> 23.5 ms at 1 thread, 21.4 -> 11.3 ms at 2 (``benchmarks/README.md``, "CPU inference on
-oneDNN"). Depthwise convolutions and LayerNorm are faster channels-last as well. The FFN's depthwise 3x3 with its
-GELU, and each block's closing 3x3 with its residual, are one oneDNN convolution each (a post-op instead of another
-pass over the map): an ESC x4 forward at 192x320, 2 threads, 0.96x the time with separate operators (2.24 against
-2.32 s, interleaved medians of 6).
+Why: a 1x1 convolution on a channels-last map *is* a matmul with no copy on either side, oneDNN's matmul runs far
+closer to the core's peak than the BLAS torch calls at these shapes, and a fused GELU or residual saves a pass over
+the map (``benchmarks/README.md``, "CPU inference on oneDNN").
 
-When. :func:`applies` says whether a call takes this path: a float32 CPU tensor, no autograd (oneDNN's fused
-matmul has no backward), not under tracing or export (ONNX, TorchScript, ``torch.compile`` see plain
-convolutions), oneDNN not switched off (``torch.backends.mkldnn.flags(enabled=False)``), an x86-64 CPU (where it was
-measured), and a torch built with oneDNN and its fused operators (``torch.ops.mkldnn._linear_pointwise`` and
-``_convolution_pointwise``, which inductor's CPU backend emits; checked once). Anywhere else the same functions fall
-back to ``F.conv2d`` and plain PyTorch: the same outputs to float rounding, the state dict
-untouched. ``ESC_SR_ONEDNN=0`` in the environment turns the path off (the reference for comparisons).
+The runtime chooses this path when a model is prepared for float32 CPU inference on a torch with oneDNN's fused
+operators (:func:`available`: checked once; ``ESC_SR_ONEDNN=0`` turns it off). The functions still fall back to
+``F.conv2d`` and plain PyTorch where a call cannot take it (autograd, tracing, another dtype): same outputs to float
+rounding, the state dict untouched.
 """
 
 from __future__ import annotations

@@ -1,25 +1,15 @@
 """ESC's shared large-kernel convolution as an overlap-save FFT, for CPU inference.
 
-Why. ESC's partial convolution is a dense ``pdim -> pdim`` 13x13 correlation (ESC: 16 channels, 86.5 kFLOP per
-pixel) plus a per-sample 3x3 depthwise one, and oneDNN already runs the 13x13 one near the core's peak. In the
-frequency domain the same correlation is a few FFTs and one ``pdim x pdim`` complex channel mix per frequency.
-A single FFT of the whole map would need a kernel spectrum as large as the map; cut into ``n x n`` blocks that
-overlap by the kernel's size less one (overlap-save), the spectrum is ``n x n`` (ESC at n = 64: 8.6 MB as real
-matrices), computed once per forward pass (:func:`prepare`) and shared by every block of every layer, and the mix
-is one batched matmul over the frequencies. The dynamic 3x3 kernel is a diagonal mix, one complex multiply-add per
-channel on the same spectra, so one pass does both convolutions.
+Why: ESC's partial convolution is a dense ``pdim -> pdim`` 13x13 correlation plus a per-sample 3x3 depthwise one.
+In the frequency domain the same correlation is a few FFTs and one ``pdim x pdim`` complex channel mix per
+frequency; cut into ``n x n`` blocks that overlap by the kernel's size less one (overlap-save), the kernel's
+spectrum is ``n x n``, computed once per forward pass and shared by every block of every layer, and the dynamic
+3x3 kernel is a diagonal mix on the same spectra, so one pass does both convolutions. Speed and accuracy against
+the direct convolutions: ``benchmarks/README.md``, "Large kernel by FFT".
 
-Measured (``benchmarks/large_kernel.py``; one 13x13 correlation with its dynamic 3x3, 2-core Xeon, 2 threads):
-0.63x the time of the direct convolutions for ESC's 16 channels at 180x320, 0.51x for the default model's 8 at
-480x512, 0.31x for ESC-XL's 48; whole forward passes 0.91x (ESC x4) and 0.81x (the default model). Against a
-float64 reference the FFT is the more accurate of the two (ESC at 180x320: 3.4e-6 against oneDNN's 2.6e-5 for
-outputs up to 13).
-
-When. :func:`applies` says whether a forward pass takes this path: a float32 CPU tensor without autograd, not under
-tracing or export (ONNX, TorchScript and ``torch.compile`` see the plain convolution), a kernel of at least
-:data:`MIN_KERNEL` taps, and ``ESC_SR_FFT`` not ``0`` in the environment (the reference for comparisons);
-:func:`prepare` takes it for maps of at least :data:`MIN_PIXELS`, and smaller tiles of a layer-streamed pass run
-direct. The state dict, training, other devices and dtypes are unchanged.
+The runtime chooses it (``esc_runtime.layers``) for float32 CPU inference where the native correlation is not
+built, for kernels of at least :data:`MIN_KERNEL` taps and maps of at least :data:`MIN_PIXELS` (smaller tiles of a
+layer-streamed pass run direct); ``ESC_SR_FFT=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -35,11 +25,10 @@ from esc_arch.layers import per_sample_depthwise_conv
 
 __all__ = ["MIN_KERNEL", "MIN_PIXELS", "enabled", "applies", "block_size", "SpectralKernel", "prepare"]
 
-#: Smaller kernels stay direct: below this the FFT does not repay itself (16 channels at 180x320: 9x9 0.97x, 7x7
-#: 1.19x the direct time; 11x11 0.71x).
+#: Smaller kernels stay direct: below this the FFT does not repay itself (benchmarks/README.md).
 MIN_KERNEL = 11
 
-#: Maps (or tiles) of fewer pixels run direct: the FFT's fixed costs made it slower at 64x64 and even at 96x96.
+#: Maps (or tiles) of fewer pixels run direct: the FFT's fixed costs make it slower there (benchmarks/README.md).
 MIN_PIXELS = 128 * 128
 
 
@@ -58,11 +47,8 @@ def applies(x: torch.Tensor, kernel: torch.Tensor) -> bool:
 
 
 def block_size(kernel_size: int) -> int:
-    """The FFT block side: the smallest power of two of at least 64 and four times the kernel's overlap.
-
-    Measured with 8, 16 and 48 channels at 13x13: 64 beat 32 (more overlap per block: 0.59x against 0.85x the
-    direct time with 8 channels; 0.37x against 0.43x with 48), and 128 gained nothing (its mixes are 4x larger).
-    """
+    """The FFT block side: the smallest power of two of at least 64 and four times the kernel's overlap (64 beat
+    32 and 128 on ESC's channel counts: benchmarks/README.md)."""
     size = 64
     while size < 4 * (kernel_size - 1):
         size *= 2
