@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import esc_arch
+import esc_runtime
 from esc_arch.attention import relative_position_index
 
 
@@ -76,8 +77,10 @@ def test_flex_compile_failure_falls_back_eagerly_and_says_so(monkeypatch):
     from esc_arch import attention as attention_module
 
     monkeypatch.setattr(attention_module, "_compiled_flex_attention", _failing_compile(RuntimeError("inductor bug")))
-    monkeypatch.setattr(attention_module, "_FLEX_COMPILE_FAILED", set())
-    monkeypatch.setattr(attention_module, "flex_compiler_available", lambda: True)
+    failed = set()
+    for module in (attention_module, esc_runtime.report):  # the report holds its own references to both
+        monkeypatch.setattr(module, "_FLEX_COMPILE_FAILED", failed)
+        monkeypatch.setattr(module, "flex_compiler_available", lambda: True)
     layer = esc_arch.WindowAttention(32, 8, 2, "flex").eval()
     x = torch.randn(1, 32, 8, 8)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="flex_attention failed .*inductor bug.*runs flex_attention eagerly"):
@@ -85,7 +88,7 @@ def test_flex_compile_failure_falls_back_eagerly_and_says_so(monkeypatch):
     layer.attn_type = "naive"
     with torch.no_grad():
         assert (out - layer(x)).abs().max() <= 1e-5
-    assert "eager for 1 shape" in esc_arch.attention_kernel(esc_arch.set_attention_backend(small_esc(), "flex"))
+    assert "eager for 1 shape" in esc_runtime.attention_kernel(esc_arch.set_attention_backend(small_esc(), "flex"))
 
 
 def test_flex_out_of_memory_stays_out_of_memory(monkeypatch):
@@ -177,10 +180,10 @@ def test_flex_refuses_training_on_cpu_with_a_clear_error():
 
 def test_attention_kernel_reports_what_torch_dispatches():
     model = small_esc()
-    assert "flash" in esc_arch.attention_kernel(model, "cpu")
+    assert "flash" in esc_runtime.attention_kernel(model, "cpu")
     # the learnable bias requires grad in training: torch silently uses the math kernel on CPU
-    assert "math" in esc_arch.attention_kernel(model, "cpu", training=True)
-    assert esc_arch.attention_kernel(esc_arch.set_attention_backend(model, "naive")).startswith("naive")
+    assert "math" in esc_runtime.attention_kernel(model, "cpu", training=True)
+    assert esc_runtime.attention_kernel(esc_arch.set_attention_backend(model, "naive")).startswith("naive")
 
 
 def test_unknown_backend_is_rejected():
