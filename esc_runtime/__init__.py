@@ -11,9 +11,9 @@
 
 from .dispatch import Choice, choose
 from .layers import KINDS, Target
-from .prepare import PreparedModel, prepare
+from .prepare import PreparedModel, plan, prepare
 from .report import attention_kernel, sdpa_kernel_name
 from .streaming import WHOLE, MapRunner, TiledMaps, count_stages
 
 __all__ = ["Choice", "KINDS", "MapRunner", "PreparedModel", "Target", "TiledMaps", "WHOLE", "attention_kernel",
-           "choose", "count_stages", "prepare", "sdpa_kernel_name"]
+           "choose", "count_stages", "plan", "prepare", "sdpa_kernel_name"]

@@ -38,6 +38,10 @@ class Plan:
         self.partial_conv = choices["partial convolution"].implementation
         self.convolution = choices["closing convolution"].implementation
 
+    def describe(self) -> list[str]:
+        """One line per kind of layer: the implementation chosen, and why each one before it was not."""
+        return [choice.describe() for choice in self.choices.values()]
+
 
 def _norm(ln: nn.Module) -> nn.Module | None:
     return None if isinstance(ln, nn.Identity) else ln

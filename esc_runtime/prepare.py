@@ -69,7 +69,7 @@ class PreparedModel(nn.Module):
 
     def report(self) -> list[str]:
         """One line per kind of layer: the implementation chosen, and why each one before it was not."""
-        return [choice.describe() for choice in self.plan.choices.values()]
+        return self.plan.describe()
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:

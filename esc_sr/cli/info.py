@@ -29,6 +29,8 @@ def add_parser(subparsers: Any) -> None:
 
 def describe_model(model, *, device, dtype) -> dict[str, Any]:
     """The facts ``esc-sr info`` prints, as a dict."""
+    import torch
+
     import esc_arch
     import esc_runtime
 
@@ -41,6 +43,8 @@ def describe_model(model, *, device, dtype) -> dict[str, Any]:
         "hyperparameters": dict(model.hyperparameters),
         "attention_backend": model.attn_type,
         "attention_kernel": esc_runtime.attention_kernel(model, device, dtype),  # what the engine runs
+        # each kind of layer's implementation for inference here, and why not the faster ones
+        "runtime": esc_runtime.plan(model, esc_runtime.Target(torch.device(device), dtype)).describe(),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
     }
@@ -73,6 +77,7 @@ def info_command(args: argparse.Namespace) -> int:
         f"hyperparameters:  {hyper}",
         f"attention:        {about['attention_backend']} -> {about['attention_kernel']}",
         f"                  (on {about['device']}, {about['dtype']})",
+        *(f"{'runtime:' if i == 0 else '':<18}{line}" for i, line in enumerate(about["runtime"])),
     ]
     print("\n".join(lines))
     return EXIT_OK
