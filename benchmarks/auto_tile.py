@@ -4,13 +4,12 @@
 ``tile='auto'`` runs it untiled. Each case alternates the two calls (auto, untiled, auto, ...) so that load
 changes hit both alike, and reports the ratio of medians (target: <= 1.10).
 
-    python -m benchmarks.auto_tile                       # default model 500x480 and 1920x1080, esc x4 500x480
-    python -m benchmarks.auto_tile --cases default:500x480 --runs 5
+    python -m benchmarks auto_tile                       # default model 500x480 and 1920x1080, esc x4 500x480
+    python -m benchmarks auto_tile --cases default:500x480 --runs 5
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -18,7 +17,7 @@ import torch
 import esc_arch
 import esc_sr
 
-from .common import RESULTS_DIR, load_average, log, machine_info, parse_size, time_once, write_json_atomic
+from .common import RESULTS_DIR, load_average, log, parse_args, parse_size, script_parser, time_once, write_payload
 
 DEFAULT_CASES = ("default:500x480", "default:1920x1080", "esc:500x480")
 
@@ -42,12 +41,10 @@ def measure(case: str, runs: int) -> dict:
     return {"case": case, "times_ms": times, "median_ms": median, "auto_over_untiled": median["auto"] / median["untiled"]}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = script_parser(__doc__, runs=3, out=RESULTS_DIR / "auto_tile.json")
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), help="MODEL:HEIGHTxWIDTH (MODEL: default or a preset)")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS_DIR / "auto_tile.json"))
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     load_before = load_average()
     rows = []
     for case in args.cases:
@@ -55,10 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         log(f"{case}: auto {row['median_ms']['auto'] / 1e3:.2f} s, untiled {row['median_ms']['untiled'] / 1e3:.2f} s, "
             f"ratio {row['auto_over_untiled']:.3f}")
         rows.append(row)
-    write_json_atomic(args.out, {"machine": machine_info(torch.device("cpu")), "runs": args.runs,
-                                 "load_average": [load_before, load_average()], "results": rows})
-    log(f"wrote {args.out}")
+    write_payload(args.out, {"runs": args.runs, "load_average": [load_before, load_average()], "results": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

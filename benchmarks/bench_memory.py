@@ -1,7 +1,7 @@
 """Peak memory of ``esc_sr.upscale`` on a large image: memory is bounded by the tile, not the image.
 
-    python -m benchmarks.bench_memory                                   # 3840x2160 x2, esc_tiny, tile auto
-    python -m benchmarks.bench_memory --preset esc --size 1920x1080
+    python -m benchmarks bench_memory                                   # 3840x2160 x2, esc_tiny, tile auto
+    python -m benchmarks bench_memory --preset esc --size 1920x1080
 
 The upscale runs in a fresh Python process, the way ``esc-sr upscale`` runs it: a uint8 HxWx3 array in,
 a uint8 array out, ``tile='auto'``, fp32 on CPU. Reported: the absolute peak resident set size of that
@@ -13,15 +13,14 @@ zero init): trained models have them, and they make the engine do its statistics
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from .common import REPO_ROOT, RESULTS_DIR, MIB, current_rss_bytes, log, machine_info, parse_size, peak_rss_bytes, write_json_atomic
+from .common import (
+    MIB, RESULTS_DIR, current_rss_bytes, emit, log, parse_args, parse_size, peak_rss_bytes, run_child, script_parser,
+    write_payload,
+)
 
 MARKER = "BENCH-MEMORY-RESULT "
 
@@ -75,43 +74,32 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, out=RESULTS_DIR / "bench_memory.json")
     parser.add_argument("--preset", default="esc_tiny", help="esc_arch preset (default esc_tiny, the default model's)")
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--size", type=parse_size, default=(3840, 2160), help="WIDTHxHEIGHT (default 3840x2160)")
     parser.add_argument("--tile", default="auto", help="auto, 0 (no tiling) or a size")
     parser.add_argument("--untrained", action="store_true", help="keep the zero-initialised dynamic kernels")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_memory.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     if args.child:
-        print(MARKER + json.dumps(child(args)), flush=True)
+        emit(MARKER, child(args))
         return 0
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "benchmarks.bench_memory", "--child", "--preset", args.preset,
-               "--scale", str(args.scale), "--size", f"{args.size[0]}x{args.size[1]}", "--tile", args.tile]
-    if args.untrained:
-        command.append("--untrained")
+    command = ["--child", "--preset", args.preset, "--scale", str(args.scale), "--size", f"{args.size[0]}x{args.size[1]}",
+               "--tile", args.tile] + (["--untrained"] if args.untrained else [])
     log(f"upscaling {args.size[0]}x{args.size[1]} x{args.scale} with {args.preset} in a fresh process")
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
-    if proc.returncode != 0 or not lines:
-        print(proc.stderr[-3000:], file=sys.stderr)
+    result = run_child("benchmarks.bench_memory", command, MARKER)
+    if "error" in result:
+        print(result.get("stderr_tail", result["error"]), file=sys.stderr)
         return 1
-    result = json.loads(lines[-1][len(MARKER):])
-    import torch
-
-    payload = {"machine": machine_info(torch.device("cpu")), "result": result}
-    write_json_atomic(args.out, payload)
+    write_payload(args.out, {"result": result})
     print(
         f"{result['preset']} x{result['scale']}: {result['input']} -> {result['output']}, tile {result['tile']} "
         f"(+{result['overlap']} px context): peak RSS {result['peak_rss_mb'] / 1024:.2f} GiB "
         f"(after imports {result['rss_after_imports_mb']:.0f} MiB), {result['seconds']:.0f} s"
     )
-    print(f"wrote {args.out}")
     return 0
 
 

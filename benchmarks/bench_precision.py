@@ -1,7 +1,7 @@
 """Half precision against full precision: PSNR of ``upscale`` in fp16 / bf16 vs fp32 on real images.
 
-    python -m benchmarks.bench_precision                                  # golden ESC x4 weights, Set5
-    python -m benchmarks.bench_precision --model ESC_DIV2K_X4 --device cuda
+    python -m benchmarks bench_precision                                  # golden ESC x4 weights, Set5
+    python -m benchmarks bench_precision --model ESC_DIV2K_X4 --device cuda
 
 The LR inputs are the Set5 HR images downscaled x4 (Pillow bicubic, after cropping to a multiple of 4);
 each is upscaled untiled in fp32 and in each half precision the device runs, and the 8-bit outputs are
@@ -11,17 +11,15 @@ default model and images.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 import numpy as np
 
-from .common import REPO_ROOT, RESULTS_DIR, log, machine_info, pick_device, write_json_atomic
+from .common import GOLDEN_DIR, RESULTS_DIR, SHARED_DIR, log, machine_info, parse_args, pick_device, script_parser, write_payload
 
-SHARED = REPO_ROOT.parent / "shared"
-DEFAULT_MODEL = SHARED / "fixtures" / "golden" / "esc_x4.ckpt.pth"
-DEFAULT_IMAGES = SHARED / "data" / "benchmark" / "Set5"
+DEFAULT_MODEL = GOLDEN_DIR / "esc_x4.ckpt.pth"
+DEFAULT_IMAGES = SHARED_DIR / "data" / "benchmark" / "Set5"
 
 
 def psnr_8bit(a: np.ndarray, b: np.ndarray) -> float:
@@ -30,19 +28,16 @@ def psnr_8bit(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
     from PIL import Image
 
     from esc_sr import engine
     from esc_sr.cli import load_cli_model
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, device="cpu", out=RESULTS_DIR / "bench_precision.json")
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16"])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_precision.json")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     device = pick_device(args.device)
     model = load_cli_model(args.model)
@@ -65,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             row[precision + "_max_abs_8bit"] = int(np.abs(half.astype(int) - full.astype(int)).max())
         rows.append(row)
 
-    machine = machine_info(device)
-    write_json_atomic(args.out, {"model": args.model, "machine": machine, "rows": rows})
+    write_payload(args.out, {"model": args.model, "rows": rows}, machine_info(device))
     print(f"PSNR of half-precision output vs fp32 output (8-bit RGB), {Path(args.model).name}, on {device}\n")
     print("| image | LR size | " + " | ".join(f"{p} PSNR (max abs diff)" for p in args.precisions) + " |")
     print("|---|---|" + "---:|" * len(args.precisions))
@@ -76,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
             for p in args.precisions
         ]
         print(f"| {row['image']} | {row['lr']} | " + " | ".join(cells) + " |")
-    print(f"\nwrote {args.out}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Tiled vs untiled ``upscale``: the largest 8-bit difference for a range of overlaps (the seam check).
 
-    python -m benchmarks.bench_seams                                  # golden ESC x4 weights, a photo crop
-    python -m benchmarks.bench_seams --tile 128 --overlaps 0 32 64 96
+    python -m benchmarks bench_seams                                  # golden ESC x4 weights, a photo crop
+    python -m benchmarks bench_seams --tile 128 --overlaps 0 32 64 96
 
 Small tiles make many borders, so the worst case shows quickly. The default photo is a 256x192 crop of a
 SunHays80 image in ../shared; the default model, the trained upstream ESC x4 checkpoint of the golden
@@ -10,34 +10,30 @@ fixtures. This is how ``esc_sr.engine.DEFAULT_OVERLAP`` was chosen.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import REPO_ROOT, RESULTS_DIR, log, machine_info, write_json_atomic
+from .common import GOLDEN_DIR, RESULTS_DIR, SHARED_DIR, log, parse_args, script_parser, write_payload
 
-SHARED = REPO_ROOT.parent / "shared"
-DEFAULT_MODEL = SHARED / "fixtures" / "golden" / "esc_x4.ckpt.pth"
-DEFAULT_PHOTO = SHARED / "data" / "train" / "SunHays80" / "aqueduct_sun_ancegghzusmmvzjn.jpg"
+DEFAULT_MODEL = GOLDEN_DIR / "esc_x4.ckpt.pth"
+DEFAULT_PHOTO = SHARED_DIR / "data" / "train" / "SunHays80" / "aqueduct_sun_ancegghzusmmvzjn.jpg"
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
     from PIL import Image
 
     from esc_sr import engine
     from esc_sr.cli import load_cli_model
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, out=RESULTS_DIR / "bench_seams.json")
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--photo", type=Path, default=DEFAULT_PHOTO)
     parser.add_argument("--crop", default="300,200,556,392", help="left,top,right,bottom (default a 256x192 crop)")
     parser.add_argument("--tile", type=int, default=64)
     parser.add_argument("--overlaps", type=int, nargs="+", default=[0, 32, 64])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_seams.json")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     model = load_cli_model(args.model)
     box = tuple(int(v) for v in args.crop.split(","))
@@ -52,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"tile": args.tile, "overlap": overlap, "max_abs_8bit": int(diff.max()),
                      "share_above_1": float((diff > 1).mean()), "seconds": round(time.perf_counter() - start, 1)})
         log(str(rows[-1]))
-    write_json_atomic(args.out, {"model": args.model, "photo": str(args.photo), "crop": box,
-                                 "machine": machine_info(torch.device("cpu")), "rows": rows})
+    write_payload(args.out, {"model": args.model, "photo": str(args.photo), "crop": box, "rows": rows})
     print(f"tiled ({args.tile} px tiles) vs untiled, {Path(args.model).name}, {photo.shape[1]}x{photo.shape[0]} crop\n")
     print("| overlap | max abs diff (8-bit) | pixels off by > 1 |")
     print("|---:|---:|---:|")

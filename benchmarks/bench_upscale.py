@@ -1,7 +1,7 @@
 """Latency and peak memory of ``esc_sr.upscale`` at the paper's protocol, per preset and attention backend.
 
-    python -m benchmarks.bench_upscale                      # esc, esc_light, esc_fp x sdpa, flex, naive
-    python -m benchmarks.bench_upscale --presets esc --backends sdpa --runs 3
+    python -m benchmarks bench_upscale                      # esc, esc_light, esc_fp x sdpa, flex, naive
+    python -m benchmarks bench_upscale --presets esc --backends sdpa --runs 3
 
 Protocol (the paper's ``test_direct_metrics``): x4, a 320x180 input (-> 1280x720), batch 1, fp32, uniform
 [0, 1] input, random weights (latency does not depend on them), untiled (``tile=None``: the engine pads
@@ -13,13 +13,11 @@ The table goes to stdout (markdown) and everything to ``benchmarks/results/bench
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .common import RESULTS_DIR, log, machine_info, pick_device, write_json_atomic
+from .common import RESULTS_DIR, log, machine_info, parse_args, pick_device, script_parser, write_payload
 from .peak_memory import run_case
 
 PRESETS = ("esc", "esc_light", "esc_fp")
@@ -93,20 +91,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__, device="cpu", runs=5, warmup=2, out=RESULTS_DIR / "bench_upscale.json")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS) + ["esc_xl", "esc_tiny"])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_upscale.json")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     machine = machine_info(pick_device(args.device))
 
     def save(rows: list[dict[str, Any]]) -> None:  # after every case, so a long run keeps what it measured
-        write_json_atomic(args.out, {"protocol": "x4, 320x180 -> 1280x720, batch 1, fp32, tile=None",
-                                     "runs": args.runs, "warmup": args.warmup, "machine": machine, "rows": rows})
+        write_payload(args.out, {"protocol": "x4, 320x180 -> 1280x720, batch 1, fp32, tile=None",
+                                 "runs": args.runs, "warmup": args.warmup, "rows": rows}, machine)
 
     rows = run(args.presets, args.backends, device=args.device, runs=args.runs, warmup=args.warmup, on_row=save)
     save(rows)
@@ -114,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"esc_sr.upscale, x4, 320x180 -> 1280x720, batch 1, fp32, {args.runs} runs after {args.warmup} warm-up, "
           f"on {cpu}, torch {machine['torch']}, load average at start {machine.get('load_average_at_start')}\n")
     print(format_table(rows))
-    print(f"\nwrote {args.out}")
     return 0
 
 

@@ -5,7 +5,7 @@ runs), so it must cost nothing measurable.  This makes two throw-away venvs of t
 one with the hook installed, and times ``python -c pass`` in each, alternating, N times; it also
 reports the hook module's own import time from ``python -X importtime``.
 
-    python benchmarks/chainner_hook_startup.py [--runs 40]
+    python -m benchmarks chainner_hook_startup [--runs 40]   # or python benchmarks/chainner_hook_startup.py
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def _hook_import_us(python: Path) -> int:
     raise RuntimeError("the hook was not imported at start-up")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=40)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         pythons = {}
         for name in ("without hook", "with hook"):
@@ -64,7 +64,8 @@ def main() -> None:
     delta = statistics.median(times["with hook"]) - statistics.median(times["without hook"])
     print(f"  difference of medians: {delta * 1e3:+.2f} ms")
     print(f"  hook module import (-X importtime, cumulative): median {statistics.median(imports)} us, max {max(imports)} us")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,35 +6,45 @@ is timed between CUDA events; on CPU with ``time.perf_counter``.
 
 Memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over the timed runs (what the paper reports);
 on CPU the peak resident set size (VmHWM) of a fresh process, which ``peak_memory.py`` arranges.
+
+Also the pieces every script repeats: its command line (:func:`script_parser`, :func:`parse_args`), the machine it
+ran on (:func:`machine_info`), its results file (:func:`write_payload`, :func:`write_results`) and the fresh child
+process that reports one JSON line (:func:`run_child`, :func:`emit`).  torch is imported where it is used, not
+here: ``official_cpu``'s workers must set their thread environment before torch loads.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import re
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
-from esc_arch.atomic import write_text
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SHARED_DIR = REPO_ROOT.parent / "shared"  # reference data beside the checkout, as tests/golden.py
+GOLDEN_DIR = SHARED_DIR / "fixtures" / "golden"
 MIB = 2**20
 
 
 # ----------------------------------------------------------------------------------------------- devices
 def pick_device(name: str | None = "auto") -> torch.device:
     """'auto' means CUDA when a GPU is visible, else CPU; anything else is passed to ``torch.device``."""
+    import torch
+
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -45,6 +55,8 @@ def pick_device(name: str | None = "auto") -> torch.device:
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -58,6 +70,41 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def format_size(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
+
+
+# ----------------------------------------------------------------------------------------------- command line
+#: The options several scripts take: flags and argparse keywords; each script gives its own default.
+SHARED_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "device": (("--device",), {"help": "auto (CUDA if visible), cpu, cuda, cuda:1 ..."}),
+    "threads": (("--threads",), {"type": int, "help": "torch CPU threads (default: torch's choice)"}),
+    "warmup": (("--warmup",), {"type": int, "help": "untimed runs first"}),
+    "runs": (("--runs",), {"type": int, "help": "timed runs"}),
+    "size": (("--size",), {"type": parse_size, "metavar": "HxW", "help": "LR input HEIGHTxWIDTH"}),
+    "out": (("--out",), {"type": Path, "help": "results file"}),
+}
+
+
+def script_parser(doc: str | None, **defaults: Any) -> argparse.ArgumentParser:
+    """The parser of a script: its module docstring as the description, plus each shared option named in
+    ``defaults`` (:data:`SHARED_OPTIONS`) with that default, e.g. ``script_parser(__doc__, device="auto", runs=5)``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in defaults.items():
+        flags, spec = SHARED_OPTIONS[name]
+        help_text = spec.get("help", "")
+        if default is not None and name != "device":
+            help_text += f" (default {format_size(default) if name == 'size' else default})"
+        parser.add_argument(*flags, **{**spec, "default": default, "help": help_text})
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` and apply ``--threads`` when the script has it and it is given."""
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -121,6 +168,8 @@ def time_callable(
 def time_once(fn: Callable[[], Any], device: torch.device) -> float:
     """Milliseconds of one call of ``fn`` (CUDA events on a GPU), with no warm-up."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
@@ -177,7 +226,7 @@ def reset_peak_rss() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- machine
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             for line in info:
@@ -205,9 +254,11 @@ def load_average() -> list[float] | None:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on (stored in every results file)."""
+    import torch
+
     info: dict[str, Any] = {
         "device": device.type,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_total_gib": None if _total_memory_bytes() is None else round(_total_memory_bytes() / 2**30, 1),
@@ -243,24 +294,77 @@ def machine_slug(info: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- files
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write ``payload`` as JSON through :func:`esc_arch.atomic.atomic_write`."""
-    write_text(path, json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=False) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` through :func:`esc_arch.atomic.atomic_write`."""
-    write_text(path, text)
+    from esc_arch.atomic import write_text
+
+    write_text(Path(path), text)
+
+
+def write_payload(out: str | Path, payload: dict[str, Any], machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``payload`` to ``out`` (JSON) with the machine's description first, under ``machine`` (default: this
+    CPU now; pass :func:`machine_info` taken before the runs to record the load without the benchmark), and say so
+    on stderr.  Returns what was written."""
+    if machine is None:
+        import torch
+
+        machine = machine_info(torch.device("cpu"))
+    written = {"machine": machine, **payload}
+    write_json_atomic(out, written)
+    log(f"wrote {out}")
+    return written
 
 
 def write_results(out: str | Path, rows: list[dict[str, Any]], markdown: Callable[[list, dict], str]) -> str:
     """Write ``rows`` with this machine's description as ``out`` (JSON) and their ``markdown(rows, machine)`` table
     beside it (``.md``); returns the table."""
-    machine = machine_info(torch.device("cpu"))
-    write_json_atomic(Path(out), {"machine": machine, "results": rows})
+    machine = write_payload(out, {"results": rows})["machine"]
     table = markdown(rows, machine)
     write_text_atomic(Path(out).with_suffix(".md"), table)
     return table
+
+
+def print_json(result: Any) -> int:
+    """The result on stdout as JSON (the scripts that write no file); the exit status 0."""
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- child processes
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, with the repository on PYTHONPATH (a child imports ``benchmarks``) and ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def emit(marker: str, result: Any) -> None:
+    """Child side of :func:`run_child`: the result as one marked JSON line on stdout."""
+    print(marker + json.dumps(result), flush=True)
+
+
+def run_child(module: str, args: list[str], marker: str, *, timeout_s: float | None = None,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python -m <module> <args>`` in a fresh process and return the JSON of its last line that starts with
+    ``marker`` (see :func:`emit`).  Never raises for a failing child: the result then holds ``error`` (one line:
+    the last line of its stderr, or its exit status) and ``stderr_tail``."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=child_env(env),
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
+    tail = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    reason = tail[-1] if tail else f"exit status {proc.returncode}, no output"
+    return {"error": reason[:500], "stderr_tail": "\n".join(tail[-15:])[-3000:]}
 
 
 def log(message: str) -> None:

@@ -10,13 +10,11 @@
   (before and after the model, so load drift on a shared machine shows up as a spread).
 * A profile of one forward pass groups the time by operator, to show where the gap to the matmul rate goes.
 
-    python -m benchmarks.flops --size 64x64
+    python -m benchmarks flops --size 64x64
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .common import format_size, log, parse_size, pick_device, time_callable
+from .common import format_size, log, parse_args, pick_device, print_json, script_parser, time_callable
 from .models import SCALE
 
 
@@ -115,20 +113,11 @@ def run(*, device: torch.device, size: tuple[int, int], runs: int, warmup: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--size", default="64x64")
+    parser = script_parser(__doc__, device="auto", size=(64, 64), warmup=1, runs=5, threads=None)
     parser.add_argument("--preset", default="esc")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(device=pick_device(args.device), size=parse_size(args.size), runs=args.runs, warmup=args.warmup,
-                 preset=args.preset)
-    print(json.dumps(result, indent=1))
-    return 0
+    args = parse_args(parser, argv)
+    return print_json(run(device=pick_device(args.device), size=args.size, runs=args.runs, warmup=args.warmup,
+                          preset=args.preset))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ An unfused ESC model computes the geometric-ensembled large kernel and every blo
 weights in each forward pass (there are no caches); ``fuse()`` bakes them once. This measures, per preset, the
 time of that derivation alone and of a whole unfused and fused forward pass on the same input, interleaved.
 
-    python -m benchmarks.fuse_cost                  # esc_tiny / esc_light / esc at 128x128, CPU
-    python -m benchmarks.fuse_cost --size 180x320 --presets esc esc_xl --device cuda
+    python -m benchmarks fuse_cost                  # esc_tiny / esc_light / esc at 128x128, CPU
+    python -m benchmarks fuse_cost --size 180x320 --presets esc esc_xl --device cuda
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 
@@ -19,7 +18,10 @@ import torch
 import esc_arch
 from esc_arch.attention import WindowAttention
 
-from .common import RESULTS_DIR, format_size, log, machine_info, parse_size, pick_device, synchronize, time_once, write_json_atomic
+from .common import (
+    RESULTS_DIR, format_size, log, machine_info, parse_args, pick_device, script_parser, synchronize, time_once,
+    write_payload,
+)
 
 
 def derive_constants(model: esc_arch.ESCModelBase) -> None:
@@ -54,14 +56,10 @@ def measure(preset: str, size: tuple[int, int], device: torch.device, runs: int)
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = script_parser(__doc__, size=(128, 128), runs=5, device="auto", out=RESULTS_DIR / "fuse_cost.json")
     parser.add_argument("--presets", nargs="+", default=["esc_tiny", "esc_light", "esc"])
-    parser.add_argument("--size", type=parse_size, default=(128, 128), help="LR input HEIGHTxWIDTH (default 128x128)")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "fuse_cost.json"))
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     device = pick_device(args.device)
     rows = []
     for preset in args.presets:
@@ -70,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{100 * row['constants_share_of_forward']:.2f} % of an unfused forward "
             f"({row['median_ms']['unfused']:.0f} ms); unfused / fused = {row['unfused_over_fused']:.3f}")
         rows.append(row)
-    write_json_atomic(args.out, {"machine": machine_info(device), "runs": args.runs, "results": rows})
-    log(f"wrote {args.out}")
+    write_payload(args.out, {"runs": args.runs, "results": rows}, machine_info(device))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

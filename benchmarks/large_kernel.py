@@ -11,25 +11,22 @@ medians of the rounds:
   switched on and off between calls (what ``ESC_SR_FFT=0`` does for a process), under :mod:`esc_sr.heap`'s
   allocator policy as ``upscale`` runs them; with the two outputs' max abs difference.
 
-    python -m benchmarks.large_kernel                       # results/large_kernel.json and .md
-    python -m benchmarks.large_kernel --rounds 3 --threads 1
+    python -m benchmarks large_kernel                       # results/large_kernel.json and .md
+    python -m benchmarks large_kernel --rounds 3 --threads 1
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from .common import log, parse_size, write_results
+from .common import GOLDEN_DIR, RESULTS_DIR, log, parse_args, parse_size, script_parser, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results" / "large_kernel.json"
-GOLDEN_ESC = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "golden" / "esc_x4.ckpt.pth"
+GOLDEN_ESC = GOLDEN_DIR / "esc_x4.ckpt.pth"
 CORRELATIONS = [("esc", 16, (180, 320)), ("default model", 8, (480, 512)), ("esc_xl", 48, (180, 320))]
 
 
@@ -119,15 +116,11 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, threads=None, out=RESULTS_DIR / "large_kernel.json")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per comparison (default 9)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--size", type=parse_size, default=None, metavar="HxW",
                         help="one size for every row instead of each row's own (a quick run)")
-    parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
 
     import esc_arch
 

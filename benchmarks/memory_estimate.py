@@ -8,19 +8,18 @@ Reported beside it: the estimate ``esc_sr.memory.bytes_per_input_pixel`` that ``
 its ratio to each (it must stay >= 1: an estimate below the real need would let an untiled run start that does not
 fit).
 
-    python -m benchmarks.memory_estimate                    # every variant, 64x64 and 128x128 inputs
-    python -m benchmarks.memory_estimate --variants esc:4 esc_real:4:dysample --sizes 96 160
+    python -m benchmarks memory_estimate                    # every variant, 64x64 and 128x128 inputs
+    python -m benchmarks memory_estimate --variants esc:4 esc_real:4:dysample --sizes 96 160
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
 import torch
 
-from .common import RESULTS_DIR, log, write_results
+from .common import RESULTS_DIR, log, parse_args, script_parser, write_results
 from .peak_memory import run_case
 
 # preset:scale[:upsampler or attention backend]
@@ -101,11 +100,10 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, out=RESULTS_DIR / "memory_estimate.json")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--sizes", nargs=2, type=int, default=(64, 128))
-    parser.add_argument("--out", default=str(RESULTS_DIR / "memory_estimate.json"))
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     rows = []
     for variant in args.variants:
         row = measure(variant, tuple(args.sizes))

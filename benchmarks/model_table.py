@@ -3,18 +3,18 @@
 Each row also carries its ratios to ESC ×4 on the default attention backend at the same input size
 (latency ratio > 1: the row is slower than ESC; memory ratio > 1: it needs more memory).
 
-    python -m benchmarks.model_table --sizes 64x64 --runs 10
+    python -m benchmarks model_table --sizes 64x64 --runs 10
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import torch
 
-from .common import Timing, format_size, log, parse_size, pick_device, time_callable, time_once
+from .common import (
+    Timing, format_size, log, parse_args, parse_size, pick_device, print_json, script_parser, time_callable, time_once,
+)
 from .models import count_parameters, find_entry, model_zoo, padded_size, prepare
 from .peak_memory import run_case
 
@@ -162,22 +162,13 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, device="auto", warmup=2, runs=10, threads=None)
     parser.add_argument("--sizes", nargs="+", default=["64x64"], help="LR input sizes HxW (default 64x64)")
     parser.add_argument("--models", nargs="*", help="zoo keys or names (default: all)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--all-models", action="store_true", help="include models too slow for the CPU budget")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run([parse_size(s) for s in args.sizes], device=device, warmup=args.warmup, runs=args.runs,
-               models=args.models, include_heavy=args.all_models)
-    print(json.dumps(rows, indent=1))
-    return 0
+    args = parse_args(parser, argv)
+    return print_json(run([parse_size(s) for s in args.sizes], device=pick_device(args.device), warmup=args.warmup,
+                          runs=args.runs, models=args.models, include_heavy=args.all_models))
 
 
 if __name__ == "__main__":

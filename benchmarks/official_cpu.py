@@ -1,8 +1,8 @@
 """ESC ×4 on CPU against the official implementation, same weights, same run, idle and loaded.
 
-    python -m benchmarks.official_cpu --official-repo /path/to/dslisleedh-ESC      # a clone (or bare mirror)
-    python -m benchmarks.official_cpu --official-repo REPO --conditions loaded --runs 3
-    python -m benchmarks.official_cpu --official-repo REPO --pause-pid 1234 --pause-pid 1240   # idle: stop them
+    python -m benchmarks official_cpu --official-repo /path/to/dslisleedh-ESC      # a clone (or bare mirror)
+    python -m benchmarks official_cpu --official-repo REPO --conditions loaded --runs 3
+    python -m benchmarks official_cpu --official-repo REPO --pause-pid 1234 --pause-pid 1240   # idle: stop them
 
 **The official code** is taken at run time from a local clone of ``dslisleedh/ESC``: ``git show
 COMMIT:esc/archs/esc_arch.py`` (``--commit``, default the golden fixtures' commit ``e7e6938``) into a temporary
@@ -67,11 +67,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .common import (  # no torch at import: ours must configure its threads before torch loads
+    GOLDEN_DIR, REPO_ROOT, RESULTS_DIR, cpu_model, load_average, log, parse_size, write_json_atomic, write_text_atomic,
+)
+
 GOLDEN_COMMIT = "e7e6938c52ff6c393fe52660df9e00cc2c975db1"
 OFFICIAL_FILE = "esc/archs/esc_arch.py"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DEFAULT_WEIGHTS = REPO_ROOT.parent / "shared" / "fixtures" / "golden" / "esc_x4.ckpt.pth"
+DEFAULT_WEIGHTS = GOLDEN_DIR / "esc_x4.ckpt.pth"
 # The official constructor, base configuration (../shared/spec/esc_architecture.md; golden case esc_x4).
 OFFICIAL_KWARGS = dict(dim=64, pdim=16, kernel_size=13, n_blocks=5, conv_blocks=5, window_size=32, num_heads=4,
                        exp_ratio=1.25, attn_type="Naive", upscaling_factor=4)
@@ -79,10 +81,6 @@ TOLERANCE = 1e-4
 ENTRIES = ("ours_upscale", "ours_batch", "ours_bare", "official")
 #: Which worker process serves each entry (the heap scope is process-wide: the batch entry needs its own).
 WORKER_OF = {"ours_upscale": "ours", "ours_bare": "ours", "ours_batch": "ours_batch", "official": "official"}
-
-
-def log(message: str) -> None:
-    print(f"[official_cpu {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------- official code
@@ -389,20 +387,13 @@ def measure(workers: dict[str, Worker], runs: int, warmup: int) -> dict[str, Any
     medians = {e: statistics.median(v) for e, v in times.items()}
     result: dict[str, Any] = {"runs": runs, "warmup_rounds": warmup, "seconds": times, "median_s": medians,
                               "min_s": {e: min(v) for e, v in times.items()}, "wall_s": time.perf_counter() - started,
-                              "runnable_threads": sampler.summary(), "load_average": _load_average(),
+                              "runnable_threads": sampler.summary(), "load_average": load_average(),
                               "thread_decisions": decisions}
     if "official" in medians:
         result["ratio_vs_official"] = {e: medians[e] / medians["official"] for e in entries if e != "official"}
         result["per_round_ratio_vs_official"] = {
             e: [a / b for a, b in zip(times[e], times["official"])] for e in entries if e != "official"}
     return result
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -464,18 +455,13 @@ def markdown(payload: dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------------- main
 
 
-def _size(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-repo", type=Path, default=None,
                         help="a local clone (or bare mirror) of github.com/dslisleedh/ESC")
     parser.add_argument("--commit", default=GOLDEN_COMMIT, help="official commit (default: the golden fixtures')")
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="BasicSR checkpoint of ESC x4")
-    parser.add_argument("--size", type=_size, default=(180, 320), help="LR input HxW (default 180x320)")
+    parser.add_argument("--size", type=parse_size, default=(180, 320), help="LR input HxW (default 180x320)")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds per condition (default 5)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed rounds per condition (default 0: each entry's first call was the agreement check)")
@@ -502,10 +488,10 @@ def main(argv: list[str] | None = None) -> int:
 
     payload: dict[str, Any] = {
         "benchmark": "official_cpu", "size": list(args.size), "commit": args.commit, "weights": str(args.weights),
-        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "parallel": torch.__config__.parallel_info().splitlines()[-1].strip(),
-                    "load_average_at_start": _load_average(),
+                    "load_average_at_start": load_average(),
                     "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "conditions": {}, "workers": {},
     }
@@ -547,30 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for worker_ in {id(w): w for w in workers.values()}.values():
                 worker_.close()
-    payload["machine"]["load_average_at_end"] = _load_average()
+    payload["machine"]["load_average_at_end"] = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     name = "official_cpu"
-    (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (args.out / f"{name}.md").write_text(markdown(payload))
+    write_json_atomic(args.out / f"{name}.json", payload)
+    write_text_atomic(args.out / f"{name}.md", markdown(payload))
     print(markdown(payload))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform_processor()
-
-
-def platform_processor() -> str:
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The ONNX route's speed: onnxruntime on CPU against PyTorch on CPU, same model, same input.
 
-    python -m benchmarks.onnx_speed                          # ESC x4, 180x320 input (-> 720x1280), 1 thread
-    python -m benchmarks.onnx_speed --preset esc_light --size 64x64 --runs 5 --threads 2
+    python -m benchmarks onnx_speed                          # ESC x4, 180x320 input (-> 720x1280), 1 thread
+    python -m benchmarks onnx_speed --preset esc_light --size 64x64 --runs 5 --threads 2
 
 The model (``esc_arch.PRESETS[preset](scale)``, seeded random weights; latency does not depend on them) is
 exported with ``esc_sr.onnx_export.export_onnx`` (fp32, the graph ``esc-sr export-onnx`` writes, checked
@@ -17,7 +17,6 @@ at start and end.  The outputs of the last round are compared (max |difference|)
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import RESULTS_DIR, format_size, load_average, log, machine_info, parse_size, time_once, write_json_atomic
+from .common import RESULTS_DIR, format_size, load_average, log, machine_info, parse_args, script_parser, time_once, write_payload
 
 
 def measure(preset: str, scale: int, size: tuple[int, int], *, threads: int, warmup: int, runs: int) -> dict:
@@ -104,29 +103,23 @@ def measure(preset: str, scale: int, size: tuple[int, int], *, threads: int, war
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, size=(180, 320), warmup=1, runs=3, out=RESULTS_DIR / "onnx_speed.json")
     parser.add_argument("--preset", default="esc")
     parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--size", type=parse_size, default=(180, 320), help="LR input HEIGHTxWIDTH (default 180x320)")
     parser.add_argument("--threads", type=int, default=1, help="threads of both runtimes (default 1)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--note", default="", help="free text stored with the results, e.g. what else ran")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "onnx_speed.json")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
 
     machine = machine_info(torch.device("cpu"))
     started = time.perf_counter()
     result = measure(args.preset, args.scale, args.size, threads=args.threads, warmup=args.warmup, runs=args.runs)
-    payload = {
+    payload = write_payload(args.out, {
         "benchmark": "onnx_speed",
-        "machine": machine,
         "load_average_at_end": load_average(),
         "note": args.note,
         "wall_s": round(time.perf_counter() - started, 1),
         "result": result,
-    }
-    write_json_atomic(args.out, payload)
+    }, machine)
     m = result["median_ms"]
     print(
         f"{args.preset} x{args.scale} at {result['input']}, {args.threads} thread(s): PyTorch {m['pytorch'] / 1e3:.2f} s, "

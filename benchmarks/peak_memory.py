@@ -12,7 +12,7 @@ Protocol inside the child, mirroring the paper's ``test_direct_metrics``:
 Reported memory:
   * ``peak_mb``: CUDA max_memory_allocated over the timed runs (weights + input + activations);
     CPU peak RSS over the timed runs minus the RSS right after the imports, i.e. weights + input +
-    activations + allocator slack, without the ~0.3-0.5 GB of shared libraries every process carries;
+    activations + allocator slack, without the shared libraries every process carries;
   * ``peak_rss_mb`` (CPU): the absolute peak RSS of the process, libraries included.
 
 A case is a JSON object: ``{"workload": "module:function", "device": "cpu", "warmup": 2, "runs": 10, ...}``
@@ -20,20 +20,18 @@ where ``function(case, device)`` returns ``(callable, info_dict)``.  The parent 
 :func:`run_case` and gets a dict back; a failing case returns ``{"error": ...}`` and never raises, so one
 broken model does not stop a benchmark run.
 
-Usage (normally called by the other scripts): ``python -m benchmarks.peak_memory '<case json>'``.
+Usage (normally called by the other scripts): ``python -m benchmarks peak_memory '<case json>'``.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
 import sys
 import traceback
 from typing import Any
 
-from .common import REPO_ROOT, MIB, current_rss_bytes, peak_rss_bytes, reset_peak_rss, time_callable
+from .common import MIB, current_rss_bytes, emit, peak_rss_bytes, reset_peak_rss, run_child, time_callable
 
 RESULT_MARKER = "BENCHMARK-RESULT "
 
@@ -96,10 +94,9 @@ def _mb(value: int | None) -> float | None:
 
 
 # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which tensors of
-# 128 KiB..32 MiB come from the heap and freed space may stay resident: peak RSS then varied by 20-40% between
-# identical runs (179-251 MB for the sdpa window attention).  A fixed threshold keeps every tensor-sized block
-# mmapped, so RSS follows live memory (179.3 / 179.4 MB in two runs).  It costs page faults on every large
-# allocation, so latency is measured without it (see ``measure_case``).
+# 128 KiB..32 MiB come from the heap and freed space may stay resident, so identical runs gave different peaks
+# (benchmarks/README.md, Protocol).  A fixed threshold keeps every tensor-sized block mmapped, so RSS follows live
+# memory.  It costs page faults on every large allocation, so latency is measured without it (see ``measure_case``).
 FIXED_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
@@ -117,23 +114,8 @@ def run_case(
             return measure_here(case)
         except Exception as exc:  # one broken case must not stop the run
             return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    if fixed_allocator:
-        env.update(FIXED_ALLOCATOR_ENV)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.peak_memory", json.dumps(case)],
-            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            return json.loads(line[len(RESULT_MARKER):])
-    tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    reason = tail[-1] if tail else f"exit status {proc.returncode}, no output"
-    return {"error": reason[:500], "stderr_tail": "\n".join(tail[-15:])[-3000:]}
+    return run_child("benchmarks.peak_memory", [json.dumps(case)], RESULT_MARKER, timeout_s=timeout_s,
+                     env=FIXED_ALLOCATOR_ENV if fixed_allocator else None)
 
 
 MEMORY_FIELDS = ("peak_mb", "peak_rss_mb", "peak_reserved_mb", "rss_after_import_mb", "rss_after_build_mb",
@@ -164,7 +146,7 @@ def measure_case(case: dict[str, Any], *, in_process: bool = False, split: bool 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m benchmarks.peak_memory '<case json>'", file=sys.stderr)
+        print("usage: python -m benchmarks peak_memory '<case json>'", file=sys.stderr)
         return 2
     case = json.loads(argv[0])
     try:
@@ -172,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         traceback.print_exc()
         result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    emit(RESULT_MARKER, result)
     return 0
 
 

@@ -289,7 +289,7 @@ def plot_teaser(results: dict[str, Any], path: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Regenerate the README's results section from the full results files, without measuring anything:
-    ``python -m benchmarks.report [--results DIR] [--readme PATH]``."""
+    ``python -m benchmarks report [--results DIR] [--readme PATH]``."""
     import argparse
 
     from .common import RESULTS_DIR
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     found = load_results(args.results)
     if not found:
-        print(f"no full results file in {args.results}; run python -m benchmarks.run_all first")
+        print(f"no full results file in {args.results}; run python -m benchmarks run_all first")
         return 1
     update_readme(args.readme, [render_markdown(data, data.get("plot")) for _, data in found])
     print(f"updated {args.readme} from {len(found)} results file(s)")

@@ -1,8 +1,8 @@
 """Rerun every benchmark on this machine and write the report.
 
-    python -m benchmarks.run_all            # full run (CPU: about 20 minutes; CUDA: the paper's protocol)
-    python -m benchmarks.run_all --quick    # a few minutes: fewer runs, no paper-protocol table
-    python -m benchmarks.run_all --smoke --out /tmp/x   # seconds: tiny sizes, only checks that it all runs
+    python -m benchmarks run_all            # full run (CPU: about 20 minutes; CUDA: the paper's protocol)
+    python -m benchmarks run_all --quick    # a few minutes: fewer runs, no paper-protocol table
+    python -m benchmarks run_all --smoke --out /tmp/x   # seconds: tiny sizes, only checks that it all runs
 
 Writes ``benchmarks/results/<machine>.json`` (``-quick`` / ``-smoke`` suffixed for those profiles), the
 teaser plot ``<machine>.png`` next to it, and (full runs) regenerates the results section of
@@ -11,8 +11,9 @@ visible, else CPU (``--device`` overrides).
 
 Threads: ``--threads auto`` (default) keeps torch's choice unless the machine is already oversubscribed
 (1-minute load average >= logical CPUs), in which case it uses 1 thread: OpenMP threads that have to
-wait for time slices spin at every barrier, which made element-wise operators 7-15x slower here and
-distorts the comparison towards models with fewer, larger operators.  The choice is recorded.
+wait for time slices spin at every barrier, which slows element-wise operators several times over
+(benchmarks/README.md, Protocol) and distorts the comparison towards models with fewer, larger operators.  The choice
+is recorded.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from typing import Any
 import torch
 
 from . import flops, model_table, report, scaling, training, window_attention
-from .common import RESULTS_DIR, format_size, load_average, log, machine_info, machine_slug, pick_device, write_json_atomic
+from .common import (
+    RESULTS_DIR, format_size, load_average, log, machine_info, machine_slug, pick_device, script_parser, write_json_atomic,
+)
 
 README = Path(__file__).resolve().parent / "README.md"
 PAPER_SIZE = (180, 320)  # LR input of the paper's protocol at x4: 1280x720 output
@@ -198,11 +201,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, device="auto")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer runs, smaller sizes, no paper-protocol table")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, one run each: checks that everything runs")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if visible), cpu, cuda, cuda:1 ...")
     parser.add_argument("--threads", default="auto", help="torch CPU threads: auto or a number")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results JSON and plot")
     parser.add_argument("--readme", type=Path, help="README to regenerate (default: benchmarks/README.md for full "

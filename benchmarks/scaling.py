@@ -5,18 +5,16 @@ Expected shape: latency linear in pixels (all of ESC's operators are local: conv
 windows), memory linear without tiling and bounded by the tile with it.  Each case runs in a fresh
 process; the least-squares fit ``latency = a + b * pixels`` and its R^2 are reported per mode.
 
-    python -m benchmarks.scaling --sizes 64 128 192 256 --tile 128
+    python -m benchmarks scaling --sizes 64 128 192 256 --tile 128
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import torch
 
-from .common import log, pick_device
+from .common import log, parse_args, pick_device, print_json, script_parser
 from .models import SCALE
 from .peak_memory import measure_case
 
@@ -88,21 +86,13 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, device="auto", warmup=1, runs=3, threads=None)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 192, 256], help="LR sides")
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--preset", default="esc")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args.sizes, device=pick_device(args.device), warmup=args.warmup, runs=args.runs, tile=args.tile,
-                 preset=args.preset)
-    print(json.dumps(result, indent=1))
-    return 0
+    args = parse_args(parser, argv)
+    return print_json(run(args.sizes, device=pick_device(args.device), warmup=args.warmup, runs=args.runs,
+                          tile=args.tile, preset=args.preset))
 
 
 if __name__ == "__main__":

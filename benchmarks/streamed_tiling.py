@@ -13,8 +13,8 @@ the golden fixtures' ESC x4, resized to the scale as upstream does) its dynamic 
 overlap mode pays its statistics pass. Each run is one call (these are minutes long); peak memory is the peak RSS
 during the call minus the RSS just before it.
 
-    python -m benchmarks.streamed_tiling                         # 2048x2048 x2, tile 512, all modes
-    python -m benchmarks.streamed_tiling --size 512 --tile 128 --modes untiled streamed
+    python -m benchmarks streamed_tiling                         # 2048x2048 x2, tile 512, all modes
+    python -m benchmarks streamed_tiling --size 512 --tile 128 --modes untiled streamed
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import time
 from unittest import mock
@@ -31,11 +29,12 @@ from unittest import mock
 import torch
 
 from .common import (
-    MIB, REPO_ROOT, RESULTS_DIR, current_rss_bytes, load_average, log, peak_rss_bytes, reset_peak_rss, write_results,
+    GOLDEN_DIR, MIB, RESULTS_DIR, current_rss_bytes, emit, load_average, log, parse_args, peak_rss_bytes, reset_peak_rss,
+    run_child, script_parser, write_results,
 )
 
 MODES = ("untiled", "streamed", "overlap")
-GOLDEN_ESC_X4 = REPO_ROOT.parent / "shared" / "fixtures" / "golden" / "esc_x4.ckpt.pth"
+GOLDEN_ESC_X4 = GOLDEN_DIR / "esc_x4.ckpt.pth"
 MARKER = "STREAMED-TILING-RESULT "
 
 
@@ -77,14 +76,8 @@ def child(case: dict) -> dict:
 
 
 def run_mode(case: dict, timeout_s: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.streamed_tiling", "--child", json.dumps(case)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):])
-    tail = [line for line in proc.stderr.splitlines() if line.strip()]
-    return {**case, "error": tail[-1] if tail else f"exit status {proc.returncode}"}
+    result = run_child("benchmarks.streamed_tiling", ["--child", json.dumps(case)], MARKER, timeout_s=timeout_s)
+    return {**case, "error": result["error"]} if "error" in result else result
 
 
 def markdown(rows: list[dict], machine: dict) -> str:
@@ -112,7 +105,7 @@ def markdown(rows: list[dict], machine: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, out=RESULTS_DIR / "streamed_tiling.json")
     parser.add_argument("--size", type=int, default=2048, help="side of the square LR input")
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--tile", type=int, default=512)
@@ -121,11 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=str(GOLDEN_ESC_X4) if GOLDEN_ESC_X4.exists() else None,
                         help="ESC weights (default: the golden ESC x4 when ../shared is there; else random init)")
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--out", default=str(RESULTS_DIR / "streamed_tiling.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.child:
-        print(MARKER + json.dumps(child(json.loads(args.child))), flush=True)
+        emit(MARKER, child(json.loads(args.child)))
         return 0
     rows = []
     for mode in args.modes:

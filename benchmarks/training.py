@@ -9,20 +9,18 @@ The recipe's batch is 16 per GPU; on a CPU that is minutes per step, so the CPU 
 result records the batch used; s/iteration scales about linearly with it).  ``flex`` has no backward on
 CPU in torch, so it is measured only on CUDA.
 
-    python -m benchmarks.training --batch 2 --runs 3
+    python -m benchmarks training --batch 2 --runs 3
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .common import log, pick_device
+from .common import log, parse_args, pick_device, print_json, script_parser
 from .models import SCALE
 from .peak_memory import measure_case
 from .window_attention import sdpa_kernel
@@ -87,22 +85,14 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
+    parser = script_parser(__doc__, device="auto", warmup=1, runs=3, threads=None)
     parser.add_argument("--batch", type=int, help="LR patches per step (default: 16 on CUDA, 2 on CPU)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--backends", nargs="+")
-    parser.add_argument("--threads", type=int)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     device = pick_device(args.device)
     batch = args.batch or (16 if device.type == "cuda" else 2)
-    result = run(device=device, batch=batch, warmup=args.warmup, runs=args.runs,
-                 backends=tuple(args.backends) if args.backends else None)
-    print(json.dumps(result, indent=1))
-    return 0
+    return print_json(run(device=device, batch=batch, warmup=args.warmup, runs=args.runs,
+                          backends=tuple(args.backends) if args.backends else None))
 
 
 if __name__ == "__main__":

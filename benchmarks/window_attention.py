@@ -11,20 +11,17 @@ and next to this project's goals on any device (issue 15): sdpa >= 5x faster and
 than naive.  The last lines on stderr state both ratios; ``--out`` also writes the JSON (with the threads
 and the load average, since the machine may be shared).
 
-    python -m benchmarks.window_attention --runs 10 --threads 1
-    python -m benchmarks.window_attention --backends naive sdpa --out benchmarks/results/window_attention.json
+    python -m benchmarks window_attention --runs 10 --threads 1
+    python -m benchmarks window_attention --backends naive sdpa --out benchmarks/results/window_attention.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import load_average, log, machine_info, pick_device, write_json_atomic
+from .common import load_average, log, machine_info, parse_args, pick_device, print_json, script_parser, write_payload
 from .peak_memory import measure_case
 
 PAPER_LATENCY_RATIO = 16.0
@@ -124,27 +121,18 @@ def _verdict(value: float, goal: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=10)
+    parser = script_parser(__doc__, device="auto", warmup=2, runs=10, threads=None, out=None)
     parser.add_argument("--size", type=int, default=256, help="side of the square feature map")
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
-    parser.add_argument("--threads", type=int, help="torch threads in each measuring process (default: torch's)")
-    parser.add_argument("--out", type=Path, help="also write the result (with the machine description) to this JSON")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     device = pick_device(args.device)
     machine = machine_info(device)  # before the runs: its load average is the load without this benchmark
     result = run(device=device, warmup=args.warmup, runs=args.runs, size=(args.size, args.size),
                  window=args.window, backends=tuple(args.backends))
-    if args.out:
-        write_json_atomic(args.out, {"machine": machine, **result})
-        log(f"wrote {args.out}")
-    print(json.dumps(result, indent=1))
-    return 0
+    if args.out:  # the result with the machine description
+        write_payload(args.out, result, machine)
+    return print_json(result)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Smoke test of the benchmark scripts: the quick path runs end to end on tiny sizes and writes a results
-file, a plot and a README section of the expected shape.
+file, a plot and a README section of the expected shape; ``python -m benchmarks <subcommand>`` reaches every script.
 
 It checks structure, never timings (those belong to ``python -m benchmarks.run_all``, not to tests).
 """
@@ -7,6 +7,7 @@ It checks structure, never timings (those belong to ``python -m benchmarks.run_a
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,6 +106,31 @@ def test_targets_plot_and_readme_are_generated_from_the_results(smoke_run):
     assert "Hand-written text that must survive." in text
     assert text.count(report.README_BEGIN) == 1 and text.count(report.README_END) == 1
     assert "| ESC-light | sdpa (default) |" in text or "| ESC-light |" in text
+
+
+def test_one_entry_point_lists_every_script_with_the_first_line_of_its_docstring():
+    from benchmarks.__main__ import subcommands
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    commands = subcommands()
+    assert {"run_all", "report", "gpu_check", "window_attention", "official_cpu", "chainner_hook_startup"} <= set(commands)
+    assert not {"common", "models", "suite", "degradations"} & set(commands)  # shared code, no main()
+    for name, summary in commands.items():
+        assert summary and f"  {name} " in proc.stdout and summary in proc.stdout, name
+    assert commands["run_all"] == "Rerun every benchmark on this machine and write the report."
+
+
+def test_a_subcommand_runs_that_scripts_main_and_the_old_module_form_still_works(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    assert main(["report", "--results", str(tmp_path), "--readme", str(tmp_path / "README.md")]) == 1
+    assert "no full results file" in capsys.readouterr().out
+    assert main(["no_such_benchmark"]) == 2
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--results" in proc.stdout
 
 
 def test_a_failing_case_is_reported_not_raised():
