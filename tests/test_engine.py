@@ -255,10 +255,10 @@ def test_is_out_of_memory_recognises_the_allocator_messages():
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_half_precision_on_cpu_is_close_to_fp32_and_leaves_the_model_alone(model, precision):
+def test_half_precision_is_close_to_fp32_and_leaves_the_model_alone(model, precision, device):
     x = torch.rand(1, 3, 32, 32)
-    full = upscale(model, x, precision="fp32")
-    half = upscale(model, x, precision=precision)
+    full = upscale(model, x, precision="fp32", device=device)
+    half = upscale(model, x, precision=precision, device=device)
     assert half.dtype == torch.float32
     psnr = 10 * math.log10(1 / float(((half - full) ** 2).mean()))
     assert psnr > 35, psnr

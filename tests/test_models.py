@@ -163,9 +163,9 @@ def test_an_unfused_model_sees_weights_changed_in_place():
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "naive"])
-def test_training_backward_on_cpu(backend):
-    model = small_esc(attn_type=backend).train()
-    x = torch.rand(2, 3, 16, 16)
+def test_training_backward(backend, device):
+    model = small_esc(attn_type=backend).train().to(device)
+    x = torch.rand(2, 3, 16, 16, device=device)
     model(x).abs().mean().backward()
     bias_grad = model.blocks[0].attn.relative_position_bias.grad
     assert bias_grad is not None and bias_grad.abs().sum() > 0
@@ -213,11 +213,11 @@ def test_model_exposes_host_facing_attributes():
     assert esc_arch.ESC(**model.hyperparameters).hyperparameters == model.hyperparameters
 
 
-def test_training_works_after_an_inference_pass_in_the_same_process():
-    model = small_esc(window_size=4)  # a window size no other test has cached yet
+def test_training_works_after_an_inference_pass_in_the_same_process(device):
+    model = small_esc(window_size=4).to(device)  # a window size no other test has cached yet
     with torch.inference_mode():
-        model.eval()(torch.rand(1, 3, 8, 8))
-    model.train()(torch.rand(1, 3, 8, 8)).mean().backward()
+        model.eval()(torch.rand(1, 3, 8, 8, device=device))
+    model.train()(torch.rand(1, 3, 8, 8, device=device)).mean().backward()
     assert model.blocks[0].attn.relative_position_bias.grad is not None
 
 

@@ -1,6 +1,7 @@
 """`supports_half` / `supports_bfloat16` are measured, not assumed: each descriptor that claims a
-reduced precision gives finite outputs close to fp32 in it (CPU), and each that refuses one has a
-measured reason to (documented in esc_arch/spandrel and docs/spandrel_chainner.md)."""
+reduced precision gives finite outputs close to fp32 in it (on ``--device``: CPU unless ``pytest --device
+cuda``), and each that refuses one has a measured reason to (documented in esc_arch/spandrel and
+docs/spandrel_chainner.md)."""
 
 from __future__ import annotations
 
@@ -53,9 +54,9 @@ def _far_off(low: torch.Tensor, reference: torch.Tensor, limit: float) -> bool:
 
 
 @pytest.mark.parametrize("case_id", SAFE)
-def test_claimed_precisions_hold(case_id) -> None:
-    descriptor = _load(case_id)
-    x = torch.rand(1, 3, 17, 19, generator=torch.Generator().manual_seed(3))
+def test_claimed_precisions_hold(case_id, device) -> None:
+    descriptor = _load(case_id).to(device)
+    x = torch.rand(1, 3, 17, 19, generator=torch.Generator().manual_seed(3)).to(device)
     assert descriptor.supports_half and descriptor.supports_bfloat16
 
     finite, worst, _ = _differences(descriptor, x, torch.float16)
