@@ -1,25 +1,26 @@
 """GPU readiness: one command that checks and measures everything CUDA in ESC-SR, in at most 8 minutes.
 
-    python -m benchmarks.gpu_check --out benchmarks/results           # on a GPU (about 7 minutes)
-    python -m benchmarks.gpu_check --smoke --out /tmp/gpucheck       # on a CPU: every section, tiny sizes
-    python -m benchmarks.gpu_check --pack-golden .gpu_golden         # golden fixtures that fit a device upload
+    python -m benchmarks gpu_check --out benchmarks/results           # on a GPU
+    python -m benchmarks gpu_check --smoke --out /tmp/gpucheck       # on a CPU: every section, tiny sizes
+    python -m benchmarks gpu_check --pack-golden .gpu_golden         # golden fixtures that fit a device upload
 
 It writes ``gpu-<machine>.json`` and ``gpu-<machine>.md`` into ``--out`` (suffixed ``-smoke`` / ``-partial`` for
 ``--smoke`` / ``--only``), both rewritten after every section, and the workers' stderr to ``gpu-<machine>.log``.
 The sections (:data:`SECTIONS`, run in this order):
 
 * ``environment``       torch / CUDA / cuDNN / Triton versions, the GPU, the SDPA and TF32 switches;
-* ``golden``            the golden cases (outputs of the official code) on the device, fp32 with TF32 off, per
-                        attention backend, within the tolerance of ``tests/test_golden.py`` (1e-4);
+* ``golden``            the test suite's golden tests on the device (``pytest --device cuda -m device
+                        tests/test_golden.py``): every case per attention backend, fp32 with TF32 off, 1e-4;
 * ``attention_kernels`` which SDPA kernel runs per backend, dtype, inference and training: the probe of
                         :func:`esc_arch.attention_kernel` and the operators a real forward pass dispatches;
 * ``sdpa_kernels``      every SDPA kernel forced in turn on ESC's attention shape with its float bias:
                         latency, error against the math kernel, and which one torch picks by default;
 * ``flex_compiled``     whether torch.compile of flex_attention builds for each ESC attention shape and
                         dtype (no eager fallback), its error against naive, its latency against sdpa;
-* ``precision``         fp16 / bf16 against fp32 per preset: max abs error and PSNR of the outputs;
-* ``training_step``     forward + L1 + backward + AdamW step per backend: finite loss, gradients, weights;
-                        gradients against the naive backend's; seconds per step and peak memory;
+* ``precision``         the suite's half-precision tests on the device (tests/test_spandrel_dtypes.py: every
+                        architecture that claims fp16 / bf16 stays close to fp32; tests/test_engine.py: upscale);
+* ``training_step``     the suite's training tests on the device (tests/test_models.py: forward + backward per
+                        backend, gradients reach the attention bias and the large kernel);
 * ``window_attention``  the WindowAttention layer alone at window 32: naive vs sdpa vs flex (paper: 16x
                         time, 12.2x memory), 100 warm-ups and 100 timed runs;
 * ``latency``           the paper's protocol (``scripts/test_direct_metrics.py``): batch 1, 1280x720 output
@@ -31,12 +32,15 @@ The sections (:data:`SECTIONS`, run in this order):
                         then out-of-memory halving under a forced memory limit
                         (``torch.cuda.set_per_process_memory_fraction``).
 
+The three suite sections run pytest in a subprocess (:mod:`benchmarks.suite`) and record each test's outcome and
+seconds; they stop it before the section's cap or the budget runs out, and keep the tests it finished.
+
 Robustness: the sections run in a worker process; a section that raises is recorded and the next one runs; a
 worker that crashes (a segfault in a compiler, a sticky CUDA error) or a section that runs past its cap is
 recorded too, and a fresh worker goes on with the sections left. ``--budget-s`` (default 420) is the time the
 whole run may take: heavy sections that no longer fit are skipped, and the results say so; at the budget plus a
-minute the worker is stopped. ``--smoke`` runs every section on the smallest case on the CPU in well under a
-minute (``tests/test_gpu_check.py``); without ``--smoke`` the script refuses to run without CUDA.
+minute the worker is stopped. ``--smoke`` runs every section on the smallest case on the CPU in a few minutes
+(``tests/test_gpu_check.py``); without ``--smoke`` the script refuses to run without CUDA.
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ import copy
 import gc
 import inspect
 import json
-import math
 import os
 import re
 import shutil
@@ -68,12 +71,17 @@ import torch.nn.functional as F
 
 from esc_sr.facts import ATTENTION_BACKENDS
 
-from .common import MIB, REPO_ROOT, RESULTS_DIR, log, machine_info, machine_slug, time_callable, time_once
+from . import suite
+from .common import GOLDEN_DIR, MIB, REPO_ROOT, RESULTS_DIR, log, machine_info, machine_slug, time_callable, time_once
 from .common import write_json_atomic, write_text_atomic
 
-DEFAULT_GOLDEN = REPO_ROOT.parent / "shared" / "fixtures" / "golden"  # as tests/golden.py
-GOLDEN_TOLERANCE = 1e-4  # tests/test_golden.py
-GOLDEN_OVERRIDES = {"esc_x2_into_x4": {"upscaling_factor": 4}}  # tests/test_golden.py
+DEFAULT_GOLDEN = GOLDEN_DIR  # as tests/golden.py
+# The sections that are the test suite's own tests on the device (tests/conftest.py: --device, -m device).
+SUITE_TESTS = {
+    "golden": ("tests/test_golden.py",),  # every case per backend, fp32, TF32 off, within 1e-4
+    "precision": ("tests/test_spandrel_dtypes.py", "tests/test_engine.py"),  # fp16 / bf16 against fp32
+    "training_step": ("tests/test_models.py",),  # forward + backward per backend, gradients reach the weights
+}
 CHELSEA = REPO_ROOT / "esc_sr" / "assets" / "chelsea_256x320.png"  # a photo that travels with the repository
 DEFAULT_BUDGET_S = 420.0
 HARD_GRACE_S = 60.0  # past the budget, the running worker is stopped
@@ -103,8 +111,7 @@ class Plan:
     """Every size and count of a run: the full GPU plan, or the smoke plan (CPU, smallest cases)."""
 
     name: str
-    golden_cases: tuple[str, ...] | None  # None: every case present
-    golden_flex_cases: tuple[str, ...]
+    suite_keywords: dict[str, str]  # pytest -k of a suite section (SUITE_TESTS); none: all its device tests
     dtypes: tuple[str, ...]
     kernel_presets: tuple[str, ...]
     kernel_model: tuple[str, tuple[int, int]]  # preset, LR size of the real forward pass that is profiled
@@ -113,9 +120,6 @@ class Plan:
     sdpa_runs: tuple[int, int]  # warm-up, timed
     flex_configs: tuple[tuple[str, int, int, int, tuple[int, int], tuple[str, ...]], ...]
     flex_runs: tuple[int, int]
-    precision_cases: tuple[tuple[str, str | None], ...]  # label, golden case (None: the default model)
-    precision_size: tuple[int, int] | None  # LR crop of the photo (None: the whole 256x320 photo)
-    train: dict[str, Any]
     window_attention: dict[str, Any]
     latency_presets: tuple[str, ...]
     latency_sizes: dict[int, tuple[int, int]]
@@ -126,20 +130,19 @@ class Plan:
 def make_plan(smoke: bool) -> Plan:
     if smoke:  # one attention shape (2 heads x 256 tokens x 16) everywhere: one flex compilation on the CPU
         return Plan(
-            name="smoke", golden_cases=("escrealm_conv_x1_unshuffle",), golden_flex_cases=("escrealm_conv_x1_unshuffle",),
+            name="smoke",
+            suite_keywords={"golden": "escrealm_conv_x1_unshuffle",
+                            "precision": "escrealm_nearestconv_x2_unshuffle or half_precision"},
             dtypes=("fp32", "fp16", "bf16"), kernel_presets=("esc_tiny",), kernel_model=("esc_tiny", (32, 32)),
-            kernel_model_dtypes=("fp32",),            sdpa_shape=(4, 2, 256, 16), sdpa_runs=(1, 2),
+            kernel_model_dtypes=("fp32",), sdpa_shape=(4, 2, 256, 16), sdpa_runs=(1, 2),
             flex_configs=(("esc_tiny", 32, 2, 16, (32, 32), ("fp32",)),), flex_runs=(1, 2),
-            precision_cases=(("default model (esc_tiny, trained)", None), ("escrealm x1 (golden)", "escrealm_conv_x1_unshuffle")),
-            precision_size=(32, 32),
-            train=dict(preset="esc_tiny", batch=1, patch=32, backends=("naive", "sdpa", "flex"), runs=1),
             window_attention=dict(dim=32, heads=2, window=16, size=(32, 32), runs=(1, 2),
                                   rows=(("naive", "fp32"), ("sdpa", "fp32"), ("flex", "fp32"))),
             latency_presets=("esc_tiny",), latency_sizes={4: (16, 16)}, latency_runs=(1, 2),
             auto_tile=dict(model="default", size=(256, 256), overlap=None, simulated_limit_px=40000),
         )
     return Plan(
-        name="full", golden_cases=None, golden_flex_cases=("esc_x4", "esc_fp_x4", "escrealm_dysample_x4"),
+        name="full", suite_keywords={},
         dtypes=("fp32", "fp16", "bf16"), kernel_presets=("esc", "esc_fp", "esc_xl", "esc_tiny"),
         kernel_model=("esc", (64, 64)), kernel_model_dtypes=("fp32", "fp16", "bf16"), sdpa_shape=(60, 4, 1024, 16), sdpa_runs=(10, 30),  # ESC x4 at 180x320
         flex_configs=(
@@ -149,13 +152,6 @@ def make_plan(smoke: bool) -> Plan:
             ("esc_tiny", 32, 2, 16, (192, 320), ("fp32",)),
         ),
         flex_runs=(10, 50),
-        precision_cases=(
-            ("esc", "esc_x4"), ("esc_light", "esc_light_x4_converted"), ("esc_fp", "esc_fp_x4"),
-            ("esc_xl (shaped)", "esc_xl_shaped_x4"), ("esc_real", "neosr_esc_real_dysample_x4"),
-            ("esc_realm", "escrealm_dysample_x4"), ("esc_lte", "lte_esc"), ("default model (esc_tiny, trained)", None),
-        ),
-        precision_size=None,
-        train=dict(preset="esc", batch=16, patch=64, backends=("naive", "sdpa", "flex"), runs=3),  # the x4 recipe
         window_attention=dict(dim=64, heads=4, window=32, size=(256, 256), runs=(100, 100),
                               rows=(("naive", "fp32"), ("sdpa", "fp32"), ("flex", "fp32"), ("sdpa", "fp16"),
                                     ("flex", "fp16"))),
@@ -176,6 +172,7 @@ class Ctx:
     golden_dir: Path
     deadline: float  # epoch seconds at which the budget ends
     reserve_s: float = 0.0  # what the heavy sections after this one need
+    cap_s: float = float("inf")  # this section's cap: past it, the supervisor stops the worker
     save_partial: Callable[[dict[str, Any]], None] = lambda result: None
 
     @property
@@ -209,15 +206,7 @@ class Golden:
         import esc_arch
 
         case = self.cases[case_id]
-        return esc_arch.load_model(self.root / case["checkpoint"]["file"], **{**GOLDEN_OVERRIDES.get(case_id, {}), **overrides})
-
-    def runs(self, case_id: str, device: torch.device):
-        """(output name, inputs on ``device``, expected output on ``device``) of each run of the case."""
-        from safetensors.torch import load_file
-
-        data = load_file(str(self.root / self.cases[case_id]["tensors"]["file"]))
-        for run in self.cases[case_id]["runs"]:
-            yield run["output"], [data[n].to(device) for n in run["inputs"].values()], data[run["output"]].to(device)
+        return esc_arch.load_model(self.root / case["checkpoint"]["file"], **overrides)
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -269,12 +258,6 @@ def measure(ctx: Ctx, fn: Callable[[], Any], *, warmup: int, runs: int) -> dict[
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    """PSNR in dB of two outputs clamped to [0, 1] (peak 1); None when identical."""
-    mse = float(((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2).mean())
-    return None if mse == 0 else round(10 * math.log10(1.0 / mse), 2)
 
 
 def short_error(exc: BaseException) -> str:
@@ -362,48 +345,32 @@ def section_environment(ctx: Ctx) -> dict[str, Any]:
     return {"summary": info, "checks": checks}
 
 
-def section_golden(ctx: Ctx) -> dict[str, Any]:
-    """Every golden case per backend, fp32, TF32 off; for sdpa on CUDA also the error with TF32 on (informative)."""
-    if ctx.golden is None:
-        return {"skipped": f"no golden fixtures at {ctx.golden_dir} (../shared does not travel to a device machine: "
-                           "pack them with --pack-golden DIR, carry DIR, pass --golden DIR)"}
-    wanted = ctx.plan.golden_cases or tuple(ctx.golden.cases)
-    cases = [c for c in wanted if c in ctx.golden.cases]
-    rows = []
-    for case_id in cases:
-        backends = ["naive", "sdpa"] + (["flex"] if case_id in ctx.plan.golden_flex_cases else [])
-        for backend in backends:
-            row: dict[str, Any] = {"case": case_id, "backend": backend}
-            try:
-                model = ctx.golden.model(case_id, attn_type=backend).to(ctx.device).eval()
-                errors, tf32_errors = [], []
-                with torch.no_grad():
-                    for _name, inputs, expected in ctx.golden.runs(case_id, ctx.device):
-                        with cuda_flags(tf32=False, benchmark=False):
-                            out = model(*inputs)
-                        if out.shape != expected.shape:
-                            raise AssertionError(f"shape {tuple(out.shape)} != expected {tuple(expected.shape)}")
-                        errors.append(max_abs(out, expected))
-                        if ctx.cuda and backend == "sdpa":
-                            with cuda_flags(tf32=True, benchmark=False):
-                                tf32_errors.append(max_abs(model(*inputs), expected))
-                row.update(max_abs=max(errors), passed=max(errors) <= GOLDEN_TOLERANCE)
-                if tf32_errors:
-                    row["tf32_on_max_abs"] = max(tf32_errors)
-            except Exception as exc:  # one broken case must not hide the others
-                row.update(error=short_error(exc), passed=False)
-            rows.append(row)
-            log(f"golden {case_id} {backend}: {row.get('max_abs', row.get('error'))}")
-        ctx.release()
-    failed = [f"{r['case']}/{r['backend']}" for r in rows if not r["passed"]]
-    missing = [c for c in (ctx.plan.golden_cases or ()) if c not in ctx.golden.cases]
-    return {
-        "rows": rows,
-        "summary": {"cases": len(cases), "runs": len(rows), "tolerance": GOLDEN_TOLERANCE, "flags": "fp32, TF32 off",
-                    "missing_cases": missing, "worst_max_abs": max((r.get("max_abs", 0.0) for r in rows), default=None)},
-        "checks": [check(f"every golden case within {GOLDEN_TOLERANCE} on every backend", not failed and bool(rows),
-                         ", ".join(failed) or f"{len(rows)} runs")],
-    }
+def section_suite(name: str) -> Callable[[Ctx], dict[str, Any]]:
+    """The section ``name`` as the test suite's device tests of :data:`SUITE_TESTS` on ``ctx.device``
+    (``pytest --device cuda -m device FILES``; the smoke plan narrows them with ``-k``), one row per test, stopped
+    before the section's cap or the budget runs out."""
+
+    def run(ctx: Ctx) -> dict[str, Any]:
+        if ctx.golden is None:
+            return {"skipped": f"no golden fixtures at {ctx.golden_dir}, which the test suite needs (../shared does not "
+                               "travel to a device machine: pack them with --pack-golden DIR, carry DIR, pass --golden DIR)"}
+        ctx.release()  # the tests run in another process: leave it the device's memory
+        timeout = max(min(ctx.cap_s - 15, ctx.time_left()), 10)
+        result = suite.run_tests(SUITE_TESTS[name], device=str(ctx.device), keyword=ctx.plan.suite_keywords.get(name),
+                                 timeout_s=timeout, env={"ESC_SR_GOLDEN": str(ctx.golden_dir)})
+        rows, tail = result.pop("rows"), result.pop("output_tail")
+        passed = (result["exit_status"] == 0 and not result["timed_out"] and result["passed"] > 0
+                  and result["failed"] == result["error"] == 0)
+        result["pytest_says"] = tail[-1] if tail else ""
+        if not passed:
+            result["output_tail"] = tail
+        detail = ", ".join(f"{result[k]} {k}" for k in ("passed", "failed", "error", "skipped") if result[k])
+        detail += f" in {result['wall_s']} s" + (f" (stopped at its {result['timeout_s']} s limit)" if result["timed_out"] else "")
+        return {"rows": rows, "summary": result, "checks": [
+            check(f"the test suite's device tests pass on {ctx.device.type}: {' '.join(SUITE_TESTS[name])}", passed, detail)]}
+
+    run.__name__ = f"section_{name}"
+    return run
 
 
 def section_attention_kernels(ctx: Ctx) -> dict[str, Any]:
@@ -579,117 +546,6 @@ def section_flex_compiled(ctx: Ctx) -> dict[str, Any]:
     failed = [f"{r['config']} {r['dtype']}" for r in rows if not r.get("compiled")]
     return {"rows": rows, "checks": [check("flex_attention compiles for every ESC shape and dtype (no eager fallback)",
                                            not failed, ", ".join(failed))]}
-
-
-def section_precision(ctx: Ctx) -> dict[str, Any]:
-    """fp16 / bf16 outputs against fp32 per preset (golden weights, or the trained default model), untiled."""
-    import esc_arch
-
-    x_photo = photo(ctx.plan.precision_size)
-    rows = []
-    for label, case_id in ctx.plan.precision_cases:
-        if case_id is not None and (ctx.golden is None or case_id not in ctx.golden.cases):
-            rows.append({"preset": label, "case": case_id, "skipped": "golden case not available"})
-            continue
-        backends = ("sdpa", "flex") if ctx.cuda and label == "esc" else ("sdpa",)
-        for backend in backends:
-            try:
-                model = (esc_arch.load_model("default", attn_type=backend) if case_id is None
-                         else ctx.golden.model(case_id, attn_type=backend))
-                if getattr(model, "arbitrary_scale", False):  # LTE: the golden queries
-                    _, inputs, _ = next(ctx.golden.runs(case_id, ctx.device))
-                else:
-                    inputs = [x_photo.to(ctx.device)]
-                model = esc_arch.fuse(model.to(ctx.device))
-                with torch.inference_mode(), cuda_flags(tf32=False):
-                    ref = model(*inputs).float()
-                for dtype in ctx.plan.dtypes[1:]:
-                    row: dict[str, Any] = {"preset": label, "case": case_id or "default", "backend": backend, "dtype": dtype,
-                                           "supports_half": getattr(model, "supports_half", True)}
-                    try:
-                        half = copy.deepcopy(model).to(DTYPES[dtype])
-                        with torch.inference_mode():
-                            out = half(*[t.to(DTYPES[dtype]) for t in inputs]).float()
-                        finite = torch.isfinite(out)
-                        row.update(nonfinite=int((~finite).sum()), max_abs=max_abs(torch.where(finite, out, 0), ref),
-                                   psnr_db=psnr(torch.where(finite, out, 0), ref), output_abs_max=float(ref.abs().max()))
-                    except Exception as exc:
-                        row["error"] = short_error(exc)
-                    rows.append(row)
-            except Exception as exc:
-                rows.append({"preset": label, "case": case_id, "backend": backend, "error": short_error(exc)})
-            ctx.release()
-    errors = [f"{r['preset']} {r.get('dtype', '')}: {r['error']}" for r in rows if "error" in r and r.get("supports_half", True)]
-    return {"rows": rows, "summary": {"input": "photo " + "x".join(map(str, x_photo.shape[-2:])) + " (LTE: golden queries)",
-                                      "note": "golden weights are random, not trained: their outputs are not images"},
-            "checks": [check("every preset that supports half precision runs in fp16 and bf16", not errors,
-                             "; ".join(errors)[:400])]}
-
-
-def section_training_step(ctx: Ctx) -> dict[str, Any]:
-    """One recipe step per backend from the same initial weights and batch; gradients compared with naive's."""
-    import esc_arch
-
-    cfg = ctx.plan.train
-    gen = torch.Generator().manual_seed(0)
-    lr = torch.rand(cfg["batch"], 3, cfg["patch"], cfg["patch"], generator=gen).to(ctx.device)
-    hr = torch.rand(cfg["batch"], 3, cfg["patch"] * 4, cfg["patch"] * 4, generator=gen).to(ctx.device)
-    rows, reference = [], None
-    for backend in cfg["backends"]:
-        row: dict[str, Any] = {"preset": cfg["preset"], "backend": backend, "batch": cfg["batch"], "lr_patch": cfg["patch"]}
-        if backend == "flex" and not ctx.cuda:
-            rows.append({**row, "skipped": "torch has no flex_attention backward on CPU"})
-            continue
-        try:
-            model = preset_model(cfg["preset"], 4, backend, ctx.device).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.9), weight_decay=0.0)
-
-            def step():
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.l1_loss(model(lr), hr)
-                loss.backward()
-                optimizer.step()
-                return loss
-
-            with cuda_flags(tf32=False, benchmark=False), warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.l1_loss(model(lr), hr)
-                loss.backward()
-                grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-                optimizer.step()
-            loss = loss.detach()
-            row.update(loss=float(loss), loss_finite=bool(torch.isfinite(loss)),
-                       grads_finite=all(bool(torch.isfinite(g).all()) for g in grads.values()),
-                       params_with_grad=len(grads), params=sum(1 for _ in model.parameters()),
-                       weights_finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()),
-                       kernel=esc_arch.attention_kernel(model, ctx.device, torch.float32, training=True),
-                       fallback_warnings=flex_fallbacks(caught) if backend == "flex" else [])
-            if reference is None:
-                reference = (backend, grads, float(loss))
-            else:
-                ref_backend, ref_grads, ref_loss = reference
-                scale = max(float(g.abs().max()) for g in ref_grads.values())  # floor: parameters with ~zero gradients
-                rel = [float((g - ref_grads[n]).abs().max()) / max(float(ref_grads[n].abs().max()), 1e-3 * scale, 1e-30)
-                       for n, g in grads.items()]
-                row.update(vs=ref_backend, loss_diff=abs(float(loss) - ref_loss), grad_max_rel_diff=max(rel))
-            row.update(htod_copies(ctx, lambda: F.l1_loss(model(lr), hr).backward()))
-            timed = measure(ctx, step, warmup=1, runs=cfg["runs"])
-            row.update(s_per_step=round(timed["median_ms"] / 1e3, 4), peak_mib=timed["peak_mib"])
-        except Exception as exc:
-            row["error"] = short_error(exc)
-        rows.append(row)
-        log(f"training {backend}: {row.get('loss', row.get('error'))}")
-        ctx.release()
-    ran = [r for r in rows if "skipped" not in r]
-    bad = [r["backend"] for r in ran if "error" in r or not (r["loss_finite"] and r["grads_finite"] and r["weights_finite"])]
-    missing = [r["backend"] for r in ran if "error" not in r and r["params_with_grad"] != r["params"]]
-    off = [f"{r['backend']} {r['grad_max_rel_diff']:.1e}" for r in ran if r.get("grad_max_rel_diff", 0) > 1e-3]
-    return {"rows": rows, "checks": [
-        check("finite loss, gradients and weights after one step on every backend", not bad, ", ".join(bad)),
-        check("every parameter gets a gradient", not missing, ", ".join(missing)),
-        check("gradients agree with the naive backend's (max relative difference <= 1e-3)", not off, ", ".join(off)),
-    ]}
 
 
 def section_window_attention(ctx: Ctx) -> dict[str, Any]:
@@ -936,11 +792,10 @@ class Section:
     columns: tuple[tuple[str, str], ...] = ()  # (key, header) of its Markdown table
 
 
+SUITE_COLUMNS = (("test", "test"), ("outcome", "outcome"), ("duration_s", "s"), ("message", "message"))
 SECTIONS: tuple[Section, ...] = (
     Section("environment", section_environment, cap_s=60),
-    Section("golden", section_golden, cap_s=200, columns=(
-        ("case", "case"), ("backend", "backend"), ("max_abs", "max abs error"), ("passed", "≤ 1e-4"),
-        ("tf32_on_max_abs", "TF32 on: max abs"), ("error", "error"))),
+    Section("golden", section_suite("golden"), cap_s=240, columns=SUITE_COLUMNS),
     Section("attention_kernels", section_attention_kernels, cap_s=180, columns=(
         ("backend", "backend"), ("dtype", "dtype"), ("probe", "attention_kernel()"), ("ops", "operators dispatched"),
         ("probe_matches_ops", "probe = ops"), ("htod_copies", "host→device copies"), ("error", "error"))),
@@ -952,14 +807,8 @@ SECTIONS: tuple[Section, ...] = (
         ("config", "config"), ("dtype", "dtype"), ("compiled", "compiled"), ("first_call_s", "first call s"),
         ("max_abs_vs_naive_fp32", "max abs vs naive"), ("flex_ms", "flex ms"), ("sdpa_ms", "sdpa ms"),
         ("flex_vs_sdpa", "flex / sdpa"), ("fallback_warnings", "fallback warnings"), ("error", "error"))),
-    Section("precision", section_precision, cap_s=120, columns=(
-        ("preset", "preset"), ("case", "weights"), ("backend", "backend"), ("dtype", "dtype"), ("max_abs", "max abs error"),
-        ("psnr_db", "PSNR dB"), ("nonfinite", "non-finite"), ("supports_half", "supports_half"), ("error", "error"),
-        ("skipped", "skipped"))),
-    Section("training_step", section_training_step, cap_s=240, heavy=True, min_s=45, columns=(
-        ("backend", "backend"), ("kernel", "kernel"), ("loss", "loss"), ("grads_finite", "finite grads"),
-        ("grad_max_rel_diff", "grad rel diff vs naive"), ("s_per_step", "s / step"), ("peak_mib", "peak MiB"),
-        ("htod_copies", "host→device copies"), ("error", "error"), ("skipped", "skipped"))),
+    Section("precision", section_suite("precision"), cap_s=120, columns=SUITE_COLUMNS),
+    Section("training_step", section_suite("training_step"), cap_s=120, columns=SUITE_COLUMNS),
     Section("window_attention", section_window_attention, cap_s=120, heavy=True, min_s=20, columns=(
         ("backend", "backend"), ("dtype", "dtype"), ("kernel", "kernel"), ("median_ms", "median ms"),
         ("speedup_vs_naive", "speed-up vs naive"), ("peak_mib", "peak MiB"), ("memory_saving_vs_naive", "memory saving"),
@@ -1053,7 +902,7 @@ def worker(args: argparse.Namespace) -> int:
         section = BY_NAME[name]
         reserve = sum(BY_NAME[n].min_s for n in names[index + 1:] if BY_NAME[n].heavy)
         ctx = Ctx(device=device, plan=plan, golden=golden, golden_dir=Path(args.golden), deadline=args.deadline,
-                  reserve_s=reserve)
+                  reserve_s=reserve, cap_s=section_cap(section, args.smoke, args.cap_s))
         entry: dict[str, Any] = {"status": "running", "started_epoch": time.time(),
                                  "started_at_s": round(time.time() - results["started_epoch"], 1)}
         if section.heavy and ctx.deadline - time.time() < section.min_s:
@@ -1121,7 +970,7 @@ def supervise(args: argparse.Namespace, device: torch.device) -> int:
     path = Path(args.out) / f"gpu-{machine_slug(info)}{suffix}.json"
     names = [s.name for s in SECTIONS if not args.only or s.name in args.only]
     results: dict[str, Any] = {
-        "tool": "python -m benchmarks.gpu_check", "profile": "smoke" if args.smoke else "full", "device": str(device),
+        "tool": "python -m benchmarks gpu_check", "profile": "smoke" if args.smoke else "full", "device": str(device),
         "machine": info, "started_utc": info["started_utc"], "started_epoch": start, "budget_s": args.budget_s,
         "hard_limit_s": args.budget_s + HARD_GRACE_S, "golden_dir": str(args.golden), "finished": False,
         "sections": {n: {"status": "pending"} for n in names},
@@ -1135,9 +984,9 @@ def supervise(args: argparse.Namespace, device: torch.device) -> int:
             break
         command = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", "--results", str(path), "--sections",
                    ",".join(pending), "--deadline", repr(deadline), "--device", str(device), "--golden", str(args.golden)]
-        command += ["--smoke"] if args.smoke else []
+        command += (["--smoke"] if args.smoke else []) + (["--cap-s", repr(args.cap_s)] if args.cap_s else [])
         with path.with_suffix(".log").open("a", encoding="utf-8") as log_file:
-            outcome, tail = run_worker(command, path, hard_deadline, args.cap_s, 3.0 if args.smoke else 1.0, log_file)
+            outcome, tail = run_worker(command, path, hard_deadline, args.smoke, args.cap_s, log_file)
         results = load(path) or results
         progressed = False
         for name in pending:
@@ -1166,8 +1015,14 @@ def supervise(args: argparse.Namespace, device: torch.device) -> int:
     return 1 if bad else 0
 
 
-def run_worker(command: list[str], path: Path, hard_deadline: float, cap_override: float | None,
-               cap_scale: float, log_file) -> tuple[str, list[str]]:
+def section_cap(section: Section, smoke: bool, override: float | None) -> float:
+    """Seconds the section may run before its worker is stopped: ``--cap-s`` (tests), else its own cap, tripled for
+    the smoke run on a CPU."""
+    return override or section.cap_s * (3.0 if smoke else 1.0)
+
+
+def run_worker(command: list[str], path: Path, hard_deadline: float, smoke: bool, cap_override: float | None,
+               log_file) -> tuple[str, list[str]]:
     """Run one worker; kill it (and its compiler subprocesses) when its section overruns its cap or the hard limit."""
     tail: collections.deque[str] = collections.deque(maxlen=15)
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -1190,7 +1045,7 @@ def run_worker(command: list[str], path: Path, hard_deadline: float, cap_overrid
         cap = None
         if running:
             name, entry = running[0]
-            cap = cap_override or BY_NAME[name].cap_s * cap_scale
+            cap = section_cap(BY_NAME[name], smoke, cap_override)
             if time.time() - entry.get("started_epoch", time.time()) > cap:
                 killed = f"stopped: ran past its {cap:.0f} s cap"
         if time.time() > hard_deadline:
