@@ -109,10 +109,13 @@ def test_a_batch_and_channels_last_outputs_of_a_block_stage():
     choice = esc_runtime.choose("ConvFFN", ffn, Target(torch.device("cpu"), torch.float32), disable=("native",))
     assert (choice.implementation.name == "onednn") is EXPECTED
     with torch.no_grad():  # no_grad takes the path as inference_mode does
-        expected = ffn(norm(x)) + residual
-        out = choice.implementation(ffn, x, norm=norm, add=residual)
-    assert out.is_contiguous(memory_format=torch.channels_last) is EXPECTED
+        expected = ffn(x) + residual
+        out = choice.implementation(ffn, x, add=residual)
+        normed = choice.implementation(ffn, x, norm=norm, add=residual)
+        expected_normed = ffn(norm(x)) + residual
+    assert out.is_contiguous(memory_format=torch.channels_last) is EXPECTED  # (LayerNorm2d's output is either way)
     assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(normed, expected_normed, atol=1e-5, rtol=1e-5)
 
 
 def test_training_and_grad_enabled_calls_stay_on_plain_pytorch():
