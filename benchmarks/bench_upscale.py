@@ -55,6 +55,7 @@ def run(
 ) -> list[dict[str, Any]]:
     """Measure every (backend, preset) case, backend by backend; ``on_row`` gets the rows so far."""
     import esc_arch
+    import esc_runtime
 
     rows = []
     for backend in backends:
@@ -67,7 +68,7 @@ def run(
             model = esc_arch.PRESETS[preset](scale, attn_type=backend)
             result.setdefault("preset", preset)
             result.setdefault("backend", backend)
-            result["kernel"] = esc_arch.attention_kernel(model, pick_device(device), torch.float32)
+            result["kernel"] = esc_runtime.attention_kernel(model, pick_device(device), torch.float32)
             rows.append(result)
             if on_row is not None:
                 on_row(rows)

@@ -12,7 +12,7 @@ The sections (:data:`SECTIONS`, run in this order):
 * ``golden``            the test suite's golden tests on the device (``pytest --device cuda -m device
                         tests/test_golden.py``): every case per attention backend, fp32 with TF32 off, 1e-4;
 * ``attention_kernels`` which SDPA kernel runs per backend, dtype, inference and training: the probe of
-                        :func:`esc_arch.attention_kernel` and the operators a real forward pass dispatches;
+                        :func:`esc_runtime.attention_kernel` and the operators a real forward pass dispatches;
 * ``sdpa_kernels``      every SDPA kernel forced in turn on ESC's attention shape with its float bias:
                         latency, error against the math kernel, and which one torch picks by default;
 * ``flex_compiled``     whether torch.compile of flex_attention builds for each ESC attention shape and
@@ -376,6 +376,7 @@ def section_suite(name: str) -> Callable[[Ctx], dict[str, Any]]:
 def section_attention_kernels(ctx: Ctx) -> dict[str, Any]:
     """The kernel probe per preset, backend, dtype and mode, and the operators a real forward pass dispatches."""
     import esc_arch
+    import esc_runtime
 
     probes = []
     for preset in ctx.plan.kernel_presets:
@@ -386,7 +387,7 @@ def section_attention_kernels(ctx: Ctx) -> dict[str, Any]:
             for dtype in ctx.plan.dtypes:
                 for training in (False, True):
                     try:
-                        label = esc_arch.attention_kernel(meta, ctx.device, DTYPES[dtype], training=training)
+                        label = esc_runtime.attention_kernel(meta, ctx.device, DTYPES[dtype], training=training)
                     except Exception as exc:
                         label = f"probe failed: {short_error(exc)}"
                     probes.append({"preset": preset, "backend": backend, "dtype": dtype,
@@ -409,13 +410,14 @@ def section_attention_kernels(ctx: Ctx) -> dict[str, Any]:
                     model.train()
                     step = lambda: model(x).mean().backward()  # noqa: E731
                     step()  # first call (compilation) outside the profile
-                    row["probe"] = esc_arch.attention_kernel(model, ctx.device, torch.float32, training=True)
+                    row["probe"] = esc_runtime.attention_kernel(model, ctx.device, torch.float32, training=True)
                     row["ops"] = ", ".join(attention_ops(step))
                     row.update(htod_copies(ctx, step))
                 else:
-                    model = esc_arch.fuse(model).to(DTYPES[dtype])
+                    # what esc-sr runs: the model prepared by the runtime for this device and dtype
+                    model = esc_runtime.prepare(esc_arch.fuse(model).to(DTYPES[dtype]))
                     x = x.to(DTYPES[dtype])
-                    row["probe"] = esc_arch.attention_kernel(model, ctx.device, DTYPES[dtype])
+                    row["probe"] = esc_runtime.attention_kernel(model, ctx.device, DTYPES[dtype])
                     with torch.inference_mode():
                         model(x)  # first call (compilation) outside the profile
                         row["ops"] = ", ".join(attention_ops(lambda: model(x)))
@@ -438,7 +440,7 @@ def section_sdpa_kernels(ctx: Ctx) -> dict[str, Any]:
     """Each SDPA kernel forced on ESC's attention (float bias as mask), inference and training; which is fastest."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import esc_arch
+    import esc_runtime
 
     windows, heads, tokens, head_dim = ctx.plan.sdpa_shape
     kernels = ["default"] + [k for k in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION", "MATH")
@@ -455,7 +457,7 @@ def section_sdpa_kernels(ctx: Ctx) -> dict[str, Any]:
             bias = bias0.to(ctx.device, DTYPES[dtype], copy=True).requires_grad_(training)
             with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # reference: the math kernel in fp32
                 ref = F.scaled_dot_product_attention(*(t.detach().float() for t in (q, k, v)), attn_mask=bias.detach().float())
-            default_op = esc_arch.sdpa_kernel_name(device=ctx.device, dtype=DTYPES[dtype], num_heads=heads, tokens=tokens,
+            default_op = esc_runtime.sdpa_kernel_name(device=ctx.device, dtype=DTYPES[dtype], num_heads=heads, tokens=tokens,
                                                    head_dim=head_dim, training=training)
             timings = {}
             for kernel in kernels:
@@ -504,6 +506,7 @@ def section_sdpa_kernels(ctx: Ctx) -> dict[str, Any]:
 def section_flex_compiled(ctx: Ctx) -> dict[str, Any]:
     """torch.compile of flex_attention per ESC attention shape and dtype: compiled or not, error, latency vs sdpa."""
     import esc_arch
+    import esc_runtime
     from esc_arch.attention import WindowAttention
 
     warmup, runs = ctx.plan.flex_runs
@@ -532,7 +535,7 @@ def section_flex_compiled(ctx: Ctx) -> dict[str, Any]:
                     failed = getattr(esc_arch.attention, "_FLEX_COMPILE_FAILED", set())
                     row["compiled"] = (esc_arch.attention.flex_compiler_available() and signature not in failed
                                        and not row["fallback_warnings"])
-                    row["kernel"] = esc_arch.attention_kernel(flex, ctx.device, DTYPES[dtype])
+                    row["kernel"] = esc_runtime.attention_kernel(flex, ctx.device, DTYPES[dtype])
                     row["max_abs_vs_naive_fp32"] = max_abs(out, ref)
                     row["sdpa_max_abs_vs_naive_fp32"] = max_abs(sdpa(x), ref)
                     row["flex_ms"] = measure(ctx, lambda: flex(x), warmup=warmup, runs=runs)["median_ms"]
@@ -550,7 +553,7 @@ def section_flex_compiled(ctx: Ctx) -> dict[str, Any]:
 
 def section_window_attention(ctx: Ctx) -> dict[str, Any]:
     """WindowAttention alone (the paper's compare_attn.py setting): naive vs sdpa vs flex, time and peak memory."""
-    import esc_arch
+    import esc_runtime
     from esc_arch.attention import WindowAttention
 
     cfg = ctx.plan.window_attention
@@ -562,7 +565,7 @@ def section_window_attention(ctx: Ctx) -> dict[str, Any]:
             torch.manual_seed(0)
             layer = WindowAttention(cfg["dim"], cfg["window"], cfg["heads"], attn_type=backend).eval().to(ctx.device, DTYPES[dtype])
             x = torch.randn(1, cfg["dim"], *cfg["size"], device=ctx.device, dtype=DTYPES[dtype])
-            row["kernel"] = esc_arch.attention_kernel(layer, ctx.device, DTYPES[dtype])
+            row["kernel"] = esc_runtime.attention_kernel(layer, ctx.device, DTYPES[dtype])
             with torch.inference_mode():
                 row.update(measure(ctx, lambda: layer(x), warmup=warmup, runs=runs))
         except Exception as exc:

@@ -45,14 +45,15 @@ def workload(case: dict[str, Any], device: torch.device):
 
 
 def sdpa_kernel(device: torch.device, *, dim: int, heads: int, window: int, training: bool = False) -> str | None:
-    """Which kernel the sdpa backend runs for this shape (``esc_arch.attention_kernel``: the native CPU kernel where
+    """Which kernel the sdpa backend runs for this shape (``esc_runtime.attention_kernel``: the native CPU kernel where
     it applies, else what torch dispatches); asked in the parent process, because the profiler it may use leaves
     memory behind that would count towards a child's peak."""
     try:
         import esc_arch
+        import esc_runtime
 
         layer = esc_arch.WindowAttention(dim, window, heads, "sdpa")
-        return esc_arch.attention_kernel(layer, device, training=training)
+        return esc_runtime.attention_kernel(layer, device, training=training)
     except Exception as exc:  # informational only
         return f"unknown ({type(exc).__name__})"
 
