@@ -122,8 +122,8 @@ def prepare(model: nn.Module, device: torch.device | str | None = None, dtype: t
     if not in_place:
         model = esc_arch.fuse(copy.deepcopy(model).to(device=device, dtype=dtype))
     chosen = plan(model, target, disable)
-    if model.is_fused and chosen.attention.name == "native":
-        for layer in model.modules():  # the native kernel reads the bias table: the gathered bias is never read
+    if not in_place and chosen.attention.name == "native":
+        for layer in model.modules():  # our copy: the native kernel reads the bias table, the gathered one is unused
             if isinstance(layer, WindowAttention):
                 layer.fused_bias = None
     return PreparedModel(model, chosen, target).eval()
