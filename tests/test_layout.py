@@ -80,3 +80,15 @@ def test_the_model_files_fit_their_budget():
     model_files = ("layers", "attention", "blocks", "upsamplers", "base", "esc", "esc_real", "lte")
     lines = {p.stem: len(p.read_text(encoding="utf-8").splitlines()) for p in root.rglob("*.py")}
     assert sum(lines[name] for name in model_files) <= 1400
+
+
+def test_every_application_module_reads_in_one_sitting():
+    """No module of esc_sr over 500 lines."""
+    from pathlib import Path
+
+    import esc_sr
+
+    root = Path(esc_sr.__file__).parent
+    long = {str(p.relative_to(root)): n for p in root.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    assert long == {}
