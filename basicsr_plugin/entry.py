@@ -25,12 +25,12 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     import torch
     from basicsr.train import train_pipeline
 
-    from esc_sr.heap import reusing_freed_memory
+    from esc_sr import scopes
 
     # On a CPU, every training step faults its activations in afresh unless freed memory is kept
     # (esc_sr/heap.py; ESC-tiny, batch 8: 0.74-0.78 against 0.53-0.65 s/iteration).
     try:
-        with reusing_freed_memory("cuda" if torch.cuda.is_available() else "cpu"):
+        with scopes.batch("cuda" if torch.cuda.is_available() else "cpu"):
             train_pipeline(os.getcwd())
     finally:
         _leave_process_group()

@@ -57,8 +57,7 @@ import esc_runtime
 from esc_runtime import PreparedModel, TiledMaps
 
 from .errors import EngineError, OutOfMemory
-from . import heap
-from . import threads as cpu_threads
+from . import scopes
 from .memory import (
     MemorySpec, available_memory, check_memory, estimate_memory, fits_untiled, format_bytes, is_out_of_memory,
     window_of,
@@ -379,8 +378,6 @@ def upscale(
             return out
         return _resize_planes(out.clamp_(0.0, 1.0), _target_size(rgb, outscale))  # resize the image, not overshoot
 
-    run_rgb = cpu_threads.scoped(run_rgb, run_device)  # CPU threads from the machine's state, per call (threads.py)
-
     def run_gray(gray: torch.Tensor) -> torch.Tensor:
         return run_rgb(gray.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
 
@@ -392,14 +389,8 @@ def upscale(
         out = run_gray(a)
         return out if tuple(out.shape[-2:]) == size else _resize_planes(out, size)
 
-    # Freed CPU memory reused instead of faulted in afresh by every operator (heap.py: 12-19 % of a forward), where
-    # memory is plentiful enough for what the heap then holds; otherwise what a caller's batch scope holds is
-    # given back for this call.
-    reuse = heap.applies(run_device) and fits_untiled(prepared, run_device, dtype, height, width,
-                                                      fraction=1 / heap.WORST_RETENTION)
     outs = []
-    with _eval_mode(prepared), torch.inference_mode(), \
-            (heap.reusing_freed_memory(run_device) if reuse else heap.returning_freed_memory()):
+    with _eval_mode(prepared), torch.inference_mode(), scopes.call(prepared, run_device, dtype, height, width):
         try:
             for x in kind.planes:
                 channels = x.shape[1]

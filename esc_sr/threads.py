@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Mapping, MutableMapping, TypeVar
 
 __all__ = ["Decision", "usable_cpus", "runnable_others", "torch_default_threads", "choose_threads", "decide",
-           "set_threads", "scoped", "policy", "last_decision", "configure_environment", "wait_policy",
+           "set_threads", "policy", "last_decision", "configure_environment", "wait_policy",
            "THREAD_VARIABLES", "WAIT_VARIABLES"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -273,17 +273,6 @@ def policy(device: Any = "cpu") -> Iterator[Decision]:
         _depth.value = 0
         if changed:
             torch.set_num_threads(current)
-
-
-def scoped(fn: F, device: Any) -> F:
-    """``fn`` run under :func:`policy` for ``device``: what :func:`esc_sr.upscale` wraps each model run in."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with policy(device):
-            return fn(*args, **kwargs)
-
-    return run  # type: ignore[return-value]
 
 
 def last_decision() -> dict[str, Any] | None:

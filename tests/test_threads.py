@@ -140,14 +140,6 @@ def test_policy_sets_and_restores(clean: pytest.MonkeyPatch) -> None:
     assert threads.last_decision()["threads"] == 2
 
 
-def test_scoped_wraps_a_call(clean: pytest.MonkeyPatch) -> None:
-    torch.set_num_threads(3)
-    fake_machine(clean, cpus=3, others=2.0, default=3)
-    run = threads.scoped(lambda value: (value, torch.get_num_threads()), torch.device("cpu"))
-    assert run("x") == ("x", 1)
-    assert torch.get_num_threads() == 3
-
-
 def test_policy_leaves_the_users_torch_setting(clean: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(2)
     fake_machine(clean, cpus=4, others=3.0, default=4)  # 2 is not torch's default: the user's

@@ -92,7 +92,7 @@ def upscale_command(args: argparse.Namespace) -> int:
 def _upscale(args: argparse.Namespace, session: Any) -> int:
     """The run, on one process or as one rank of several: rank 0 checks the arguments and plans the outputs, every
     rank loads the model (rank 0 first) and upscales its share, and the summaries go to rank 0."""
-    from .. import engine, heap, sharding
+    from .. import engine, scopes, sharding
 
     inputs, input_errors, output, single_file = session.from_root(lambda: _check_inputs(args),
                                                                   exit_status=exit_status)
@@ -111,8 +111,8 @@ def _upscale(args: argparse.Namespace, session: Any) -> int:
     progress = not args.quiet and sys.stderr.isatty() and session.is_root
     bar = _progress_bar(mine, enabled=progress and len(mine) > 1)
     try:
-        # One heap scope for this share: each image reuses the memory the one before freed (esc_sr/heap.py).
-        with heap.reusing_freed_memory(device):
+        # One batch scope for this share: each image reuses the memory the one before freed (esc_sr/scopes.py).
+        with scopes.batch(device):
             for job in bar:
                 status, message, notes = _upscale_one(job, model, args, outscale=outscale, device=device, progress=progress)
                 for note in notes:
