@@ -81,6 +81,14 @@ class ESCModelBase(nn.Module):
             raise RuntimeError(f"{self.arch_name} is fused: load its weights before esc_arch.fuse(), not after")
         return super().load_state_dict(self.adapt_state_dict(dict(state_dict)), strict=strict, assign=assign)
 
+    # -- the trunk ------------------------------------------------------------------------------
+    def run_blocks(self, feat: torch.Tensor) -> torch.Tensor:
+        """The blocks in turn, all with the model's shared large kernel (ensembled once per pass)."""
+        large_kernel = self.large_kernel()
+        for block in self.blocks:
+            feat = block(feat, large_kernel)
+        return feat
+
     # -- checkpoints ----------------------------------------------------------------------------
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return ``state_dict`` rewritten to fit this model (upstream loader quirks); no-op here."""

@@ -77,11 +77,7 @@ class ESC(_PixelShuffleHeadMixin, SharedKernelTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.proj(x)
-        skip = feat
-        large_kernel = self.large_kernel()
-        for block in self.blocks:
-            feat = block(feat, large_kernel)
-        feat = self.last(feat) + skip
+        feat = self.last(self.run_blocks(feat)) + feat
         out = F.pixel_shuffle(self.to_img(feat), self.scale)
         return out + F.interpolate(x, scale_factor=self.scale, mode="nearest")
 
@@ -129,10 +125,6 @@ class ESCFP(_PixelShuffleHeadMixin, ESCModelBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.proj(x)
-        skip = feat
-        large_kernel = self.large_kernel()
-        for block in self.blocks:
-            feat = block(feat, large_kernel)
-        feat = self.last(self.ln_last(feat)) + skip
+        feat = self.last(self.ln_last(self.run_blocks(feat))) + feat
         residual = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return F.pixel_shuffle(self.to_img(feat), self.scale) + residual

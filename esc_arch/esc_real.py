@@ -40,11 +40,7 @@ class _RealTrunk(SharedKernelTrunk):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.proj(x)
-        body = feat
-        large_kernel = self.large_kernel()
-        for block in self.blocks:
-            body = block(body, large_kernel)
-        return self.last(body) + feat + self.skip(x)
+        return self.last(self.run_blocks(feat)) + feat + self.skip(x)
 
 
 class ESCReal(_RealTrunk):

@@ -56,11 +56,7 @@ class ESCEncoder(SharedKernelTrunk):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.proj(x)
-        body = feat
-        large_kernel = self.large_kernel()
-        for block in self.blocks:
-            body = block(body, large_kernel)
-        return self.last(body) + feat
+        return self.last(self.run_blocks(feat)) + feat
 
 
 class MLP(nn.Module):
