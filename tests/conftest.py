@@ -63,3 +63,15 @@ def device(request: pytest.FixtureRequest):
         yield device
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def _autograd_is_left_as_found():
+    """A test that switches autograd off for the process (and does not switch it back) fails here, by name, instead
+    of a later test that trains."""
+    import torch
+
+    yield
+    leaked = not torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "this test left autograd switched off"

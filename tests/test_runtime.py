@@ -27,11 +27,12 @@ def _load(case: dict, **overrides) -> esc_arch.ESCModelBase:
     return esc_arch.load_model(checkpoint_path(case), **OVERRIDES.get(case["id"], {}), **overrides)
 
 
-def _outputs(model, case):
+def _outputs(model, case) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, output, expected) of every run of the case."""
     data = tensors(case)
-    for run in case["runs"]:
-        with torch.no_grad():
-            yield run["output"], model(*[data[name] for name in run["inputs"].values()]), data[run["output"]]
+    with torch.no_grad():
+        return [(run["output"], model(*[data[name] for name in run["inputs"].values()]), data[run["output"]])
+                for run in case["runs"]]
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
