@@ -28,7 +28,8 @@ both must agree within 1e-4, the golden fixtures' tolerance, or the run stops.
   script's loop), keeps one :func:`esc_sr.heap.reusing_freed_memory` scope open around all its calls, so each call
   reuses the memory the one before freed; ``ours upscale`` gives it back when each call returns (the right thing
   for a host such as ComfyUI), and its next call faults it in again;
-- ``ours bare``: ``model(x)`` on the same loaded (unfused) model, torch's thread setting as it is;
+- ``ours bare``: ``esc_runtime.prepare(model)(x)`` on the same loaded (unfused) model, torch's thread setting as it
+  is (before issue 29 the model's own ``model(x)`` took the fast paths; now the plain model is plain PyTorch);
 - ``official``: the official model's ``model(x)``.
 
 **Processes.** Each implementation runs in its own fresh, long-lived worker process, and the parent alternates
@@ -118,7 +119,10 @@ def _build_ours(weights: Path) -> dict[str, Any]:
     import esc_sr
     from esc_sr import threads
 
+    import esc_runtime
+
     model = esc_arch.load_model(str(weights)).eval()
+    prepared = esc_runtime.prepare(model)  # the plain model, each layer on the runtime's implementation
     state: dict[str, Any] = {"model": model, "decisions": []}
 
     def upscale(x: Any) -> Any:
@@ -128,7 +132,7 @@ def _build_ours(weights: Path) -> dict[str, Any]:
 
     def bare(x: Any) -> Any:
         with torch.inference_mode():
-            return model(x)
+            return prepared(x)
 
     state["calls"] = {"ours_upscale": upscale, "ours_batch": upscale, "ours_bare": bare}
     return state
