@@ -58,7 +58,13 @@ PathLike = str | os.PathLike
 _WRAPPER_KEYS = ("params_ema", "params-ema", "params", "state_dict", "model_state_dict", "model", "net", "sd")
 _PREFIXES = ("module.", "netG.", "_orig_mod.")
 _METADATA_KEY = "esc_sr"
-DEFAULT_MODEL_FILE = Path(__file__).with_name("weights") / "esc_default_x4.safetensors"
+_WEIGHTS = Path(__file__).with_name("weights")
+#: The models shipped inside the package, by the name ``load_model`` takes (their cards: ``weights/*.md``).
+EMBEDDED_MODELS: dict[str, Path] = {
+    "default": _WEIGHTS / "esc_default_x4.safetensors",  # ESC-tiny x4, bicubic degradation
+    "real": _WEIGHTS / "esc_real_x4.safetensors",  # ESCRealM-tiny x4, Real-ESRGAN degradations (in training)
+}
+DEFAULT_MODEL_FILE = EMBEDDED_MODELS["default"]
 
 #: The default ceiling on a checkpoint's parameters (values in its state dict): four times ESC-XL's 12.5 M.
 DEFAULT_MAX_PARAMETERS = 50_000_000
@@ -393,7 +399,8 @@ def read_state_dict(path: PathLike, *, max_parameters: int | CheckpointLimits | 
 def load_model(
     source: PathLike | Mapping[str, Any], *, max_parameters: int | CheckpointLimits | None = None, **overrides: Any
 ) -> ESCModelBase:
-    """Build and load an ESC model from a checkpoint path, a state dict, or ``'default'``.
+    """Build and load an ESC model from a checkpoint path, a state dict, or an embedded model's name (``'default'``,
+    ``'real'``: :data:`EMBEDDED_MODELS`).
 
     The variant and every hyperparameter come from the tensors (and from the metadata of files
     written by :func:`save_model`).  ``overrides`` replace inferred keyword arguments, e.g.
@@ -406,10 +413,11 @@ def load_model(
     Raises :class:`CheckpointError` with a one-line reason naming the file.
     """
     limits = _limits(max_parameters)
-    if isinstance(source, str) and source == "default":
-        if not DEFAULT_MODEL_FILE.exists():
-            raise CheckpointError(f"{DEFAULT_MODEL_FILE}: the embedded default model is missing from this installation")
-        source = DEFAULT_MODEL_FILE
+    if isinstance(source, str) and source in EMBEDDED_MODELS:
+        if not EMBEDDED_MODELS[source].exists():
+            raise CheckpointError(f"{EMBEDDED_MODELS[source]}: the embedded model {source!r} is missing from this "
+                                  "installation")
+        source = EMBEDDED_MODELS[source]
     name = _describe(source)
     if isinstance(source, (str, os.PathLike)):
         state, metadata = read_checkpoint(source, max_parameters=limits)

@@ -201,7 +201,7 @@ def load_cli_model(name: str, *, attention: str | None = None, max_parameters: i
 
     try:
         source: Any = name
-        if name != "default":
+        if name not in esc_arch.EMBEDDED_MODELS:
             source = hub.resolve_model(name)
             if source.is_dir():
                 raise usage_error(f"{source}: is a directory, not a checkpoint file")
