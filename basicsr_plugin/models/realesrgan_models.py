@@ -11,6 +11,7 @@ follow ``self.device``. Plus the plugin's window-padded ``test()``, atomic check
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from basicsr.models.realesrgan_model import RealESRGANModel
 from basicsr.models.realesrnet_model import RealESRNetModel
 from basicsr.models.sr_model import SRModel
@@ -35,6 +36,18 @@ class _DeviceAwareDegradationMixin:
         if self.is_train and "kernel1" in data:
             self._check_crop_size(tuple(data["gt"].shape[-2:]), int(data["kernel1"].shape[-1]))
         super().feed_data(data)
+        if self.is_train and "kernel1" in data and float(self.opt.get("clean_prob", 0)) > 0:
+            self._mix_clean_pairs(float(self.opt["clean_prob"]))
+
+    @torch.no_grad()
+    def _mix_clean_pairs(self, prob: float) -> None:
+        """Option ``clean_prob`` (not in stock BasicSR): replace that share of the batch's inputs by the plain
+        antialiased bicubic /scale of their targets, so one model also serves clean downscales, which the
+        second-order pipeline (always blurred, noised and JPEG-compressed) never produces."""
+        chosen = torch.rand(self.lq.size(0), device=self.lq.device) < prob
+        if chosen.any():
+            clean = F.interpolate(self.gt[chosen], size=self.lq.shape[-2:], mode="bicubic", antialias=True)
+            self.lq[chosen] = torch.clamp((clean * 255.0).round(), 0, 255) / 255.0
 
     def _check_crop_size(self, size: tuple[int, int], kernel: int) -> None:
         """The first-order downscale can shrink the GT to resize_range[0] of its size, and the 21-tap blurs then
