@@ -17,8 +17,16 @@ _REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 sys.path.insert(0, _REPO_ROOT)
 try:
-    from comfyui_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    import comfyui_nodes as _pack
 finally:
     sys.path.remove(_REPO_ROOT)  # removes the entry inserted above (the first occurrence)
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+# The V3 entry point where this ComfyUI has the V3 schema, else the V1 mappings; never both (ComfyUI would use the
+# V1 mappings and never call the entry point). comfyui_nodes chose at its import.
+if _pack.NODE_API == "v3":
+    comfy_entrypoint = _pack.comfy_entrypoint
+    __all__ = ["comfy_entrypoint"]
+else:
+    NODE_CLASS_MAPPINGS = _pack.NODE_CLASS_MAPPINGS
+    NODE_DISPLAY_NAME_MAPPINGS = _pack.NODE_DISPLAY_NAME_MAPPINGS
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -10,6 +10,7 @@ ComfyUI tensors: ``IMAGE`` is ``[B, H, W, C]`` float in 0..1 (C = 3, or 4 with a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ CATEGORY = "image/upscaling"
 PRECISIONS = list(facts.PRECISIONS)
 ATTENTION_BACKENDS = ["auto", *facts.ATTENTION_BACKENDS]  # auto: the model's own
 ALPHA_MODES = list(facts.ALPHA_MODES)
+EMBEDDED_PREFIX = "[embedded] "  # the loader lists esc_arch.EMBEDDED_MODELS under these names
 MAX_TILE = 4096
 MAX_FACTOR = 16.0
 
@@ -55,9 +57,38 @@ def _resolve_precision(choice: str, upscale_model: Any, device: torch.device) ->
                                    runs=lambda dtype: bridge.supports_dtype(device, dtype))
 
 
+def _check_image(image: torch.Tensor) -> None:
+    """Refuse, in one line, an IMAGE that is not ``[B, H, W, 3]`` (RGB) or ``[B, H, W, 4]`` (RGBA).
+
+    Anything else has no documented meaning here: a 2-channel tensor is not gray + alpha in ComfyUI, and taking the
+    first 3 of 5 channels would silently drop the rest."""
+    if image.ndim != 4 or image.shape[-1] not in (3, 4):
+        shape = "x".join(str(n) for n in image.shape)
+        what = (f"{image.shape[-1]} channel{'s' * (image.shape[-1] != 1)}" if image.ndim == 4
+                else f"{image.ndim} dimensions")
+        raise ValueError(f"the IMAGE has {what} (shape {shape}); the ESC nodes take RGB or RGBA images "
+                         "[batch, height, width, 3 or 4]")
+
+
+def _finite_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The MASK with NaN and -Inf as 0 and +Inf as 1, with a warning that names the mask (not the image)."""
+    if not mask.is_floating_point() or bool(torch.isfinite(mask).all()):
+        return mask
+    bad = int((~torch.isfinite(mask)).sum())
+    warnings.warn(f"the MASK has {bad:,} non-finite value{'s' * (bad != 1)} (NaN or Inf); replaced: NaN and -Inf "
+                  "by 0 (opaque), +Inf by 1 (transparent)", RuntimeWarning, stacklevel=3)
+    return torch.nan_to_num(mask, nan=0.0, posinf=1.0, neginf=0.0)
+
+
 def _alpha_from_inputs(image: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Split an IMAGE into RGB and alpha (``[B,1,H,W]``), taking alpha from the image or a MASK (fitted to the
     image by :func:`esc_sr.alpha.fit_alpha`)."""
+    _check_image(image)
+    if mask is not None:
+        if mask.ndim not in (2, 3):
+            raise ValueError(f"the MASK has {mask.ndim} dimensions (shape {'x'.join(map(str, mask.shape))}); "
+                             "a MASK is [batch, height, width]")
+        mask = _finite_mask(mask)
     rgb = image[..., :3].movedim(-1, 1)
     if image.shape[-1] == 4:
         return rgb, image[..., 3:4].movedim(-1, 1)
@@ -66,6 +97,20 @@ def _alpha_from_inputs(image: torch.Tensor, mask: torch.Tensor | None) -> tuple[
         return rgb, None
     alpha = 1.0 - (mask if mask.ndim == 3 else mask.unsqueeze(0)).to(rgb).unsqueeze(1)  # a MASK is 1 - alpha
     return rgb, fit_alpha(alpha, rgb)
+
+
+def model_choices() -> list[str]:
+    """The loader's ``model_name`` choices: the files of ``upscale_models`` (re-read on every call), then the models
+    embedded in esc-sr (:data:`esc_arch.EMBEDDED_MODELS`) as ``[embedded] NAME``."""
+    return [*bridge.upscale_model_names(), *(EMBEDDED_PREFIX + name for name in esc_arch.EMBEDDED_MODELS)]
+
+
+def embedded_model(model_name: str) -> str | None:
+    """The :func:`esc_arch.load_model` name of an ``[embedded] NAME`` choice, or None for a file. (No file of
+    ``upscale_models`` can be named so: ComfyUI lists only names with a model extension.)"""
+    if model_name.startswith(EMBEDDED_PREFIX) and model_name[len(EMBEDDED_PREFIX):] in esc_arch.EMBEDDED_MODELS:
+        return model_name[len(EMBEDDED_PREFIX):]
+    return None
 
 
 class _ComfyProgress:
@@ -89,9 +134,9 @@ def upscale_image(upscale_model: Any, image: torch.Tensor, *, outscale: float | 
     (alpha from the image's 4th channel or from ``mask``), or all zeros when there is no alpha.
     """
     network = esc_network(upscale_model)
+    rgb, alpha = _alpha_from_inputs(image, mask)  # refuses what is not RGB / RGBA before any memory is asked for
     device = bridge.torch_device()
     run_precision = _resolve_precision(precision, upscale_model, device)
-    rgb, alpha = _alpha_from_inputs(image, mask)
     planes = join_alpha(rgb, alpha)
     tile: int | str = tile_size if tile_size > 0 else facts.DEFAULT_TILE
 
@@ -145,7 +190,10 @@ class LoadESCModel:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "model_name": (bridge.upscale_model_names(), {"tooltip": "A file in ComfyUI/models/upscale_models."}),
+            "model_name": (model_choices(), {"tooltip": "A file in ComfyUI/models/upscale_models, or a model "
+                                                        "embedded in esc-sr ('[embedded] default': ESC-tiny x4, "
+                                                        "bicubic; '[embedded] real': ESCRealM-tiny x4, real-world "
+                                                        "degradations, in training)."}),
             "attention": (ATTENTION_BACKENDS, {"default": "auto",
                                                "tooltip": "Window-attention kernel; auto keeps the model's default (sdpa)."}),
             "precision": (PRECISIONS, {"default": "auto",
@@ -153,7 +201,8 @@ class LoadESCModel:
         }}
 
     def load(self, model_name: str, attention: str = "auto", precision: str = "auto") -> tuple[Any]:
-        path = bridge.upscale_model_path(model_name)
+        embedded = embedded_model(model_name)
+        path = embedded if embedded is not None else bridge.upscale_model_path(model_name)
         # ComfyUI executes every node inside torch.inference_mode(); weights created there would be
         # inference tensors, which cannot be copied or changed in place later.  Build a normal model.
         with torch.inference_mode(False):

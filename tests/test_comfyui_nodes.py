@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from esc_arch.compat import ensure_torchvision_importable
+from esc_sr.torchvision_shim import ensure_torchvision_importable
 
 ensure_torchvision_importable()  # spandrel imports torchvision; PyPI's needs this next to a CPU torch
 
@@ -167,14 +167,60 @@ def test_node_mappings_name_every_node_in_the_upscaling_category(nodes):
     assert nodes.LoadESCModel.RETURN_TYPES == ("UPSCALE_MODEL",)
 
 
+EMBEDDED = ["[embedded] default", "[embedded] real"]
+
+
 def test_loader_lists_the_files_of_upscale_models_on_every_call(nodes, comfy, esc_x2):
-    assert nodes.LoadESCModel.INPUT_TYPES()["required"]["model_name"][0] == [esc_x2]
+    assert nodes.LoadESCModel.INPUT_TYPES()["required"]["model_name"][0] == [esc_x2, *EMBEDDED]
     (comfy.models_dir / "later.pth").write_bytes(b"")
-    assert nodes.LoadESCModel.INPUT_TYPES()["required"]["model_name"][0] == ["later.pth", esc_x2]
+    assert nodes.LoadESCModel.INPUT_TYPES()["required"]["model_name"][0] == ["later.pth", esc_x2, *EMBEDDED]
+
+
+@pytest.mark.parametrize("name", sorted(esc_arch.EMBEDDED_MODELS))
+def test_loader_lists_and_loads_every_embedded_model(nodes, name):
+    """The embedded models (esc_arch.EMBEDDED_MODELS: 'default' and 'real') are choices of the loader."""
+    assert f"[embedded] {name}" in nodes.LoadESCModel.INPUT_TYPES()["required"]["model_name"][0]
+    (descriptor,) = nodes.LoadESCModel().load(f"[embedded] {name}")
+    expected = esc_arch.load_model(name)
+    assert descriptor.model.arch_name == expected.arch_name and descriptor.scale == 4
+    for key, value in expected.state_dict().items():
+        assert torch.equal(descriptor.model.state_dict()[key], value)
+    image = comfy_image(20, 24)
+    out, _ = nodes.UpscaleImageESC().upscale(descriptor, image, precision="fp32")
+    assert out.shape == (1, 80, 96, 3)
+
+
+def test_loader_does_not_take_other_names_for_embedded_models(nodes):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        nodes.LoadESCModel().load("[embedded] nothing")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 5])
+def test_upscale_refuses_images_that_are_not_rgb_or_rgba_in_one_line(nodes, esc_x2, channels):
+    """Issue 26: 2 channels came back with 2 channels and an empty mask, 5 silently lost 2."""
+    (model,) = nodes.LoadESCModel().load(esc_x2)
+    with pytest.raises(ValueError, match=f"the IMAGE has {channels} channels? .*RGB or RGBA") as caught:
+        nodes.UpscaleImageESC().upscale(model, comfy_image(10, 12, channels=channels))
+    assert "\n" not in str(caught.value)
+
+
+def test_nan_in_the_mask_is_reported_as_the_mask(nodes, esc_x2):
+    """Issue 26: NaN in the MASK was reported as 'the image has 256 non-finite pixel values'."""
+    (model,) = nodes.LoadESCModel().load(esc_x2)
+    image = comfy_image(16, 16)
+    mask = torch.full((1, 16, 16), 0.25)
+    mask[0, :4, :4] = float("nan")
+    with pytest.warns(RuntimeWarning) as caught:
+        out, mask_out = nodes.UpscaleImageESC().upscale(model, image, mask=mask, precision="fp32")
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("the MASK has 16 non-finite values") for m in messages), messages
+    assert not any("image" in m for m in messages), messages
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(mask_out).all())
 
 
 def test_repo_root_loads_like_comfyui_loads_a_custom_node_folder(comfy):
-    """ComfyUI imports <pack>/__init__.py under a path-derived name; it must export the V1 mappings."""
+    """ComfyUI imports <pack>/__init__.py under a path-derived name; without the V3 schema (no comfy_api here) it
+    exports the V1 mappings and no entry point."""
     import spandrel
 
     spec = importlib.util.spec_from_file_location("custom_nodes_x_esc_test", REPO_ROOT / "__init__.py",
@@ -183,6 +229,7 @@ def test_repo_root_loads_like_comfyui_loads_a_custom_node_folder(comfy):
     spec.loader.exec_module(module)  # a second import of the pack must not raise (idempotent registration)
     import comfyui_nodes
 
+    assert comfyui_nodes.NODE_API == "v1" and not hasattr(module, "comfy_entrypoint")
     assert module.NODE_CLASS_MAPPINGS is comfyui_nodes.NODE_CLASS_MAPPINGS
     assert module.NODE_DISPLAY_NAME_MAPPINGS["ESCModelLoader"] == "Load ESC Model"
     ids = [support.architecture.id for support in spandrel.MAIN_REGISTRY.architectures()]
