@@ -2,7 +2,7 @@
 
 Importing this package
 
-1. makes ``import torchvision`` work on CPU-only installs (:mod:`esc_arch.compat.torchvision_shim`) and, for the
+1. makes ``import torchvision`` work on CPU-only installs (:mod:`esc_sr.torchvision_shim`) and, for the
    original ``basicsr`` 1.4.2, provides the torchvision module it imports that no longer exists
    (:mod:`basicsr_plugin.compat`),
 2. registers the archs ``ESC``, ``ESCFP``, ``ESCReal``, ``ESCRealM``, ``ESCLTE`` (the classes live in
@@ -12,7 +12,7 @@ Importing this package
 Then BasicSR's own pipelines do the rest: see :mod:`basicsr_plugin.entry` (``esc-train`` / ``esc-test``).
 """
 
-from esc_arch.compat import ensure_torchvision_importable
+from esc_sr.torchvision_shim import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 

@@ -2,7 +2,7 @@
 
 BasicSR writes checkpoints with a bare ``torch.save(obj, path)``; a process killed mid-write (``kill -9``, OOM, a
 pre-empted job) leaves a truncated ``.pth``/``.state`` that ``--auto_resume`` then picks up and fails on. Both
-helpers here write through :func:`esc_arch.atomic.atomic_write` (temporary file in the same folder, fsync,
+helpers here write through :func:`esc_sr.atomic.atomic_write` (temporary file in the same folder, fsync,
 permissions from the umask, rename over the target).
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from esc_arch.atomic import atomic_write, write_text
+from esc_sr.atomic import atomic_write, write_text
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -295,13 +295,13 @@ def machine_slug(info: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------- files
 def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write ``payload`` as JSON through :func:`esc_arch.atomic.atomic_write`."""
+    """Write ``payload`` as JSON through :func:`esc_sr.atomic.atomic_write`."""
     write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=False) + "\n")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` through :func:`esc_arch.atomic.atomic_write`."""
-    from esc_arch.atomic import write_text
+    """Write ``text`` through :func:`esc_sr.atomic.atomic_write`."""
+    from esc_sr.atomic import write_text
 
     write_text(Path(path), text)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from esc_arch.compat import ensure_torchvision_importable
+from esc_sr.torchvision_shim import ensure_torchvision_importable
 
 ensure_torchvision_importable()  # basicsr imports torchvision, which needs the shim next to the CPU torch
 from basicsr.utils.matlab_functions import imresize  # noqa: E402

@@ -111,7 +111,7 @@ def _our_entries() -> list[ModelEntry]:
 # ------------------------------------------------------------------------------------------------ peers
 def import_spandrel_architectures():
     """Import ``spandrel.architectures`` after making torchvision importable next to CPU torch."""
-    from esc_arch.compat.torchvision_shim import ensure_torchvision_importable
+    from esc_sr.torchvision_shim import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import spandrel.architectures as architectures

@@ -7,7 +7,7 @@
 **The official code** is taken at run time from a local clone of ``dslisleedh/ESC``: ``git show
 COMMIT:esc/archs/esc_arch.py`` (``--commit``, default the golden fixtures' commit ``e7e6938``) into a temporary
 folder that is deleted afterwards; nothing of it is written into this repository. It imports BasicSR's
-``ARCH_REGISTRY`` and einops (``esc_arch.compat`` makes BasicSR importable without torchvision's C++ operators).
+``ARCH_REGISTRY`` and einops (``esc_sr.torchvision_shim`` makes BasicSR importable without torchvision's C++ operators).
 It runs with ``attn_type='Naive'``, its only CPU path (its ``SDPA`` branch forces a CUDA-only kernel, ``Flex``
 needs ``torch.compile`` and a compiler), in eval mode under ``torch.inference_mode()``. Without the clone (or
 without git) the benchmark says so and skips only the official row; ours still runs.
@@ -143,7 +143,7 @@ def _build_official(path: Path, weights: Path) -> dict[str, Any]:
 
     import torch
 
-    from esc_arch.compat import ensure_torchvision_importable
+    from esc_sr.torchvision_shim import ensure_torchvision_importable
 
     ensure_torchvision_importable()  # basicsr imports torchvision, whose C++ operators a CPU wheel may lack
     spec = importlib.util.spec_from_file_location("esc_official_arch", path)

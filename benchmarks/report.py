@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from esc_arch.atomic import atomic_write
+from esc_sr.atomic import atomic_write
 
 from .common import write_text_atomic
 

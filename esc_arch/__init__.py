@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 from .attention import ATTENTION_BACKENDS, WindowAttention  # noqa: E402
 from .base import ESCModelBase  # noqa: E402
-from .checkpoint import EMBEDDED_MODELS, canonicalize_state_dict, load_model, read_state_dict, save_model  # noqa: E402
+from .checkpoint import EMBEDDED_MODELS, canonicalize_state_dict, load_model, read_state_dict  # noqa: E402
 from .detection import ARCHITECTURES, VARIANTS, detect_architecture, infer_architecture  # noqa: E402
 from .errors import CheckpointError, ESCError  # noqa: E402
 from .esc import ESC, ESCFP  # noqa: E402
@@ -56,5 +56,5 @@ __all__ = [
     "ARCHITECTURES", "ATTENTION_BACKENDS", "EMBEDDED_MODELS", "CheckpointError", "ESC", "ESCFP", "ESCLTE", "ESCReal", "ESCRealM", "ESCError", "ESCModelBase",
     "PRESETS", "canonicalize_state_dict", "count_parameters", "detect_architecture", "esc",
     "esc_fp", "esc_light", "esc_lte", "esc_real", "esc_realm", "esc_tiny", "esc_xl", "fuse", "infer_architecture",
-    "load_model", "match_preset", "pad_reflect", "pad_to_multiple", "read_state_dict", "save_model", "set_attention_backend", "VARIANTS",
+    "load_model", "match_preset", "pad_reflect", "pad_to_multiple", "read_state_dict", "set_attention_backend", "VARIANTS",
 ]

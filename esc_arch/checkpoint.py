@@ -45,7 +45,6 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .atomic import atomic_write
 from .attention import WindowAttention
 from .base import ESCModelBase
 from .detection import infer_architecture
@@ -57,7 +56,9 @@ PathLike = str | os.PathLike
 
 _WRAPPER_KEYS = ("params_ema", "params-ema", "params", "state_dict", "model_state_dict", "model", "net", "sd")
 _PREFIXES = ("module.", "netG.", "_orig_mod.")
-_METADATA_KEY = "esc_sr"
+#: The safetensors metadata entry :func:`esc_sr.save_model` writes and :func:`load_model` reads: JSON with ``arch``,
+#: ``hyperparameters`` (constructor arguments), ``scale``, ``esc_sr_version`` and an optional ``description``.
+METADATA_KEY = "esc_sr"
 _WEIGHTS = Path(__file__).with_name("weights")
 #: The models shipped inside the package, by the name ``load_model`` takes (their cards: ``weights/*.md``).
 EMBEDDED_MODELS: dict[str, Path] = {
@@ -375,7 +376,7 @@ def read_checkpoint(path: PathLike, *, max_parameters: int | CheckpointLimits | 
 
 def _esc_metadata(file_metadata: Mapping[str, str]) -> dict[str, Any]:
     """The ESC-SR metadata of a file :func:`save_model` wrote, or {} (advisory: anything malformed is ignored)."""
-    text = file_metadata.get(_METADATA_KEY)
+    text = file_metadata.get(METADATA_KEY)
     if not isinstance(text, str):
         return {}
     try:
@@ -531,38 +532,3 @@ def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> Stat
                 f"{name}: shape mismatch for {key}: checkpoint {list(adapted[key].shape)} vs model {list(tensor.shape)}"
             )
     return adapted
-
-
-def save_model(
-    model: ESCModelBase, path: PathLike, *, half: bool = False, description: Mapping[str, Any] | None = None
-) -> Path:
-    """Write ``model`` to a ``.safetensors`` file with metadata (architecture, hyperparameters,
-    scale, package version) that :func:`load_model` reads back.  The write is atomic.
-
-    ``half=True`` stores floating-point tensors as fp16. ``description`` (JSON-serialisable: training recipe,
-    measured quality, ...) is stored in the metadata as it is; ``read_checkpoint`` returns it.
-    """
-    from safetensors.torch import save_file
-
-    from . import __version__
-
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path}: save_model writes .safetensors files")
-    tensors = {}
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu")
-        if half and tensor.is_floating_point():
-            tensor = tensor.half()
-        tensors[key] = tensor.contiguous().clone()
-    metadata = {
-        "arch": model.arch_name,
-        "hyperparameters": model.hyperparameters,
-        "scale": model.scale,
-        "esc_sr_version": __version__,
-    }
-    if description is not None:
-        metadata["description"] = dict(description)
-    with atomic_write(path) as temp:
-        save_file(tensors, temp, metadata={_METADATA_KEY: json.dumps(metadata), "format": "pt"})
-    return path

@@ -33,7 +33,7 @@ def _warn(message: str) -> None:
 def _prepare() -> None:
     """Before spandrel loads: let torchvision import next to a CPU-only torch (no-op elsewhere)."""
     try:
-        from esc_arch.compat import ensure_torchvision_importable
+        from esc_sr.torchvision_shim import ensure_torchvision_importable
     except Exception:  # esc_arch or torch missing: spandrel will fail or succeed on its own
         return
     try:

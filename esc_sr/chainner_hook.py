@@ -30,8 +30,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esc_arch.atomic import write_text
 from esc_arch.errors import ESCError
+
+from .atomic import write_text
 
 __all__ = [
     "HOOK_MODULE",

@@ -7,7 +7,7 @@ once into :func:`cache_dir` (``$ESC_SR_CACHE``, else ``$XDG_CACHE_HOME/esc-sr/we
 test server).
 
 Downloads use :func:`torch.hub.download_url_to_file` (progress bar, SHA-256 check where the registry knows
-the digest) inside :func:`esc_arch.atomic.atomic_write`, and the file must be a complete PyTorch checkpoint
+the digest) inside :func:`esc_sr.atomic.atomic_write`, and the file must be a complete PyTorch checkpoint
 before it gets its final name: the cache never holds a truncated checkpoint, and an interrupted download
 starts over next time. Every failure is one line (:class:`HubError`) naming the URL and the path where the
 file can be placed by hand.
@@ -29,8 +29,9 @@ from pathlib import Path
 
 from torch.hub import download_url_to_file
 
-from esc_arch.atomic import atomic_write
 from esc_arch.errors import ESCError
+
+from .atomic import atomic_write
 
 __all__ = [
     "RELEASE_BASE_URL", "CACHE_ENV", "BASE_URL_ENV", "ReleaseAsset", "ModelStatus", "REGISTRY",

@@ -20,7 +20,7 @@ What is normalised on the way in:
 
 Pillow decodes everything except 16-bit *colour* PNG/TIFF (Pillow would truncate those to 8 bits),
 which OpenCV decodes instead. Writing uses OpenCV for PNG/TIFF (8/16-bit, 1-4 channels) and Pillow
-for JPEG/WebP/BMP. Every write goes through :func:`esc_arch.atomic.atomic_write` (a temporary file
+for JPEG/WebP/BMP. Every write goes through :func:`esc_sr.atomic.atomic_write` (a temporary file
 in the destination folder, renamed over the destination only once complete, with the permissions
 the umask gives): an interrupted run leaves either no file or the previous file, never a truncated one.
 """
@@ -35,10 +35,10 @@ from typing import Union
 
 import numpy as np
 
-from esc_arch import atomic
 from esc_arch.errors import ESCError, os_error_reason
 from esc_arch.inputs import UnusableFile, open_regular_file
 
+from . import atomic
 from .samples import _to_uint8, array_to_pil, from_float, pil_to_array, resize, to_float  # noqa: F401 (API)
 
 __all__ = [
@@ -435,7 +435,7 @@ def _encode_with_opencv(pixels: np.ndarray, ext: str) -> bytes:
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either untouched or complete (:func:`esc_arch.atomic.write_bytes`)."""
+    """Write ``data`` to ``path`` so that ``path`` is either untouched or complete (:func:`esc_sr.atomic.write_bytes`)."""
     atomic.write_bytes(path, data)
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esc_arch.atomic import atomic_write
+from esc_sr.atomic import atomic_write
 from esc_arch.errors import ESCError
 from esc_arch.lte import make_coord
 

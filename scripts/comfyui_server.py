@@ -7,7 +7,7 @@ Used by ``tests/test_comfyui_server.py`` and handy by hand::
 The server runs from the cached environment of :mod:`comfyui_env` with ``--cpu`` on
 127.0.0.1 and a free port.  Its base directory gets ``custom_nodes/<pack>`` (a symlink
 to this repository), ``models/upscale_models``, ``input`` and ``output``.  A generated
-``sitecustomize.py`` applies ``esc_arch.compat.torchvision_shim`` before ComfyUI
+``sitecustomize.py`` applies ``esc_sr.torchvision_shim`` before ComfyUI
 imports torchvision (PyPI's torchvision cannot load its ops next to a CPU-only torch).
 
 :class:`ComfyServer` is a context manager: the server process group is always stopped
@@ -100,7 +100,7 @@ class ComfyServer:
         link = self.base_dir / "custom_nodes" / PACK_NAME
         if not link.is_symlink():
             link.symlink_to(self.pack_dir, target_is_directory=True)
-        shim = self.pack_dir / "esc_arch" / "compat" / "torchvision_shim.py"
+        shim = self.pack_dir / "esc_sr" / "torchvision_shim.py"
         (self.base_dir / "site" / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(shim=str(shim)))
 
     # -------------------------------------------------------------- lifecycle

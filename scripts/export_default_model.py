@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 import esc_arch
+import esc_sr
 from esc_arch.checkpoint import DEFAULT_MODEL_FILE, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], quality: dict, out: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from esc_arch.atomic import atomic_write
+    from esc_sr.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=100)
     for key, curve in curves.items():
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     model = esc_arch.load_model(args.checkpoint)  # params_ema preferred
     esc_arch.set_attention_backend(model, "sdpa")
     previous = read_checkpoint(DEFAULT_MODEL_FILE)[1].get("description", {}) if args.previous_curve else {}
-    esc_arch.save_model(model, DEFAULT_MODEL_FILE, half=True)
+    esc_sr.save_model(model, DEFAULT_MODEL_FILE, half=True)
     shipped = esc_arch.load_model(DEFAULT_MODEL_FILE)
     quality = {name.lower(): evaluate_folder(shipped, BENCHMARKS / name, scale=4) for name in ("Set5", "Set14")}
     curves = {key: [tuple(p) for p in previous.get(key, [])] for key in CURVES.values()}
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         "quality": quality,  # mean PSNR/SSIM on Y, crop 4, MATLAB bicubic LR
         **{key: curve for key, curve in curves.items() if curve},
     }
-    esc_arch.save_model(shipped, DEFAULT_MODEL_FILE, half=True, description=description)
+    esc_sr.save_model(shipped, DEFAULT_MODEL_FILE, half=True, description=description)
     plot(curves, quality, CURVE_PNG)
     size = DEFAULT_MODEL_FILE.stat().st_size / 1e3
     print(f"wrote {DEFAULT_MODEL_FILE} ({size:.0f} kB), {description['iterations']} iterations")

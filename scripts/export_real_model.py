@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import esc_arch  # noqa: E402
+import esc_sr  # noqa: E402
 from esc_arch.checkpoint import EMBEDDED_MODELS, read_checkpoint  # noqa: E402
 
 TARGET = EMBEDDED_MODELS["real"]
@@ -69,7 +70,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], reference: dict[str, float]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from esc_arch.atomic import atomic_write
+    from esc_sr.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(5.2, 3.0), dpi=100)
     for name, curve in curves.items():
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks import real_world
 
     previous = read_checkpoint(TARGET)[1].get("description", {}) if args.previous_curve and TARGET.exists() else {}
-    esc_arch.save_model(esc_arch.load_model(args.checkpoint), TARGET, half=True)
+    esc_sr.save_model(esc_arch.load_model(args.checkpoint), TARGET, half=True)
     real_world.main(["--models", "real", "--out", str(REPO / "benchmarks" / "results" / "real_world_shipped.json")])
     import json
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         "seconds_per_iteration": args.seconds_per_iteration,
     }
     shipped = esc_arch.load_model(TARGET)
-    esc_arch.save_model(shipped, TARGET, half=True, description=description)
+    esc_sr.save_model(shipped, TARGET, half=True, description=description)
     plot(curves, description["validation_bicubic"], CURVE_PNG)
     print(f"wrote {TARGET} ({TARGET.stat().st_size / 1e3:.0f} kB), {description['iterations']} iterations")
     for kind in ("web", "camera", "clean"):

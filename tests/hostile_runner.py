@@ -109,7 +109,7 @@ def main() -> None:
     # Warm up what every case uses, before the cap: imports, a model build, a load, an upscale, a resize, encoders.
     model = esc_arch.esc_tiny(2, dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1).eval()
     warm = os.path.join(os.path.dirname(sys.argv[1]), "warm.safetensors")
-    esc_arch.save_model(model, warm)
+    esc_sr.save_model(model, warm)
     esc_arch.load_model(warm)
     import numpy as np
 

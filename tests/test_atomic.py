@@ -1,4 +1,4 @@
-"""esc_arch.atomic, the one atomic writer, and the writers built on it: file modes under the umask, no torn files.
+"""esc_sr.atomic, the one atomic writer, and the writers built on it: file modes under the umask, no torn files.
 
 Every writer must give its file the mode a plain ``open(path, "w")`` would (``0o666 & ~umask``), not mkstemp's 0600,
 and a failure inside the write must leave the previous file and no temporary file.
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import esc_arch
+import esc_sr
 from basicsr_plugin.checkpoint_io import atomic_torch_save, atomic_write_text
-from esc_arch import atomic
+from esc_sr import atomic
 from esc_sr import images
 
 UMASKS = [0o022, 0o077]
@@ -74,7 +75,7 @@ def test_image_gets_the_umask_mode(tmp_path, umask):
 
 
 def test_save_model_gets_the_umask_mode(tmp_path, umask):
-    target = esc_arch.save_model(esc_arch.esc_tiny(scale=2), tmp_path / "tiny.safetensors")
+    target = esc_sr.save_model(esc_arch.esc_tiny(scale=2), tmp_path / "tiny.safetensors")
     assert _mode(target) == 0o666 & ~umask
     assert esc_arch.load_model(target).scale == 2
     assert _only(tmp_path) == ["tiny.safetensors"]

@@ -1,4 +1,4 @@
-"""esc_arch.compat.torchvision_shim repairs exactly one failure and stays out of the way otherwise.
+"""esc_sr.torchvision_shim repairs exactly one failure and stays out of the way otherwise.
 
 Each case runs in a fresh interpreter with a stand-in ``torchvision`` package first on sys.path, so the behaviour is
 tested whatever torchvision build this machine has.
@@ -34,7 +34,7 @@ transforms = "transforms stand-in"
 
 PROBE = """
 import sys, torch
-from esc_arch.compat import torchvision_shim
+from esc_sr import torchvision_shim
 try:
     tv = torchvision_shim.ensure_torchvision_importable()
     print("imported", tv.transforms)

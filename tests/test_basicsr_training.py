@@ -147,6 +147,9 @@ def test_kill_9_then_auto_resume_continues_from_the_last_saved_iteration(tmp_pat
 
 
 def test_checkpoint_loads_unchanged_in_spandrel(x2_run):
+    from esc_sr.torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
     import spandrel
 
     import esc_arch.spandrel

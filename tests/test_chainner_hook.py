@@ -93,14 +93,15 @@ CHAINNER_SEQUENCE = """
 
 def test_chainner_loading_sequence_loads_esc_pth_and_safetensors(full_python: Path, tmp_path: Path) -> None:
     import esc_arch
+    import esc_sr
 
     tiny = esc_arch.esc_tiny(2, n_blocks=1, conv_blocks=2)
-    ours = esc_arch.save_model(tiny, tmp_path / "2x_esc_tiny.safetensors")
+    ours = esc_sr.save_model(tiny, tmp_path / "2x_esc_tiny.safetensors")
     files = [
         str(GOLDEN_DIR / "escrealm_pixelshuffle_x4.ckpt.pth"),          # official BasicSR .pth
         str(GOLDEN_DIR / "trainner_escrealm_x2.ckpt.safetensors"),      # traiNNer-redux safetensors
         str(GOLDEN_DIR / "lte_esc.ckpt.pth"),                           # supports_half False -> .float()
-        str(ours),                                                      # written by esc_arch.save_model
+        str(ours),                                                      # written by esc_sr.save_model
     ]
     install_hook(full_python)
 
@@ -125,7 +126,7 @@ def test_chainner_loading_sequence_loads_esc_pth_and_safetensors(full_python: Pa
 def test_without_the_hook_chainner_cannot_load_esc(full_python: Path) -> None:
     # This test venv's torchvision needs the shim to import next to CPU torch (the hook applies it;
     # chaiNNer's matching torchvision does not need it).
-    shim = "from esc_arch.compat import ensure_torchvision_importable; ensure_torchvision_importable()\n"
+    shim = "from esc_sr.torchvision_shim import ensure_torchvision_importable; ensure_torchvision_importable()\n"
     done = _run(full_python, shim + textwrap.dedent(CHAINNER_SEQUENCE), str(GOLDEN_DIR / "escrealm_pixelshuffle_x4.ckpt.pth"))
 
     assert done.returncode != 0
@@ -154,7 +155,7 @@ def test_hook_reports_in_one_line_when_esc_sr_is_missing_but_spandrel_loads(tmp_
 
     # The shim, loaded from its file (esc_arch itself must stay unimportable here), lets this
     # venv's torchvision import next to CPU torch.
-    shim = REPO / "esc_arch" / "compat" / "torchvision_shim.py"
+    shim = REPO / "esc_sr" / "torchvision_shim.py"
     done = _run(no_esc, f"""
         import importlib.util
         spec = importlib.util.spec_from_file_location("torchvision_shim", {str(shim)!r})
@@ -365,7 +366,7 @@ def test_one_command_installs_esc_sr_and_the_hook_offline_and_chainner_loads_off
     assert _torch_fingerprint(chainner_python) == torch_before
     # Back to chaiNNer's own state: ESC is unsupported again. (The shim, loaded from its file, lets this venv's
     # CUDA-built torchvision import next to CPU torch; the hook did that before; chaiNNer's torchvision needs none.)
-    shim = REPO / "esc_arch" / "compat" / "torchvision_shim.py"
+    shim = REPO / "esc_sr" / "torchvision_shim.py"
     without = _run(chainner_python, textwrap.dedent(f"""
         import importlib.util
         spec = importlib.util.spec_from_file_location("torchvision_shim", {str(shim)!r})

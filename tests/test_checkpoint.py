@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import esc_arch
+import esc_sr
 from esc_arch import CheckpointError
 
 
@@ -26,7 +27,7 @@ def assert_same_weights(a, b):
 
 def test_save_model_round_trip_keeps_metadata(tmp_path):
     model = tiny(attn_type="naive")
-    path = esc_arch.save_model(model, tmp_path / "m.safetensors")
+    path = esc_sr.save_model(model, tmp_path / "m.safetensors")
     loaded = esc_arch.load_model(path)
     assert_same_weights(model, loaded)
     assert loaded.attn_type == "naive"  # from the metadata, not guessable from the tensors
@@ -34,7 +35,7 @@ def test_save_model_round_trip_keeps_metadata(tmp_path):
 
 
 def test_save_model_half_stores_fp16(tmp_path):
-    path = esc_arch.save_model(tiny(), tmp_path / "m.safetensors", half=True)
+    path = esc_sr.save_model(tiny(), tmp_path / "m.safetensors", half=True)
     state = esc_arch.read_state_dict(path)
     assert state["plk_filter"].dtype == torch.float16
     assert esc_arch.load_model(path).plk_filter.dtype == torch.float32  # loads into an fp32 model
@@ -98,7 +99,7 @@ def _write_truncated(tmp_path: Path) -> Path:
 
 
 def _write_truncated_safetensors(tmp_path: Path) -> Path:
-    good = esc_arch.save_model(tiny(), tmp_path / "good.safetensors")
+    good = esc_sr.save_model(tiny(), tmp_path / "good.safetensors")
     bad = tmp_path / "truncated.safetensors"
     bad.write_bytes(good.read_bytes()[:200])
     return bad
@@ -123,7 +124,7 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, make, reason):
 
 def test_model_built_under_inference_mode_runs(tmp_path):
     """ComfyUI builds and runs models inside torch.inference_mode (inference tensors have no version counter)."""
-    path = esc_arch.save_model(tiny(), tmp_path / "m.safetensors")
+    path = esc_sr.save_model(tiny(), tmp_path / "m.safetensors")
     with torch.inference_mode():
         model = esc_arch.load_model(path)
         first = model(torch.rand(1, 3, 9, 9))

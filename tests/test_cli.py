@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 from safetensors import safe_open
 
 import esc_arch
+import esc_sr
 from esc_sr import cli, images
 from golden import GOLDEN_DIR  # noqa: E402
 
@@ -33,7 +34,7 @@ GOLDEN = GOLDEN_DIR
 def model_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "tiny_x2.safetensors"
-    esc_arch.save_model(esc_arch.esc_tiny(2, dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1), path)
+    esc_sr.save_model(esc_arch.esc_tiny(2, dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1), path)
     return path
 
 
@@ -200,7 +201,7 @@ def test_debug_shows_the_traceback(folder, tmp_path, capsys):
 
 def test_arbitrary_scale_model_needs_outscale(tmp_path, folder, capsys):
     path = tmp_path / "lte.safetensors"
-    esc_arch.save_model(esc_arch.esc_lte(dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1, window_size=16,
+    esc_sr.save_model(esc_arch.esc_lte(dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1, window_size=16,
                                          hidden_dim=32, mlp_hidden=(32,)), path)
     code, _, err = run(["upscale", folder / "photo.png", "-o", tmp_path / "o", "-m", path], capsys)
     assert code == 2 and "needs --outscale" in err
@@ -227,7 +228,7 @@ def test_info_describes_the_model(model_file, capsys):
 
 def test_info_names_a_preset(tmp_path, capsys):
     path = tmp_path / "light.safetensors"
-    esc_arch.save_model(esc_arch.esc_tiny(4), path)
+    esc_sr.save_model(esc_arch.esc_tiny(4), path)
     code, out, _ = run(["info", path], capsys)
     assert code == 0 and "variant:          ESC (preset esc_tiny)" in out
 

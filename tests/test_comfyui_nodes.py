@@ -121,7 +121,7 @@ def nodes(comfy):
 @pytest.fixture
 def esc_x2(comfy) -> str:
     torch.manual_seed(0)
-    esc_arch.save_model(esc_arch.esc_tiny(scale=2), comfy.models_dir / "tiny_x2.safetensors")
+    esc_sr.save_model(esc_arch.esc_tiny(scale=2), comfy.models_dir / "tiny_x2.safetensors")
     return "tiny_x2.safetensors"
 
 
@@ -130,7 +130,7 @@ def lte(comfy) -> str:
     torch.manual_seed(1)
     model = esc_arch.esc_lte(dim=16, pdim=8, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2,
                              hidden_dim=32, mlp_hidden=(32, 32))
-    esc_arch.save_model(model, comfy.models_dir / "lte.safetensors")
+    esc_sr.save_model(model, comfy.models_dir / "lte.safetensors")
     return "lte.safetensors"
 
 

@@ -66,8 +66,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("upscale_models")
     torch.manual_seed(0)
     paths = {
-        RANDOM_ESC: esc_arch.save_model(esc_arch.esc_tiny(scale=2), folder / RANDOM_ESC),
-        RANDOM_LTE: esc_arch.save_model(esc_arch.esc_lte(
+        RANDOM_ESC: esc_sr.save_model(esc_arch.esc_tiny(scale=2), folder / RANDOM_ESC),
+        RANDOM_LTE: esc_sr.save_model(esc_arch.esc_lte(
             dim=16, pdim=8, n_blocks=1, conv_blocks=1, window_size=8, num_heads=2, hidden_dim=32, mlp_hidden=(32, 32)),
                                         folder / RANDOM_LTE),
     }

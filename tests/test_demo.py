@@ -25,10 +25,10 @@ GOLDEN = GOLDEN_DIR
 
 @pytest.fixture(scope="module")
 def tiny_x4(tmp_path_factory) -> Path:
-    """A small random ESC x4 checkpoint written by esc_arch.save_model."""
+    """A small random ESC x4 checkpoint written by esc_sr.save_model."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("models") / "tiny_x4.safetensors"
-    esc_arch.save_model(esc_arch.esc_tiny(scale=4), path)
+    esc_sr.save_model(esc_arch.esc_tiny(scale=4), path)
     return path
 
 
@@ -36,7 +36,7 @@ def tiny_x4(tmp_path_factory) -> Path:
 def tiny_x2(tmp_path_factory) -> Path:
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("models") / "tiny_x2.safetensors"
-    esc_arch.save_model(esc_arch.esc_tiny(scale=2), path)
+    esc_sr.save_model(esc_arch.esc_tiny(scale=2), path)
     return path
 
 
@@ -159,7 +159,7 @@ def test_bad_model_path_is_one_clear_error(tmp_path):
 
 
 def test_bicubic_matches_basicsr_matlab_imresize_away_from_the_border():
-    from esc_arch.compat import ensure_torchvision_importable
+    from esc_sr.torchvision_shim import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from basicsr.utils.matlab_functions import imresize
@@ -178,7 +178,7 @@ def test_bicubic_matches_basicsr_matlab_imresize_away_from_the_border():
 
 
 def test_psnr_y_matches_basicsr_calculate_psnr():
-    from esc_arch.compat import ensure_torchvision_importable
+    from esc_sr.torchvision_shim import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from basicsr.metrics import calculate_psnr

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from esc_arch.compat import ensure_torchvision_importable
+from esc_sr.torchvision_shim import ensure_torchvision_importable
 
 ensure_torchvision_importable()  # comfyui_nodes registers ESC with spandrel, which imports torchvision
 

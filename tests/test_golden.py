@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import esc_arch
+import esc_sr
 from golden import checkpoint_path, golden_cases, tensors
 
 TOLERANCE = 1e-4
@@ -78,7 +79,7 @@ def test_converted_checkpoint_loads_both_ways(device):
 def test_golden_checkpoint_survives_safetensors_round_trip(case, tmp_path):
     """Every golden checkpoint converted by save_model loads back to the same model."""
     original = esc_arch.load_model(checkpoint_path(case), **OVERRIDES.get(case["id"], {}))
-    path = esc_arch.save_model(original, tmp_path / f"{case['id']}.safetensors")
+    path = esc_sr.save_model(original, tmp_path / f"{case['id']}.safetensors")
     reloaded = esc_arch.load_model(path)
     assert type(reloaded) is type(original)
     assert reloaded.hyperparameters == original.hyperparameters

@@ -28,8 +28,9 @@ from PIL import Image as PILImage
 from safetensors.torch import save_file
 
 import esc_arch
+import esc_sr
 from esc_arch import CheckpointError, inputs
-from esc_arch.atomic import TEMP_PREFIX
+from esc_sr.atomic import TEMP_PREFIX
 from esc_arch.errors import printable
 from esc_sr import cli, engine, images
 from esc_sr.engine import EngineError, OutOfMemory, upscale
@@ -50,7 +51,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_file(work) -> Path:
-    return esc_arch.save_model(tiny(), work / "tiny_x2.safetensors")
+    return esc_sr.save_model(tiny(), work / "tiny_x2.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +301,9 @@ def test_crc_catches_a_flipped_byte_in_a_zip_checkpoint(tmp_path, pth_file):
 
 
 def test_spandrel_gets_the_same_checks(tmp_path):
+    from esc_sr.torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
     import esc_arch.spandrel as esc_spandrel
 
     state = tiny().state_dict()
@@ -481,7 +485,7 @@ def test_cli_nan_tiff_is_upscaled_with_a_one_line_warning_and_nan_model_fails_th
     assert "RuntimeWarning" not in err and "2 written, 0 failed" in err
 
     overflowing = tmp_path / "overflow.safetensors"
-    esc_arch.save_model(_overflowing_model(), overflowing)
+    esc_sr.save_model(_overflowing_model(), overflowing)
     code = cli.main(["upscale", str(src), "-o", str(tmp_path / "out2"), "-m", str(overflowing), "-q"])
     err = capsys.readouterr().err
     assert code == 1 and "0 written, 2 failed" in err and "non-finite values" in err, err
@@ -665,7 +669,7 @@ def test_sigterm_leaves_no_temporary_file_and_exits_143(tmp_path, model_file):
     ready = tmp_path / "ready"
     script = textwrap.dedent(f"""
         import builtins, time
-        from esc_arch import atomic
+        from esc_sr import atomic
         from esc_sr import cli
         real_open = builtins.open
 

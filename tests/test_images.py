@@ -309,12 +309,12 @@ def test_process_killed_mid_write_never_leaves_a_truncated_destination(tmp_path)
             def __exit__(self, *exc): return self.handle.__exit__(*exc)
 
         import builtins
-        from esc_arch import atomic
+        from esc_sr import atomic
         real_open = builtins.open
         def slow_open(file, mode="r", *args, **kwargs):
             handle = real_open(file, mode, *args, **kwargs)
             return SlowFile(handle) if mode == "wb" else handle
-        atomic.open = slow_open  # the module-level name shadows the builtin inside esc_arch.atomic
+        atomic.open = slow_open  # the module-level name shadows the builtin inside esc_sr.atomic
         images.write_image({str(target)!r}, (np.random.rand(256, 256, 3) * 255).astype(np.uint8))
         """
     )

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import esc_arch
+import esc_sr
 from esc_sr import cli
 from esc_sr.onnx_export import CHECK_SIZES, ClampedForExport, OnnxExportError, export_onnx
 
@@ -239,7 +240,7 @@ def test_cli_exports_and_refuses_to_overwrite(tmp_path, capsys) -> None:
 
 
 def test_cli_exports_the_arbitrary_scale_model_at_the_given_scale(tmp_path, capsys) -> None:
-    checkpoint = esc_arch.save_model(_small_lte(), tmp_path / "lte.safetensors")
+    checkpoint = esc_sr.save_model(_small_lte(), tmp_path / "lte.safetensors")
     out = tmp_path / "3x_lte.onnx"
 
     assert cli.main(["export-onnx", str(checkpoint), str(out), "--scale", "3"]) == 0

@@ -12,7 +12,11 @@ import torch
 
 import esc_arch
 import esc_sr
-import esc_arch.spandrel as esc_spandrel
+from esc_sr.torchvision_shim import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # spandrel imports torchvision (PyPI's CUDA wheel next to the CPU torch here)
+
+import esc_arch.spandrel as esc_spandrel  # noqa: E402
 from esc_arch.spandrel import ESC_REGISTRY, LTE_SCALE, install
 
 import spandrel.architectures as builtin
@@ -58,7 +62,7 @@ def _reference(model, x: torch.Tensor) -> torch.Tensor:
 def test_model_loader_loads_every_golden_checkpoint_like_load_model(case_id, tmp_path) -> None:
     path = _checkpoint(case_id)
     reference = esc_arch.load_model(path)
-    converted = esc_arch.save_model(reference, tmp_path / f"{case_id}.safetensors")
+    converted = esc_sr.save_model(reference, tmp_path / f"{case_id}.safetensors")
     x = _small_input(case_id)
     expected = _reference(reference, x)
 

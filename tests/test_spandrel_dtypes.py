@@ -8,9 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import esc_arch.spandrel  # noqa: F401  (makes spandrel importable next to CPU torch)
-from esc_arch.spandrel import install
-from spandrel import ModelLoader, UnsupportedDtypeError
+from esc_sr.torchvision_shim import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # spandrel imports torchvision (PyPI's CUDA wheel next to the CPU torch here)
+
+from esc_arch.spandrel import install  # noqa: E402
+from spandrel import ModelLoader, UnsupportedDtypeError  # noqa: E402
 
 from golden import GOLDEN_DIR
 

@@ -23,7 +23,8 @@ registered on import: call `install()`::
 
 `install()` adds only these architectures.  It never installs `spandrel_extra_arches`: chaiNNer
 adds those itself with ``MAIN_REGISTRY.add(*EXTRA_REGISTRY)`` (no ``ignore_duplicates``), which
-would fail if anybody had added them before.
+would fail if anybody had added them before.  (Where ``import spandrel`` itself fails next to a CPU-only
+torch, ``esc_sr.torchvision_shim.ensure_torchvision_importable()`` before it repairs torchvision's import.)
 """
 
 from __future__ import annotations
@@ -31,13 +32,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-
-from ..compat import ensure_torchvision_importable
-
-# spandrel imports torchvision, which fails next to a CPU-only torch without this (see the shim).
-ensure_torchvision_importable()
-
-from spandrel import (  # noqa: E402
+from spandrel import (
     MAIN_REGISTRY,
     ArchRegistry,
     ArchSupport,
@@ -47,13 +42,14 @@ from spandrel import (  # noqa: E402
     SizeRequirements,
     StateDict,
 )
-from typing_extensions import override  # noqa: E402
+from typing_extensions import override
 
-from ..base import ESCModelBase  # noqa: E402
-from ..checkpoint import build_model, canonicalize_state_dict, check_state_dict  # noqa: E402
-from ..detection import VARIANTS, Variant, infer_architecture  # noqa: E402
-from ..errors import CheckpointError  # noqa: E402
-from ..presets import match_preset  # noqa: E402
+from ..base import ESCModelBase
+from ..cards import identify
+from ..checkpoint import build_model, canonicalize_state_dict, check_state_dict
+from ..detection import VARIANTS, Variant, infer_architecture
+from ..errors import CheckpointError
+from ..presets import match_preset
 
 __all__ = ["ESCArchitecture", "ESC_REGISTRY", "LTE_SCALE", "describe", "install"]
 
@@ -126,9 +122,10 @@ def describe(
             f"{model.arch_name} with these hyperparameters changes the image size by {scale:g}x; "
             "spandrel can only describe models with an integer scale >= 1"
         )
-    return ImageModelDescriptor(
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    descriptor = ImageModelDescriptor(
         model,
-        model.state_dict() if state_dict is None else state_dict,
+        state_dict,
         architecture=architecture,
         purpose="Restoration" if scale == 1 else "SR",
         tags=_tags(model),
@@ -146,6 +143,9 @@ def describe(
         tiling=ModelTiling.SUPPORTED,
         call_fn=_render_at_lte_scale if model.arbitrary_scale else None,
     )
+    # What is known of a model embedded in esc-sr (variant, training data, licence, ...; esc_arch.cards), else None.
+    descriptor.esc_model_card = identify(state_dict)  # type: ignore[attr-defined]
+    return descriptor
 
 
 def _render_at_lte_scale(model: ESCModelBase, image: torch.Tensor) -> torch.Tensor:

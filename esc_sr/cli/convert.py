@@ -33,13 +33,15 @@ def add_parser(subparsers: Any) -> None:
 def convert_command(args: argparse.Namespace) -> int:
     import esc_arch
 
+    from ..checkpoints import save_model
+
     out = Path(args.out).expanduser()
     check_output(out, ".safetensors", overwrite=args.overwrite)
     model = load_cli_model(args.model, max_parameters=args.max_parameters)
     source = Path(args.model).expanduser()
     if source.exists() and source.resolve() == out.resolve():
         raise usage_error(f"{out}: is the input checkpoint; write to another file")
-    esc_arch.save_model(model, out, half=args.half)
+    save_model(model, out, half=args.half)
     size = out.stat().st_size
     print(
         f"wrote {out}: {model.arch_name} x{model.scale}, {esc_arch.count_parameters(model):,} parameters, "

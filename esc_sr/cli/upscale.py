@@ -189,8 +189,8 @@ def _load_upscale_model(args: argparse.Namespace) -> tuple[Any, float]:
 
 
 def _remove_stale(jobs: list[Job]) -> None:
-    """Sweep the temporary files that killed runs left in the output folders (:func:`esc_arch.atomic.remove_stale`)."""
-    from esc_arch import atomic
+    """Sweep the temporary files that killed runs left in the output folders (:func:`esc_sr.atomic.remove_stale`)."""
+    from esc_sr import atomic
 
     for folder in sorted({job.target.parent for job in jobs if job.target is not None and job.target.parent.is_dir()}):
         removed = atomic.remove_stale(folder)

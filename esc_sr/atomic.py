@@ -1,6 +1,6 @@
 """The one way this project writes a file: completely or not at all, with ordinary permissions.
 
-Every writer (checkpoints, ``save_model``, images, ONNX files, the chaiNNer hook, BasicSR training states,
+Every writer (checkpoints, :func:`esc_sr.save_model`, images, ONNX files, the chaiNNer hook, BasicSR training states,
 benchmark results, the demo) goes through :func:`atomic_write`. The data goes to a temporary file in the target's
 own folder (so the final rename never crosses a filesystem), is flushed to disk, gets the permissions a plain
 ``open(path, "w")`` would give under the current umask, and is renamed over the target. A crash or a kill at any
