@@ -19,6 +19,9 @@ from torch import nn
 
 def register() -> None:
     """Register ESC with spandrel's MAIN_REGISTRY (safe to call any number of times)."""
+    from esc_sr.torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # inside ComfyUI a no-op (it has imported spandrel); needed next to a CPU torch
     from esc_arch import spandrel as esc_spandrel
 
     esc_spandrel.install()
