@@ -1,4 +1,5 @@
-"""``esc-sr info MODEL``: a checkpoint's variant, scale, hyperparameters, parameters and attention kernel."""
+"""``esc-sr info MODEL``: a checkpoint's variant, scale, hyperparameters, parameters and attention kernel, and for a
+published model (embedded or official: :mod:`esc_arch.cards`) its training data, degradation, licence and source."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ __all__ = ["add_parser", "describe_model", "info_command"]
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "info",
-        help="describe a model: variant, scale, hyperparameters, parameters, attention kernel",
+        help="describe a model: variant, scale, parameters, training data and licence (published models), "
+             "hyperparameters, attention kernel",
         description="Load a checkpoint and describe it, including which attention kernel runs on this device.",
     )
     parser.add_argument("model", metavar="MODEL", help="checkpoint file, official name or 'default'")
@@ -27,14 +29,24 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=info_command)
 
 
-def describe_model(model, *, device, dtype) -> dict[str, Any]:
-    """The facts ``esc-sr info`` prints, as a dict."""
+def model_card(name: str | None, model) -> dict[str, Any] | None:
+    """The card of a published model: by its name (embedded, or an official release name, also as a file name),
+    else by its weights (a copy of an embedded model), else None."""
+    from esc_arch import cards
+
+    card = (cards.card_for_name(name) if name is not None else None) or cards.identify(model.state_dict())
+    return None if card is None else card.as_dict()
+
+
+def describe_model(model, *, device, dtype, name: str | None = None) -> dict[str, Any]:
+    """The facts ``esc-sr info`` prints, as a dict (``card``: :func:`model_card` of ``name``, or None)."""
     import torch
 
     import esc_arch
     import esc_runtime
 
     return {
+        "card": model_card(name, model),
         "arch": model.arch_name,
         "preset": esc_arch.match_preset(model),
         "scale": "any (arbitrary-scale)" if model.arbitrary_scale else model.scale,
@@ -61,7 +73,7 @@ def info_command(args: argparse.Namespace) -> int:
     except engine.EngineError as exc:
         raise usage_error(f"--device {args.device} --precision {args.precision}: {one_line(exc)}") from exc
     model = load_cli_model(args.model, attention=args.attention, max_parameters=args.max_parameters)
-    about = describe_model(model, device=device, dtype=dtype)
+    about = describe_model(model, device=device, dtype=dtype, name=args.model)
     about = {"model": args.model, **about}
     if args.json:
         print(json.dumps(about, indent=2, default=str))
@@ -74,6 +86,7 @@ def info_command(args: argparse.Namespace) -> int:
         f"scale:            {about['scale'] if isinstance(about['scale'], str) else 'x' + str(about['scale'])}",
         f"window size:      {about['window_size']} (inputs are reflect-padded to a multiple of it)",
         f"parameters:       {about['parameters']:,}",
+        *_card_lines(about["card"]),
         f"hyperparameters:  {hyper}",
         f"attention:        {about['attention_backend']} -> {about['attention_kernel']}",
         f"                  (on {about['device']}, {about['dtype']})",
@@ -81,3 +94,20 @@ def info_command(args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return EXIT_OK
+
+
+def _card_lines(card: dict[str, Any] | None) -> list[str]:
+    if card is None:
+        return ["published as:     not a known published model (training data and licence: ask its author)"]
+    lines = [
+        f"published as:     {card['name']} ({card['variant']}, x{card['scale']})",
+        f"training data:    {card['training_data']}",
+        f"degradation:      {card['degradation']}",
+        f"licence:          {card['license']}",
+        f"source:           {card['source']}",
+    ]
+    if card.get("card"):
+        lines.append(f"model card:       {card['card']}")
+    if card.get("status"):
+        lines.append(f"status:           {card['status']}")
+    return lines
