@@ -144,6 +144,12 @@ def assert_same_png(actual: np.ndarray, expected: np.ndarray) -> None:
     assert diff.max() <= 1, f"max difference {diff.max()}/255 at {np.unravel_index(diff.argmax(), diff.shape)}"
 
 
+def combo_options(served: list) -> list:
+    """The choices of a combo input in /object_info: V1 serves ``[choices, options]``, the V3 schema
+    ``["COMBO", {"options": choices, ...}]``."""
+    return served[0] if isinstance(served[0], list) else served[1]["options"]
+
+
 def assert_success(entry: dict) -> None:
     status = entry["status"]
     errors = [data for event, data in status.get("messages", []) if event == "execution_error"]
@@ -167,8 +173,59 @@ def test_pack_is_loaded_as_custom_node_with_its_nodes(server):
         assert info["display_name"] == display
         assert info["category"] == "image/upscaling"
         assert info["python_module"].startswith("custom_nodes.")
-    loader_files = server.get_json("/object_info/ESCModelLoader")["ESCModelLoader"]["input"]["required"]["model_name"][0]
+    loader_files = combo_options(server.get_json("/object_info/ESCModelLoader")["ESCModelLoader"]["input"]["required"]["model_name"])
     assert {RANDOM_ESC, GOLDEN_ESC, RANDOM_LTE} <= set(loader_files)
+
+
+ESC_NODES = {"ESCModelLoader": "LoadESCModel", "ESCUpscaleImage": "UpscaleImageESC",
+             "ESCUpscaleImageByFactor": "UpscaleImageByFactorESC"}
+
+
+def test_pack_is_served_on_the_v3_schema_with_the_v1_nodes_inputs(server, monkeypatch):
+    """ComfyUI 0.3.75 has comfy_api.latest, so the pack exports comfy_entrypoint (not NODE_CLASS_MAPPINGS) and
+    ComfyUI serves its nodes through the V3 schema: /object_info is then the schema's V1 view, which has every
+    NodeInfoV1 field (api_node, output_tooltips) even where a V1 class defines none. Names, types, defaults,
+    ranges, tooltips and outputs are the V1 nodes' own (comfyui_nodes.nodes, computed here in-process)."""
+    import types
+
+    import comfyui_nodes.nodes as v1
+
+    folder_paths = types.ModuleType("folder_paths")  # the loader's file list is compared separately
+    folder_paths.get_filename_list = lambda folder: sorted(p.name for p in server.upscale_models_dir.iterdir())
+    monkeypatch.setitem(sys.modules, "folder_paths", folder_paths)
+    for node_id, class_name in ESC_NODES.items():
+        info = server.get_json(f"/object_info/{node_id}")[node_id]
+        assert "api_node" in info and "output_tooltips" in info, f"{node_id} is not served as a V3 node: {info}"
+        node = getattr(v1, class_name)
+        declared = node.INPUT_TYPES()
+        assert info["input_order"] == {group: list(inputs) for group, inputs in declared.items()}
+        for group, inputs in declared.items():
+            for name, spec in inputs.items():
+                served = info["input"][group][name]
+                kind = "COMBO" if isinstance(spec[0], list) else spec[0]
+                if kind == "COMBO":
+                    assert combo_options(served) == spec[0], (node_id, name, served)
+                else:
+                    assert served[0] == kind, (node_id, name, served)
+                for option, value in (spec[1] if len(spec) > 1 else {}).items():
+                    assert served[1][option] == value, (node_id, name, option, served)
+        assert tuple(info["output"]) == node.RETURN_TYPES and tuple(info["output_name"]) == node.RETURN_NAMES
+        assert info["description"] == node.DESCRIPTION
+
+
+def test_esc_loader_lists_and_runs_the_embedded_real_model(server):
+    """Load ESC Model -> Upscale Image (ESC) with the embedded 'real' model (no file in upscale_models)."""
+    choices = combo_options(server.get_json("/object_info/ESCModelLoader")["ESCModelLoader"]["input"]["required"]["model_name"])
+    assert "[embedded] default" in choices and "[embedded] real" in choices
+    entry = server.run_prompt(example("esc_upscale_tiled.json", **{
+        "1": {"image": RGB_INPUT}, "2": {"model_name": "[embedded] real", "precision": "fp32"},
+        "4": {"filename_prefix": "embedded_real"}}))
+    assert_success(entry)
+    lr = load_input(server, RGB_INPUT)
+    direct = esc_sr.upscale(esc_arch.load_model("real"), lr, tile="auto", device="cpu", precision="fp32")
+    png = saved_png(server, entry, "4")
+    assert png.shape == (128, 256, 3)
+    assert_same_png(png, as_saved(direct))
 
 
 @pytest.mark.parametrize("model_name", [RANDOM_ESC, GOLDEN_ESC])
