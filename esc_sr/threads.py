@@ -75,17 +75,18 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
-def _cgroup_quota() -> float | None:
-    """The cgroup CPU limit in CPUs (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), or None without one."""
+def _cgroup_quota(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """The cgroup CPU limit in CPUs (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), or None without one; the paths are
+    arguments for the tests."""
     try:
-        with open("/proc/self/cgroup") as handle:
+        with open(proc_cgroup) as handle:
             unified = next((line.strip().split("::", 1)[1] for line in handle if line.startswith("0::")), None)
     except OSError:
         unified = None
     candidates = []
     if unified is not None:
-        candidates.append(("v2", f"/sys/fs/cgroup{unified.rstrip('/')}/cpu.max"))
-    candidates += [("v2", "/sys/fs/cgroup/cpu.max"), ("v1", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us")]
+        candidates.append(("v2", f"{root}{unified.rstrip('/')}/cpu.max"))
+    candidates += [("v2", f"{root}/cpu.max"), ("v1", f"{root}/cpu/cpu.cfs_quota_us")]
     for kind, path in candidates:
         try:
             with open(path) as handle:
@@ -93,7 +94,7 @@ def _cgroup_quota() -> float | None:
             if kind == "v2":
                 return None if text[0] == "max" else int(text[0]) / int(text[1])
             quota = int(text[0])
-            with open(path.replace("quota", "period")) as handle:
+            with open(os.path.join(os.path.dirname(path), "cpu.cfs_period_us")) as handle:
                 return None if quota <= 0 else quota / int(handle.read())
         except (OSError, ValueError, IndexError, ZeroDivisionError):
             continue
@@ -131,8 +132,10 @@ def runnable_others(samples: int = SAMPLES, interval: float = SAMPLE_INTERVAL_S)
     """Threads of other processes runnable now, on the CPUs this process may use; None where Linux's /proc is not.
 
     Each sample is the machine's runnable count minus this process's running threads; the median of
-    ``samples`` taken ``interval`` seconds apart. When this process may use only some of the machine's CPUs
-    (a container's cpuset), the others are taken as spread evenly over all of them.
+    ``samples`` taken ``interval`` seconds apart. ``/proc/loadavg`` counts the whole host, also inside a container:
+    when this process may use only part of the machine's CPUs (a container's cpuset, or a CPU quota such as
+    ``docker --cpus 4``: the smaller of the two), the others are taken as spread evenly over all of them, and only
+    this part's share of them as competing.
     """
     counts = []
     for index in range(samples):
@@ -144,11 +147,18 @@ def runnable_others(samples: int = SAMPLES, interval: float = SAMPLE_INTERVAL_S)
             time.sleep(interval)
     others = float(statistics.median(counts))
     online = os.cpu_count() or 1
+    mine = _cpu_share(online)
+    return others * mine / online if mine < online else others
+
+
+def _cpu_share(online: int) -> float:
+    """The CPUs' worth of the machine this process may use: its affinity mask, lowered to a cgroup quota."""
     try:
-        mine = len(os.sched_getaffinity(0))
+        mine: float = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         mine = online
-    return others * mine / online if mine < online else others
+    quota = _cgroup_quota()
+    return mine if quota is None else min(mine, quota)
 
 
 def torch_default_threads() -> int:

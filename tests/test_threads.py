@@ -88,6 +88,7 @@ def test_runnable_others_median_minus_own(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(threads, "_own_running", lambda: 1)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
     assert threads.runnable_others(samples=5, interval=0) == 3.0
 
 
@@ -96,7 +97,58 @@ def test_runnable_others_in_a_cpuset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "_own_running", lambda: 1)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
     assert threads.runnable_others(samples=1, interval=0) == pytest.approx(32 * 4 / 64)  # spread over 64 CPUs
+
+
+def fake_cgroup(tmp_path, version: int, limit: str | None) -> tuple[str, str]:
+    """``(/proc/self/cgroup, /sys/fs/cgroup)`` of a container, v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us``)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    if version == 2:
+        proc.write_text("0::/docker/abc\n")
+        (root / "docker" / "abc").mkdir(parents=True)
+        (root / "docker" / "abc" / "cpu.max").write_text(f"{limit or 'max'} 100000\n")
+    else:
+        proc.write_text("4:cpu,cpuacct:/docker/abc\n")
+        (root / "cpu").mkdir(parents=True)
+        (root / "cpu" / "cpu.cfs_quota_us").write_text(f"{limit or -1}\n")
+        (root / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    return str(proc), str(root)
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_cgroup_quota_is_read_from_either_cgroup_version(tmp_path, version: int) -> None:
+    assert threads._cgroup_quota(*fake_cgroup(tmp_path / "limited", version, "400000")) == 4.0
+    assert threads._cgroup_quota(*fake_cgroup(tmp_path / "free", version, None)) is None
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_cpu_quota_container_counts_only_its_share_of_the_hosts_runnable_threads(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, version: int) -> None:
+    """Issue 26: ``docker --cpus 4`` on a 64-core host (every CPU in its affinity mask), 4 threads runnable elsewhere
+    on the host: /proc/loadavg counts the host, so those 4 are spread over 64 CPUs and 4/64 of them compete for this
+    container's 4 CPUs; the call gets 4 threads, not 1 (the count before, when only a cpuset was scaled)."""
+    paths = fake_cgroup(tmp_path, version, "400000")
+    read_quota = threads._cgroup_quota
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: read_quota(*paths))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(threads, "_runnable_total", lambda: 4 + 1)  # 4 elsewhere on the host, and this thread
+    monkeypatch.setattr(threads, "_own_running", lambda: 1)
+    cpus, others = threads.usable_cpus(), threads.runnable_others(samples=1, interval=0)
+    assert cpus == 4 and others == pytest.approx(4 * 4 / 64)
+    decision = threads.decide(current=32, default=32, cpus=cpus, others=others, pinned=None, environ={})
+    assert decision.threads == 4
+    # The same 4 others with no quota and a 4-CPU cpuset: the same share, the same decision.
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: None)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert threads.runnable_others(samples=1, interval=0) == pytest.approx(4 * 4 / 64)
+    # A quota bounds the share also inside a larger cpuset (8 CPUs, --cpus 2).
+    monkeypatch.setattr(threads, "_cgroup_quota", lambda: 2.0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert threads.runnable_others(samples=1, interval=0) == pytest.approx(4 * 2 / 64)
 
 
 def test_runnable_others_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
