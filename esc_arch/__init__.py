@@ -1,18 +1,13 @@
-"""ESC-SR: the ESC super-resolution family (Lee, Yun, Ro, ICCV 2025) in one weight-compatible definition.
+"""The ESC super-resolution family (Lee, Yun, Ro, ICCV 2025) as plain PyTorch, in one weight-compatible definition:
+the models and their presets, ``fuse()``, and checkpoint loading with detection (README.md, "Python API")::
 
-Quick start::
-
-    import esc_arch
     model = esc_arch.load_model("ESC_DIV2K_X4.pth")      # any official / neosr / traiNNer / BasicSR file
     sr = model(lr)                                      # NCHW RGB in [0, 1]
-    net = esc_arch.esc_light(scale=2, attn_type="naive")  # presets
-    esc_arch.set_attention_backend(net, "sdpa")
-    esc_arch.fuse(net)                                  # inference: bake constant tensors once
+    net = esc_arch.fuse(esc_arch.esc_light(scale=2))     # a preset; inference: constant tensors baked once
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 __version__ = "0.1.0"

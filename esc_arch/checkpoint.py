@@ -1,33 +1,15 @@
-"""Checkpoint I/O: read any ESC checkpoint safely, infer its architecture from the tensors alone,
-and write safetensors with metadata.
+"""Checkpoint reading: any ESC checkpoint, read safely, its architecture inferred from the tensors alone.
 
-Supported layouts: BasicSR (``params_ema`` / ``params``), neosr, traiNNer-redux (bare safetensors
-or ``{'metadata', params}``), esc_arb/LTE (``{'model': {'sd': ...}}``), plain state dicts, and
-the files :func:`save_model` writes.  Pickles are read with ``torch.load(weights_only=True)``, so a
-checkpoint can never run code while loading.
+Layouts: BasicSR (``params_ema`` / ``params``), neosr, traiNNer-redux (bare safetensors or ``{'metadata', params}``),
+esc_arb/LTE (``{'model': {'sd': ...}}``), plain state dicts, and the files ``esc_sr.save_model`` writes.
 
-Checked before anything is allocated
-------------------------------------
-A checkpoint is someone else's file, so every size it declares is checked before it costs memory, against limits
-derived from one number, ``max_parameters`` (:data:`DEFAULT_MAX_PARAMETERS`, 50 M: four times ESC-XL's 12.5 M;
-``load_model(..., max_parameters=N)`` and ``esc-sr --max-parameters N`` raise it; see :class:`CheckpointLimits`):
-
-1. **The file.** Only a regular file is opened (:func:`esc_arch.inputs.open_regular_file`); its format is told by
-   its first bytes, not its name. PyTorch's zip format and safetensors are read; a plain pickle or PyTorch's legacy
-   (before 1.6) format is not, as its sizes cannot be known before unpickling.
-2. **The declared sizes.** The safetensors header (its length first, then every tensor's shape, through
-   safetensors' own parser), or the zip's records (``zipfile``: count, compression, sizes, CRC-32). A compressed
-   record is refused (``torch.save`` never compresses; a small file could expand to gigabytes). Zip checkpoints are
-   then opened with ``torch.load(mmap=True)``: tensors are views of the file, nothing is copied yet.
-3. **The tensors** (:func:`check_state_dict`): dense, with as many stored values as they claim (a stride-0
-   ``expand`` is refused), at most ``max_parameters`` values in all, all finite (a NaN weight would turn every
-   output black).
-4. **The model** (:func:`build_model`): built first on the ``meta`` device, which allocates nothing, so its exact
-   size -- parameters, and the constants :func:`esc_arch.fuse` bakes -- is checked, and the checkpoint's keys and
-   shapes are compared with it, before the real model is built.
-
-Every refusal is a :class:`CheckpointError` naming the file and the reason in one line; no other exception
-escapes for a bad file.
+A checkpoint is someone else's file: nothing in it runs (``torch.load(weights_only=True)`` or safetensors; a plain
+pickle or PyTorch's legacy format is not read), and every size it declares is checked before it costs memory,
+against limits derived from ``max_parameters`` (:class:`CheckpointLimits`): the file (a regular file, its format
+told by its first bytes), the declared sizes (the safetensors header; the zip's records, none compressed, their
+CRC-32s), the tensors (:func:`check_state_dict`), then the model, built first on the ``meta`` device
+(:func:`build_model`). README.md#reliability lists the checks and the limits. Every refusal is a
+:class:`CheckpointError` naming the file and the reason in one line.
 """
 
 from __future__ import annotations
@@ -45,10 +27,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .attention import WindowAttention
-from .base import ESCModelBase
+from .attention import BAKE_LIMIT_BYTES, WindowAttention
+from .base import ESCModelBase, SharedKernelTrunk
 from .detection import infer_architecture
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .inputs import UnusableFile, open_regular_file
 
 StateDict = dict[str, torch.Tensor]
@@ -74,23 +56,10 @@ _RAISE_HINT = "load_model(..., max_parameters=N) or esc-sr --max-parameters N ra
 
 @dataclass(frozen=True)
 class CheckpointLimits:
-    """What a checkpoint may declare, all derived from ``max_parameters``.
-
-    ========================  ======================================  ==========================================
-    limit                     value                                   at the default (50 M parameters)
-    ========================  ======================================  ==========================================
-    ``max_parameters``        values in the state dict, and in the    50,000,000 (ESC-XL: 12,518,160)
-                              model built from it
-    ``max_stored_bytes``      16 bytes per parameter: tensor data in  800 MB (fp32 weights + EMA + two Adam
-                              the file, training copies included      moments)
-    ``max_model_bytes``       32 bytes per parameter: the model       1.6 GB (ESC: 84 MiB, ESC-Real: 168 MiB)
-                              ready for inference (after ``fuse``)
-    ``max_tensors``           8,192, more in proportion above the     8,192 (ESC-XL: 719)
-                              default
-    ``max_metadata_bytes``    4 MiB, more in proportion: the          4 MiB (ESC-XL's: under 100 KB)
-                              safetensors header, the zip's pickle
-    ========================  ======================================  ==========================================
-    """
+    """What a checkpoint may declare, all derived from ``max_parameters`` (values in the state dict, and in the
+    model built from it): the tensor data in the file, training copies included (16 bytes per parameter: fp32
+    weights, EMA, two Adam moments), the model ready for inference after ``fuse`` (32 bytes per parameter), and,
+    in proportion above the default, the number of tensors and the metadata (safetensors header, zip pickle)."""
 
     max_parameters: int = DEFAULT_MAX_PARAMETERS
 
@@ -129,6 +98,11 @@ def _limits(max_parameters: int | CheckpointLimits | None) -> CheckpointLimits:
     return CheckpointLimits(DEFAULT_MAX_PARAMETERS if max_parameters is None else max_parameters)
 
 
+def _over(name: object, what: str, limit: str) -> CheckpointError:
+    """The one wording of a size refusal: what the checkpoint declares, the limit, and how to raise it."""
+    return CheckpointError(f"{name}: {what}, above the limit of {limit} ({_RAISE_HINT})")
+
+
 def _size(nbytes: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB", "TB"):
         if nbytes < 1000 or unit == "TB":
@@ -158,10 +132,8 @@ def _read_file(path: Path, limits: CheckpointLimits) -> tuple[Any, dict[str, str
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from None
     if size > limits.max_file_bytes:
-        raise CheckpointError(
-            f"{path}: the file is {_size(size)}, above the {_size(limits.max_file_bytes)} a checkpoint of at most "
-            f"{limits.max_parameters:,} parameters can need ({_RAISE_HINT})"
-        )
+        raise _over(path, f"the file is {_size(size)}",
+                    f"{_size(limits.max_file_bytes)} for a checkpoint of at most {limits.max_parameters:,} parameters")
     if head[:4] in _ZIP_MAGIC:
         if path.name.lower().endswith(".safetensors"):  # torch.load would hand it to safetensors by its name
             raise CheckpointError(f"{path}: a PyTorch zip checkpoint, not a safetensors file: rename it to .pth")
@@ -184,9 +156,7 @@ def _check_zip(path: Path, size: int, limits: CheckpointLimits) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
-            problem = _zip_problem(records, size, limits)
-            if problem:
-                raise CheckpointError(f"{path}: {problem}")
+            _check_records(path, records, size, limits)
             for record in records:
                 if record.CRC == 0:  # torch.save(..., compute_crc32=False) leaves it unset
                     continue
@@ -196,38 +166,30 @@ def _check_zip(path: Path, size: int, limits: CheckpointLimits) -> None:
     except CheckpointError:
         raise
     except Exception as e:  # zipfile raises BadZipFile, EOFError, struct.error, ... on damaged files
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)[:160]})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from None
 
 
-def _zip_problem(records: list[zipfile.ZipInfo], size: int, limits: CheckpointLimits) -> str | None:
+def _check_records(path: Path, records: list[zipfile.ZipInfo], size: int, limits: CheckpointLimits) -> None:
     if len(records) > limits.max_tensors + 16:
-        return f"holds {len(records):,} records, above the limit of {limits.max_tensors:,} tensors ({_RAISE_HINT})"
+        raise _over(path, f"holds {len(records):,} records", f"{limits.max_tensors:,} tensors")
     pickles = [r for r in records if r.filename == "data.pkl" or r.filename.endswith("/data.pkl")]
     if not pickles:
-        return "a zip file without data.pkl: not a PyTorch checkpoint"
-    stored = 0
+        raise CheckpointError(f"{path}: a zip file without data.pkl: not a PyTorch checkpoint")
     for record in records:
-        name = record.filename
         if record.compress_type != zipfile.ZIP_STORED:
-            return (
-                f"record {name} is compressed (zip method {record.compress_type}); torch.save never compresses, and a "
-                "compressed record can expand far beyond the file, so it is not read: re-save the checkpoint with "
-                "torch.save"
+            raise CheckpointError(
+                f"{path}: record {record.filename} is compressed (zip method {record.compress_type}); torch.save never "
+                "compresses, and a compressed record can expand far beyond the file, so it is not read: re-save the "
+                "checkpoint with torch.save"
             )
         if record.file_size != record.compress_size or record.header_offset + record.file_size > size:
-            return f"corrupt or truncated checkpoint (record {name} declares {record.file_size:,} bytes the file does not hold)"
-        stored += record.file_size
-    if max(r.file_size for r in pickles) > limits.max_metadata_bytes:
-        return (
-            f"its pickle (data.pkl) is {_size(max(r.file_size for r in pickles))}, above the limit of "
-            f"{_size(limits.max_metadata_bytes)} ({_RAISE_HINT})"
-        )
-    if stored > limits.max_stored_bytes:
-        return (
-            f"declares {_size(stored)} of data, above the {_size(limits.max_stored_bytes)} allowed for at most "
-            f"{limits.max_parameters:,} parameters ({_RAISE_HINT})"
-        )
-    return None
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint (record {record.filename} declares "
+                                  f"{record.file_size:,} bytes the file does not hold)")
+    if (largest := max(r.file_size for r in pickles)) > limits.max_metadata_bytes:
+        raise _over(path, f"its pickle (data.pkl) is {_size(largest)}", _size(limits.max_metadata_bytes))
+    if (stored := sum(r.file_size for r in records)) > limits.max_stored_bytes:
+        raise _over(path, f"declares {_size(stored)} of data",
+                    f"{_size(limits.max_stored_bytes)} for at most {limits.max_parameters:,} parameters")
 
 
 def _torch_load(path: Path) -> Any:
@@ -236,18 +198,17 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
         raise CheckpointError(
-            f"{path}: refused by the safe (weights-only) loader: {detail or _first_line(e)[:120]}; "
+            f"{path}: refused by the safe (weights-only) loader: {detail or first_line(e, 120)}; "
             "the file is corrupt or asks to run code, and was not executed"
         ) from None
     except Exception as e:  # torch's unpickler raises anything from EOFError to IndexError on garbage
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)[:160]})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from None
 
 
 def _read_safetensors(path: Path, size: int, header_bytes: int, limits: CheckpointLimits) -> tuple[StateDict, dict[str, str]]:
     """A safetensors file: the header's length, then (safetensors' own parser) every shape, then the data."""
     if header_bytes > limits.max_metadata_bytes:
-        raise CheckpointError(f"{path}: its safetensors header declares {_size(header_bytes)}, above the limit of "
-                              f"{_size(limits.max_metadata_bytes)} ({_RAISE_HINT})")
+        raise _over(path, f"its safetensors header declares {_size(header_bytes)}", _size(limits.max_metadata_bytes))
     if 8 + header_bytes > size:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file (a {header_bytes:,}-byte header in a "
                               f"{size:,}-byte file)")
@@ -257,23 +218,16 @@ def _read_safetensors(path: Path, size: int, header_bytes: int, limits: Checkpoi
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = list(f.keys())
             if len(keys) > limits.max_tensors:
-                raise CheckpointError(f"{path}: holds {len(keys):,} tensors, above the limit of {limits.max_tensors:,} "
-                                      f"({_RAISE_HINT})")
+                raise _over(path, f"holds {len(keys):,} tensors", f"{limits.max_tensors:,}")
             values = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
             if values > limits.max_parameters:
-                raise CheckpointError(f"{path}: holds {values:,} values, above the limit of {limits.max_parameters:,} "
-                                      f"parameters ({_RAISE_HINT})")
+                raise _over(path, f"holds {values:,} values", f"{limits.max_parameters:,} parameters")
             metadata = f.metadata() or {}
             return {k: f.get_tensor(k) for k in keys}, metadata
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)[:160]})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({first_line(e)})") from None
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -312,13 +266,11 @@ def check_state_dict(
 ) -> None:
     """Refuse, with a :class:`CheckpointError`, a state dict whose tensors cannot be weights of a model within the
     limits: too many tensors or values, a tensor that is not dense or claims more values than its storage holds
-    (a stride-0 ``expand`` of one number posing as a large weight), or a non-finite value (NaN, Inf).
-
-    Reads only the tensors' metadata, then their values once (the finiteness test); allocates nothing large.
-    """
+    (a stride-0 ``expand`` of one number posing as a large weight), or a non-finite value (NaN, Inf). Reads only the
+    tensors' metadata, then their values once (the finiteness test); allocates nothing large."""
     limits = _limits(max_parameters)
     if len(state) > limits.max_tensors:
-        raise CheckpointError(f"{name}: holds {len(state):,} tensors, above the limit of {limits.max_tensors:,} ({_RAISE_HINT})")
+        raise _over(name, f"holds {len(state):,} tensors", f"{limits.max_tensors:,}")
     values = 0
     for key, tensor in state.items():
         problem = _tensor_problem(tensor)
@@ -326,9 +278,7 @@ def check_state_dict(
             raise CheckpointError(f"{name}: tensor {key} {problem}")
         values += tensor.numel()
     if values > limits.max_parameters:
-        raise CheckpointError(
-            f"{name}: holds {values:,} values, above the limit of {limits.max_parameters:,} parameters ({_RAISE_HINT})"
-        )
+        raise _over(name, f"holds {values:,} values", f"{limits.max_parameters:,} parameters")
     for key, tensor in state.items():
         if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
@@ -358,11 +308,8 @@ def _tensor_problem(tensor: torch.Tensor) -> str | None:
 
 
 def read_checkpoint(path: PathLike, *, max_parameters: int | CheckpointLimits | None = None) -> tuple[StateDict, dict[str, Any]]:
-    """Read a checkpoint file: (canonical state dict, ESC-SR metadata or {}).
-
-    Every size the file declares is checked first (see the module docstring), then the tensors
-    (:func:`check_state_dict`); the state dict returned owns its memory (no view of the file stays mapped).
-    """
+    """Read a checkpoint file: (canonical state dict, ESC-SR metadata or {}), every size it declares checked first,
+    then the tensors (:func:`check_state_dict`); the state dict owns its memory (no view of the file stays mapped)."""
     path = Path(path)
     limits = _limits(max_parameters)
     raw, file_metadata, mapped = _read_file(path, limits)
@@ -375,13 +322,10 @@ def read_checkpoint(path: PathLike, *, max_parameters: int | CheckpointLimits | 
 
 
 def _esc_metadata(file_metadata: Mapping[str, str]) -> dict[str, Any]:
-    """The ESC-SR metadata of a file :func:`save_model` wrote, or {} (advisory: anything malformed is ignored)."""
-    text = file_metadata.get(METADATA_KEY)
-    if not isinstance(text, str):
-        return {}
+    """The ESC-SR metadata of a file ``esc_sr.save_model`` wrote, or {} (advisory: anything malformed is ignored)."""
     try:
-        metadata = json.loads(text)
-    except (ValueError, RecursionError):
+        metadata = json.loads(file_metadata.get(METADATA_KEY, "{}"))
+    except (TypeError, ValueError, RecursionError):
         return {}
     if not isinstance(metadata, dict):
         return {}
@@ -396,22 +340,17 @@ def read_state_dict(path: PathLike, *, max_parameters: int | CheckpointLimits | 
     return read_checkpoint(path, max_parameters=max_parameters)[0]
 
 
-# -- loading and saving -------------------------------------------------------------------------
+# -- loading ------------------------------------------------------------------------------------
 def load_model(
     source: PathLike | Mapping[str, Any], *, max_parameters: int | CheckpointLimits | None = None, **overrides: Any
 ) -> ESCModelBase:
-    """Build and load an ESC model from a checkpoint path, a state dict, or an embedded model's name (``'default'``,
-    ``'real'``: :data:`EMBEDDED_MODELS`).
+    """Build and load an ESC model, in eval mode, from a checkpoint path, a state dict, or an embedded model's name
+    (``'default'``, ``'real'``: :data:`EMBEDDED_MODELS`). Raises :class:`CheckpointError`, one line naming the file.
 
-    The variant and every hyperparameter come from the tensors (and from the metadata of files
-    written by :func:`save_model`).  ``overrides`` replace inferred keyword arguments, e.g.
-    ``attn_type='naive'``, or ``upscaling_factor=4`` to load an x2 ESC checkpoint into an x4
-    model (its sub-pixel head is resized as upstream does).  The model is returned in eval mode.
-
-    ``max_parameters`` (default :data:`DEFAULT_MAX_PARAMETERS`) bounds what the checkpoint may declare and the
-    model built from it; every other limit follows from it (:class:`CheckpointLimits`).
-
-    Raises :class:`CheckpointError` with a one-line reason naming the file.
+    The variant and every hyperparameter come from the tensors (and from the metadata ``esc_sr.save_model`` writes).
+    ``overrides`` replace inferred keyword arguments, e.g. ``attn_type='naive'``, or ``upscaling_factor=4`` to load
+    an x2 ESC checkpoint into an x4 model (its sub-pixel head is resized as upstream does). ``max_parameters``
+    (default :data:`DEFAULT_MAX_PARAMETERS`) bounds what the checkpoint may declare and the model built from it.
     """
     limits = _limits(max_parameters)
     if isinstance(source, str) and source in EMBEDDED_MODELS:
@@ -449,25 +388,19 @@ def build_model(
     limits = _limits(max_parameters)
     kwargs = dict(kwargs)
     blueprint = _construct(cls, kwargs, name, device="meta")
+    built = f"{cls.arch_name}({_kwargs_text(kwargs)}) would"
     values = sum(t.numel() for t in blueprint.state_dict().values())
     if values > limits.max_parameters:
-        raise CheckpointError(
-            f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would have {values:,} parameters, above the limit of "
-            f"{limits.max_parameters:,} ({_RAISE_HINT})"
-        )
+        raise _over(name, f"{built} have {values:,} parameters", f"{limits.max_parameters:,}")
     needed = _inference_bytes(blueprint)
     if needed > limits.max_model_bytes:
-        raise CheckpointError(
-            f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would need {_size(needed)} ready for inference (its "
-            f"weights and baked attention biases), above the limit of {_size(limits.max_model_bytes)} ({_RAISE_HINT})"
-        )
+        raise _over(name, f"{built} need {_size(needed)} ready for inference (its weights and baked attention biases)",
+                    _size(limits.max_model_bytes))
     bias = max((m.num_heads * m.window_size**4 * 4 for m in blueprint.modules() if isinstance(m, WindowAttention)),
                default=0)
     if bias > limits.max_model_bytes:  # an unbaked bias is gathered in every forward pass, whatever the image size
-        raise CheckpointError(
-            f"{name}: {cls.arch_name}({_kwargs_text(kwargs)}) would gather a {_size(bias)} attention bias in every "
-            f"forward pass, above the limit of {_size(limits.max_model_bytes)} ({_RAISE_HINT})"
-        )
+        raise _over(name, f"{built} gather a {_size(bias)} attention bias in every forward pass",
+                    _size(limits.max_model_bytes))
     _fit(blueprint, state, name)
     del blueprint
     model = _construct(cls, kwargs, name, device=None)
@@ -475,7 +408,7 @@ def build_model(
     try:
         nn.Module.load_state_dict(model, adapted, strict=True)  # adapted once, above
     except Exception as e:
-        raise CheckpointError(f"{name}: cannot load the weights into {cls.arch_name}: {_first_line(e)[:160]}") from None
+        raise CheckpointError(f"{name}: cannot load the weights into {cls.arch_name}: {first_line(e)}") from None
     return model.eval()
 
 
@@ -483,9 +416,6 @@ def _inference_bytes(model: nn.Module) -> int:
     """Bytes ``model`` holds once :func:`esc_arch.fuse` has baked its constants, in float32, from its modules'
     sizes alone (so it can be asked of a model on the meta device): every parameter and buffer, the ensembled large
     kernel of each shared-kernel trunk, and each window attention's (heads, ws^2, ws^2) bias where it is baked."""
-    from .attention import BAKE_LIMIT_BYTES, WindowAttention
-    from .base import SharedKernelTrunk
-
     total = sum(t.numel() * 4 for t in chain(model.parameters(), model.buffers()))
     for module in model.modules():
         if isinstance(module, SharedKernelTrunk):
@@ -503,7 +433,7 @@ def _construct(cls: type[ESCModelBase], kwargs: Mapping[str, Any], name: str, *,
         with torch.device(device):
             return cls(**kwargs)
     except Exception as e:  # the arguments come from the file: any failure to build is the file's
-        raise CheckpointError(f"{name}: cannot build {cls.arch_name}({_kwargs_text(kwargs)}): {_first_line(e)[:160]}") from None
+        raise CheckpointError(f"{name}: cannot build {cls.arch_name}({_kwargs_text(kwargs)}): {first_line(e)}") from None
 
 
 def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
@@ -515,16 +445,13 @@ def _fit(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> Stat
     try:
         adapted = model.adapt_state_dict(dict(state)) if isinstance(model, ESCModelBase) else dict(state)
     except Exception as e:
-        raise CheckpointError(f"{name}: does not fit {getattr(model, 'arch_name', type(model).__name__)}: {_first_line(e)[:160]}") from None
+        raise CheckpointError(f"{name}: does not fit {getattr(model, 'arch_name', type(model).__name__)}: {first_line(e)}") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in adapted]
     unexpected = [k for k in adapted if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''})")
+    parts = [f"{label} {len(keys)} keys ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if parts:
         raise CheckpointError(f"{name}: does not fit {model.arch_name}: {'; '.join(parts)}")
     for key, tensor in expected.items():
         if adapted[key].shape != tensor.shape:

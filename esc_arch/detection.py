@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .base import ESCModelBase
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .esc import ESC, ESCFP
 from .esc_real import ESCReal, ESCRealM
 from .lte import ESCLTE
@@ -236,7 +236,7 @@ def infer_architecture(state: StateDict) -> tuple[type[ESCModelBase], dict[str, 
     except KeyError as e:
         raise CheckpointError(f"incomplete {variant.name} checkpoint (missing {e.args[0]})") from None
     except Exception as e:  # the shapes come from the file: one that breaks the reading is a malformed file
-        raise CheckpointError(f"malformed {variant.name} checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointError(f"malformed {variant.name} checkpoint ({type(e).__name__}: {first_line(e)})") from None
     bad = next(((k, v) for k, v in kwargs.items() if not _plausible(v)), None)
     if bad is not None:
         raise CheckpointError(f"malformed {variant.name} checkpoint: its tensors give {bad[0]}={bad[1]!r}")
@@ -248,17 +248,11 @@ _LARGEST_SIZE = 2**31 - 1
 
 
 def _plausible(value: Any) -> bool:
-    if isinstance(value, bool) or isinstance(value, str) or value is None:
+    if isinstance(value, (bool, str)) or value is None:
         return True
-    if isinstance(value, int):
-        return 0 < value <= _LARGEST_SIZE
-    if isinstance(value, float):
-        return math.isfinite(value) and 0 < value <= _LARGEST_SIZE
+    if isinstance(value, (int, float)):
+        return 0 < value <= _LARGEST_SIZE  # False for NaN and infinities too
     if isinstance(value, (tuple, list)):
         return all(_plausible(v) for v in value)
     return True
 
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:160] if lines else type(error).__name__

@@ -1,21 +1,14 @@
-"""The one base class of the errors meant for users, shared by :mod:`esc_arch` and :mod:`esc_sr`.
-
-An :class:`ESCError` is a problem with the user's input, files or environment (a checkpoint that cannot be
-read, a truncated image, a failed download), not a bug: its message is one line that names the file and the
-reason, and front ends (the ``esc-sr`` command line, the ComfyUI nodes) show it as it is. Any other exception
-escaping the library is a bug.
-
-The one-line rule is enforced here, not by every caller: :class:`ESCError` passes its message through
-:func:`printable`, so a file name with a newline or a terminal escape sequence in it can neither split the
-line nor reach the terminal raw. :func:`os_error_reason` words an ``OSError`` the same way everywhere.
-"""
+"""The errors meant for users: :class:`ESCError`, a problem with the user's input, files or environment, not a bug
+(any other exception escaping the library is one). Its message is one line naming the file and the reason, which
+front ends show as it is; the rule is enforced here (:func:`printable`), so a newline or a terminal escape in a
+file name can neither split the line nor reach the terminal raw. :func:`os_error_reason` words an ``OSError``."""
 
 from __future__ import annotations
 
 import errno
 import os
 
-__all__ = ["CheckpointError", "ESCError", "os_error_reason", "printable"]
+__all__ = ["CheckpointError", "ESCError", "first_line", "os_error_reason", "printable"]
 
 
 def printable(text: object) -> str:
@@ -61,3 +54,9 @@ def os_error_reason(error: OSError) -> str:
     if reason:
         return reason
     return (error.strerror or os.strerror(error.errno) if error.errno else str(error) or type(error).__name__).lower()
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's name."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

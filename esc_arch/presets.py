@@ -51,23 +51,15 @@ def esc_lte(scale: int | None = None, **overrides: Any) -> ESCLTE:
 
 
 def esc_tiny(scale: int = 4, **overrides: Any) -> ESC:
-    """A small ESC for CPU training: dim 32, 2 blocks x 5 conv blocks, window 16, 2 heads.
-
-    It is the architecture of the embedded default model.
-    """
+    """A small ESC for CPU training, the embedded default model's architecture: dim 32, 2 blocks x 5 conv blocks,
+    window 16, 2 heads."""
     kwargs = dict(dim=32, pdim=8, n_blocks=2, conv_blocks=5, window_size=16, num_heads=2, upscaling_factor=scale)
     return ESC(**{**kwargs, **overrides})
 
 
+#: The presets by name (each function's own name).
 PRESETS: dict[str, Callable[..., ESCModelBase]] = {
-    "esc": esc,
-    "esc_light": esc_light,
-    "esc_xl": esc_xl,
-    "esc_fp": esc_fp,
-    "esc_real": esc_real,
-    "esc_realm": esc_realm,
-    "esc_lte": esc_lte,
-    "esc_tiny": esc_tiny,
+    f.__name__: f for f in (esc, esc_light, esc_xl, esc_fp, esc_real, esc_realm, esc_lte, esc_tiny)
 }
 
 
@@ -83,9 +75,7 @@ def _preset_configuration(name: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
 
 
 def match_preset(model: ESCModelBase) -> str | None:
-    """The name of the preset ``model`` is an instance of (at any scale and attention back end), or None.
-
-    ``esc_real`` and ``esc_realm`` match only with their default upsampler.
-    """
+    """The name of the preset ``model`` is an instance of (at any scale and attention back end), or None;
+    ``esc_real`` and ``esc_realm`` match only with their default upsampler."""
     mine = (model.arch_name, tuple((k, v) for k, v in model.hyperparameters.items() if k not in _NOT_CONFIGURATION))
     return next((name for name in PRESETS if _preset_configuration(name) == mine), None)

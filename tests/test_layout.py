@@ -82,6 +82,18 @@ def test_the_model_files_fit_their_budget():
     assert sum(lines[name] for name in model_files) <= 1400
 
 
+def test_the_architecture_package_fits_its_budget():
+    """esc_arch as a whole (the model, presets, detection, loading, the spandrel architectures) in at most 2,400 lines:
+    what is not the model's (atomic writes, saving, the torchvision import repair) lives in the application."""
+    from pathlib import Path
+
+    import esc_arch
+
+    root = Path(esc_arch.__file__).parent
+    lines = {str(p.relative_to(root)): len(p.read_text(encoding="utf-8").splitlines()) for p in root.rglob("*.py")}
+    assert sum(lines.values()) <= 2400, sorted(lines.items(), key=lambda item: -item[1])
+
+
 def test_every_application_module_reads_in_one_sitting():
     """No module of esc_sr over 500 lines."""
     from pathlib import Path
