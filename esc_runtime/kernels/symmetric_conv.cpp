@@ -25,7 +25,11 @@ ESC_TARGET_BEGIN
 namespace ESC_NS {
 namespace {
 
-constexpr int PIXEL_BLOCK = 8;  // pixels sharing each loaded weight vector
+// Pixels sharing each loaded weight register, and the registers of one 16-channel output vector: the product's
+// block is PIXEL_BLOCK x PER_VECTOR accumulators, 8 x 1 of AVX-512's 32 registers, 6 x 2 of AVX2's 16 (8 x 2 v16f
+// halves spilled there).
+constexpr int PIXEL_BLOCK = ESC_AVX512 ? 8 : 6;
+constexpr int PER_VECTOR = LANES / REG;
 
 struct Orbits {  // the kernel's offsets grouped by orbit, as float offsets into the padded input
     std::vector<int64_t> offset;
@@ -84,42 +88,53 @@ class Correlation {
             // chains of dependent additions ran at a third of the speed)
             const float* base = centre_row + first * C_;
             for (int r = 0; r < count_; ++r)
-                for (int v = 0; v < vectors; ++v) {
-                    v16f acc[PIXEL_BLOCK] = {};
+                for (int u = 0; u < C_; u += REG) {
+                    reg acc[PIXEL_BLOCK] = {};
                     for (int j = orbits_.start[r]; j < orbits_.start[r + 1]; ++j) {
-                        const float* at = base + orbits_.offset[j] + v * LANES;
-                        for (int p = 0; p < PIXEL_BLOCK; ++p) acc[p] += load(at + p * C_);
+                        const float* at = base + orbits_.offset[j] + u;
+                        for (int p = 0; p < PIXEL_BLOCK; ++p) acc[p] += load_reg(at + p * C_);
                     }
-                    for (int p = 0; p < pixels; ++p) store(sums + p * K + r * C_ + v * LANES, acc[p]);
+                    for (int p = 0; p < pixels; ++p) store(sums + p * K + r * C_ + u, acc[p]);
                 }
             for (int v = 0; v < vectors; ++v) {
-                v16f acc[PIXEL_BLOCK];
+                reg acc[PIXEL_BLOCK][PER_VECTOR];
                 for (int p = 0; p < pixels; ++p) {  // the dynamic depthwise 3x3: channel vector v of the input
                     const float* centre = centre_row + (first + p) * C_ + v * LANES;
-                    v16f a = v16f{};
-                    for (int t = 0; t < 9; ++t)
-                        a += load(taps + t * C_ + v * LANES) * load(centre + (t / 3 - 1) * row_floats_ + (t % 3 - 1) * C_);
-                    acc[p] = a;
+                    for (int h = 0; h < PER_VECTOR; ++h) {
+                        reg a = reg{};
+                        for (int t = 0; t < 9; ++t)
+                            a += load_reg(taps + t * C_ + v * LANES + h * REG) *
+                                 load_reg(centre + (t / 3 - 1) * row_floats_ + (t % 3 - 1) * C_ + h * REG);
+                        acc[p][h] = a;
+                    }
                 }
                 if (pixels == PIXEL_BLOCK) {
                     for (int k = 0; k < K; ++k) {
-                        const v16f w = load(weights_ + k * C_ + v * LANES);
-                        for (int p = 0; p < PIXEL_BLOCK; ++p) acc[p] += splat(sums[p * K + k]) * w;
+                        reg w[PER_VECTOR];
+                        for (int h = 0; h < PER_VECTOR; ++h) w[h] = load_reg(weights_ + k * C_ + v * LANES + h * REG);
+                        for (int p = 0; p < PIXEL_BLOCK; ++p) {
+                            const reg s = splat_reg(sums[p * K + k]);
+                            for (int h = 0; h < PER_VECTOR; ++h) acc[p][h] += s * w[h];
+                        }
                     }
                 } else {
                     for (int k = 0; k < K; ++k) {
-                        const v16f w = load(weights_ + k * C_ + v * LANES);
-                        for (int p = 0; p < pixels; ++p) acc[p] += splat(sums[p * K + k]) * w;
+                        reg w[PER_VECTOR];
+                        for (int h = 0; h < PER_VECTOR; ++h) w[h] = load_reg(weights_ + k * C_ + v * LANES + h * REG);
+                        for (int p = 0; p < pixels; ++p) {
+                            const reg s = splat_reg(sums[p * K + k]);
+                            for (int h = 0; h < PER_VECTOR; ++h) acc[p][h] += s * w[h];
+                        }
                     }
                 }
                 const int lanes = std::min(LANES, channels_ - v * LANES);
                 for (int p = 0; p < pixels; ++p) {
                     float* out = dst + (first + p) * pixel_stride + v * LANES;
                     if (lanes == LANES) {
-                        store(out, acc[p]);
+                        for (int h = 0; h < PER_VECTOR; ++h) store(out + h * REG, acc[p][h]);
                     } else {
                         float lane[LANES];
-                        store(lane, acc[p]);
+                        for (int h = 0; h < PER_VECTOR; ++h) store(lane + h * REG, acc[p][h]);
                         std::memcpy(out, lane, lanes * sizeof(float));
                     }
                 }

@@ -28,17 +28,16 @@ namespace ESC_NS {
 namespace {
 
 constexpr int HEAD_DIM = 16;
-constexpr int QUERY_BLOCK = 8;  // x 2 key vectors: 16 accumulators (of 32 AVX-512 registers)
+// Queries per block x key registers per step: the q k^T accumulators. AVX-512: 8 x 2 (16 of 32 registers, 32 keys a
+// step); AVX2: 4 x 2 (8 of 16, 16 keys a step; 8 x 2 v16f spilled and ran at 0.7x torch's time). p v then holds
+// QUERY_BLOCK x HEAD_DIM / REG accumulators: 8 x 1, 4 x 2.
+constexpr int QUERY_BLOCK = ESC_AVX512 ? 8 : 4;
+constexpr int KEY_REGS = 2;
+constexpr int HEAD_REGS = HEAD_DIM / REG;
 
-inline float horizontal_sum(v16f v) {
-    float s = 0.0f;
-    for (int i = 0; i < LANES; ++i) s += v[i];
-    return s;
-}
-
-inline float horizontal_max(v16f v) {
+inline float horizontal_max(reg v) {
     float m = v[0];
-    for (int i = 1; i < LANES; ++i) m = std::max(m, v[i]);
+    for (int i = 1; i < REG; ++i) m = std::max(m, v[i]);
     return m;
 }
 
@@ -91,58 +90,62 @@ void attend(const float* qkv, const float* table, float* out, const Geometry& g,
             bias[i] = head_table + (ws - 1 - qr) * span + (ws - 1 - qc);
         }
 
-        // scores = bias + q k^T, two vectors of keys at a time, and each row's running maximum
-        v16f row_max[QUERY_BLOCK];
-        for (int i = 0; i < QUERY_BLOCK; ++i) row_max[i] = splat(-3.0e38f);
-        for (int key = 0; key < tokens; key += 2 * LANES) {
-            const int bias0 = (key / ws) * span + key % ws, bias1 = ((key + LANES) / ws) * span + (key + LANES) % ws;
-            v16f acc0[QUERY_BLOCK], acc1[QUERY_BLOCK];
-            for (int i = 0; i < QUERY_BLOCK; ++i) {
-                acc0[i] = load(bias[i] + bias0);
-                acc1[i] = load(bias[i] + bias1);
+        // scores = bias + q k^T, KEY_REGS registers of keys at a time, and each row's running maximum
+        reg row_max[QUERY_BLOCK];
+        for (int i = 0; i < QUERY_BLOCK; ++i) row_max[i] = splat_reg(-3.0e38f);
+        for (int key = 0; key < tokens; key += KEY_REGS * REG) {
+            reg acc[QUERY_BLOCK][KEY_REGS];
+            for (int r = 0; r < KEY_REGS; ++r) {
+                const int k = key + r * REG, bias_at = (k / ws) * span + k % ws;  // REG keys of one key row
+                for (int i = 0; i < QUERY_BLOCK; ++i) acc[i][r] = load_reg(bias[i] + bias_at);
             }
 #pragma GCC unroll 16
             for (int d = 0; d < HEAD_DIM; ++d) {
-                const v16f k0 = load(keys_t + d * tokens + key), k1 = load(keys_t + d * tokens + key + LANES);
+                reg k[KEY_REGS];
+                for (int r = 0; r < KEY_REGS; ++r) k[r] = load_reg(keys_t + d * tokens + key + r * REG);
                 for (int i = 0; i < QUERY_BLOCK; ++i) {
-                    const v16f q = splat(query[i * HEAD_DIM + d]);
-                    acc0[i] += q * k0;
-                    acc1[i] += q * k1;
+                    const reg q = splat_reg(query[i * HEAD_DIM + d]);
+                    for (int r = 0; r < KEY_REGS; ++r) acc[i][r] += q * k[r];
                 }
             }
-            for (int i = 0; i < QUERY_BLOCK; ++i) {
-                store(scores + i * tokens + key, acc0[i]);
-                store(scores + i * tokens + key + LANES, acc1[i]);
-                row_max[i] = acc0[i] > row_max[i] ? acc0[i] : row_max[i];
-                row_max[i] = acc1[i] > row_max[i] ? acc1[i] : row_max[i];
-            }
+            for (int i = 0; i < QUERY_BLOCK; ++i)
+                for (int r = 0; r < KEY_REGS; ++r) {
+                    store(scores + i * tokens + key + r * REG, acc[i][r]);
+                    row_max[i] = acc[i][r] > row_max[i] ? acc[i][r] : row_max[i];
+                }
         }
 
         // p = 2^(scores - max), in place, and its row sums
-        v16f row_sum[QUERY_BLOCK];
+        reg row_sum[QUERY_BLOCK];
         for (int i = 0; i < QUERY_BLOCK; ++i) {
-            const v16f m = splat(horizontal_max(row_max[i]));
+            const reg m = splat_reg(horizontal_max(row_max[i]));
             float* row = scores + i * tokens;
-            row_sum[i] = v16f{};
-            for (int key = 0; key < tokens; key += LANES) {
-                const v16f p = exp2(load(row + key) - m);
+            row_sum[i] = reg{};
+            for (int key = 0; key < tokens; key += REG) {
+                const reg p = exp2(load_reg(row + key) - m);
                 store(row + key, p);
                 row_sum[i] += p;
             }
         }
 
         // out = p v / sum
-        v16f acc[QUERY_BLOCK];
-        for (int i = 0; i < QUERY_BLOCK; ++i) acc[i] = v16f{};
+        reg acc[QUERY_BLOCK][HEAD_REGS];
+        for (int i = 0; i < QUERY_BLOCK; ++i)
+            for (int h = 0; h < HEAD_REGS; ++h) acc[i][h] = reg{};
         for (int key = 0; key < tokens; ++key) {
-            const v16f v = load(values + key * HEAD_DIM);
-            for (int i = 0; i < QUERY_BLOCK; ++i) acc[i] += splat(scores[i * tokens + key]) * v;
+            reg v[HEAD_REGS];
+            for (int h = 0; h < HEAD_REGS; ++h) v[h] = load_reg(values + key * HEAD_DIM + h * REG);
+            for (int i = 0; i < QUERY_BLOCK; ++i) {
+                const reg p = splat_reg(scores[i * tokens + key]);
+                for (int h = 0; h < HEAD_REGS; ++h) acc[i][h] += p * v[h];
+            }
         }
         for (int i = 0; i < QUERY_BLOCK; ++i) {
             const int qr = (first + i) / ws, qc = (first + i) % ws;
             float* o = out + ((image * g.height + window_row * ws + qr) * g.width + window_col * ws + qc) * dim +
                        head * HEAD_DIM;
-            store(o, acc[i] * splat(1.0f / horizontal_sum(row_sum[i])));
+            const reg scale = splat_reg(1.0f / sum_lanes(row_sum[i]));
+            for (int h = 0; h < HEAD_REGS; ++h) store(o + h * REG, acc[i][h] * scale);
         }
     }
 }
