@@ -12,6 +12,7 @@ Everything else about the package is in ``pyproject.toml``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -50,10 +51,22 @@ def sources_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _last_line(text: str) -> str:
+#: What the system says when it refuses (``No space left on device``, ``Permission denied``, ...): a compiler's or
+#: linker's line holding one of these is the cause, whatever follows it.
+OS_REASONS = tuple(sorted({os.strerror(code) for code in errno.errorcode} - {"Unknown error", "Success"}, key=len,
+                          reverse=True))
+#: Lines that only report that a step failed ("collect2: error: ld returned 1 exit status"), not why.
+AFTERMATH = ("returned 1 exit status", "compilation terminated", "error: ld returned")
+
+
+def _reason(text: str) -> str:
+    """Why a compiler or linker run failed, from its stderr: the first line naming a refusal of the system (a full
+    disk: the linker's "final link failed: No space left on device", followed by collect2's summary), else the first
+    error that is not only a summary, else the first line."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return ((errors or lines or ["no output"])[0])[:300]
+    system = [line for line in lines if any(reason.lower() in line.lower() for reason in OS_REASONS)]
+    errors = [line for line in lines if "error" in line.lower() and not any(a in line for a in AFTERMATH)]
+    return ((system or errors or lines or ["no output"])[0])[:300]
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
@@ -91,7 +104,7 @@ def build_kernels(sources: Path, log=print) -> tuple[bytes | None, dict]:
             source, target, defines = job
             result = subprocess.run([*command, *FLAGS, *defines, "-c", str(sources / source), "-o", target],
                                     capture_output=True, text=True, timeout=900)
-            return None if result.returncode == 0 else _last_line(result.stderr)
+            return None if result.returncode == 0 else _reason(result.stderr)
 
         jobs = {variant: [(source, os.path.join(scratch, f"{Path(source).stem}.{variant}.o"), [f"-D{macro}"])
                           for source in SOURCES] for variant, (_, macro) in VARIANTS.items()}
@@ -113,7 +126,7 @@ def build_kernels(sources: Path, log=print) -> tuple[bytes | None, dict]:
         for step in steps:
             result = subprocess.run(step, capture_output=True, text=True, timeout=900)
             if result.returncode != 0:
-                return None, {**record, "reason": f"{command[0]} failed: {_last_line(result.stderr)}"}
+                return None, {**record, "reason": f"{command[0]} failed: {_reason(result.stderr)}"}
         data = Path(library).read_bytes()
     return data, {**record, "built": True, "library": LIBRARY, "sha256": hashlib.sha256(data).hexdigest(),
                   "variants": built, "not_built": failed}

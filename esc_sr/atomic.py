@@ -6,12 +6,18 @@ own folder (so the final rename never crosses a filesystem), is flushed to disk,
 ``open(path, "w")`` would give under the current umask, and is renamed over the target. A crash or a kill at any
 moment leaves either the old file or the new one, plus at worst a hidden ``.esc-sr-tmp-*`` file, never a truncated
 target; :func:`remove_stale` sweeps such leftovers (``esc-sr upscale`` does, in its output folders).
+
+A write that fails raises an ``OSError`` whose ``filename`` is the target (never the temporary file) and whose
+``strerror`` is the reason underneath: a full disk, a target that is a folder, a parent that is a regular file ("not
+a directory"), also where the writer wraps the OS error in its own (safetensors' ``SafetensorError``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,10 +45,18 @@ def atomic_write(path: str | os.PathLike[str], *, suffix: str | None = None) -> 
     raises, the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(
-        prefix=TEMP_PREFIX, suffix=path.suffix if suffix is None else suffix, dir=path.parent
-    )
+    try:
+        ensure_folder(path.parent)
+    except OSError as exc:
+        raise _naming(path, exc) from exc
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not a file", str(path))
+    try:
+        fd, temp_name = tempfile.mkstemp(
+            prefix=TEMP_PREFIX, suffix=path.suffix if suffix is None else suffix, dir=path.parent
+        )
+    except OSError as exc:
+        raise _naming(path, exc) from exc
     os.close(fd)
     temp = Path(temp_name)
     try:
@@ -51,10 +65,54 @@ def atomic_write(path: str | os.PathLike[str], *, suffix: str | None = None) -> 
             os.fsync(handle.fileno())
         os.chmod(temp, 0o666 & ~current_umask())  # mkstemp creates 0600
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
-        raise
+        failure = _write_failure(path, temp, exc)
+        if failure is None:
+            raise
+        raise failure from exc
     _fsync_folder(path.parent)
+
+
+def ensure_folder(folder: str | os.PathLike[str]) -> None:
+    """Create ``folder`` and its parents where missing. Where a part of the path is a regular file, the error says
+    so (``mkdir`` itself says "File exists", naming the folder)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is None:
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a directory", str(folder)) from exc
+
+
+def _naming(path: Path, exc: OSError) -> OSError:
+    """``exc`` as an ``OSError`` of the same kind about ``path``, with the reason in plain words."""
+    code = exc.errno
+    reason = "is a directory, not a file" if code == errno.EISDIR else (
+        exc.strerror or (os.strerror(code) if code else str(exc) or type(exc).__name__))
+    return OSError(code, reason, str(path))  # OSError picks the subclass of the code (IsADirectoryError, ...)
+
+
+def _write_failure(path: Path, temp: Path, exc: BaseException) -> OSError | None:
+    """The error to raise for a write of ``path`` (through ``temp``) that failed with ``exc``: an ``OSError`` naming
+    ``path``, or None to raise ``exc`` as it is: not the file system's (the writer's own error, an interruption, a
+    network error inside a download: its caller words it) or naming another file already. A writer that wraps the OS
+    error in its own keeps its code in the text (safetensors: ``IoError(Os { code: 28, ... })``)."""
+    if isinstance(exc, OSError):
+        if exc.errno is None or isinstance(exc, (ConnectionError, TimeoutError)):
+            return None
+        if exc.filename is not None and str(exc.filename) != str(temp) and str(exc.filename2 or "") != str(path):
+            return None
+        return _naming(path, exc)
+    if not isinstance(exc, Exception):
+        return None
+    found = re.search(r"\bOs \{ code: (\d+)|\(os error (\d+)\)|\[Errno (\d+)\]", str(exc))
+    if found is None:
+        return None
+    code = int(next(group for group in found.groups() if group))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes, *, suffix: str | None = None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from esc_arch.errors import ESCError
 
-__all__ = ["EngineError", "OutOfMemory"]
+__all__ = ["EngineError", "ImageWarning", "OutOfMemory"]
 
 
 class EngineError(ESCError, RuntimeError):
@@ -13,3 +13,9 @@ class EngineError(ESCError, RuntimeError):
 
 class OutOfMemory(EngineError, MemoryError):
     """Out of memory even at the smallest tile, or with tiling disabled."""
+
+
+class ImageWarning(RuntimeWarning):
+    """A warning about the image being upscaled (its pixels, its tiles, its precision): ``esc-sr upscale`` prints it
+    after the image's name. Any other warning (the runtime's, torch's) concerns the process and is printed once,
+    after the command's name."""

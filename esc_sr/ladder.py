@@ -19,7 +19,7 @@ from typing import Callable
 from esc_runtime import TiledMaps, count_stages
 
 from . import memory
-from .errors import EngineError, OutOfMemory
+from .errors import EngineError, ImageWarning, OutOfMemory
 from .memory import (
     AUTO_MAX_TILE_ACCELERATOR, AUTO_MAX_TILE_CPU, AUTO_MEMORY_FRACTION, bytes_per_input_pixel, fits_untiled,
     is_out_of_memory, release_memory, streamed_map_bytes, window_of,
@@ -46,7 +46,7 @@ def run(
         if runner.make_room is None:
             raise
         warnings.warn(f"out of memory on {runner.device} on every rung; asking the host to free memory and retrying",
-                      RuntimeWarning, stacklevel=3)
+                      ImageWarning, stacklevel=3)
         runner.make_room()
         release_memory(runner.device)
         _climb(runner, tile, **rungs)
@@ -67,7 +67,7 @@ def _climb(
             if tile is None:
                 raise
             core = tile = _halved(core, window)
-            warnings.warn(f"out of memory untiled; retrying with {core}px tiles", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"out of memory untiled; retrying with {core}px tiles", ImageWarning, stacklevel=3)
     if stream is not None and tile is not None:
         stream_tile = _stream_tile(runner, tile, core, height, width, outscale)
         if stream_tile is not None:
@@ -80,7 +80,7 @@ def _climb(
                     raise
             release_memory(runner.device)
             warnings.warn("out of memory streaming the feature maps; retrying with overlapping tiles",
-                          RuntimeWarning, stacklevel=3)
+                          ImageWarning, stacklevel=3)
     if runner.pooling.relevant and len(tile_grid(height, width, core)) > 1:
         runner.pooling.mode = "collect"  # crop-overlap tiles: the statistics pass first
         core = _tile_loop(runner, height=height, width=width, window=window, tile=tile, overlap=overlap,
@@ -177,5 +177,5 @@ def _tile_loop(
         if core <= window:
             raise OutOfMemory(f"out of memory even with the smallest tile ({window}x{window} px) on {runner.device}")
         smaller = _halved(core, window)
-        warnings.warn(f"out of memory with {core}px tiles; retrying with {smaller}px tiles", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"out of memory with {core}px tiles; retrying with {smaller}px tiles", ImageWarning, stacklevel=3)
         core = smaller

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import EngineError
+from .errors import EngineError, ImageWarning
 
 @dataclass
 class Planes:
@@ -73,7 +73,7 @@ def finite_input(planes: torch.Tensor) -> torch.Tensor:
     bad = int((~torch.isfinite(planes)).sum())
     warnings.warn(
         f"the image has {bad:,} non-finite pixel value{'s' * (bad != 1)} (NaN or Inf); replaced: NaN and -Inf by 0, "
-        "+Inf by 1", RuntimeWarning, stacklevel=4,
+        "+Inf by 1", ImageWarning, stacklevel=4,
     )
     return torch.nan_to_num(planes, nan=0.0, posinf=1.0, neginf=0.0)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from esc_runtime import TiledMaps
 
-from .errors import EngineError
+from .errors import EngineError, ImageWarning
 from .tiling import GlobalPooling
 
 # Output pixels an arbitrary-scale (LTE) decode query holds at once: its intermediates are ~a dozen (queries x 256)
@@ -66,7 +66,7 @@ class Runner:
         if self.dtype == torch.float32 or bool(torch.isfinite(out).all()):
             return False
         if not self._warned_overflow:
-            warnings.warn("half-precision overflow; recomputing it in fp32", RuntimeWarning, stacklevel=4)
+            warnings.warn("half-precision overflow; recomputing it in fp32", ImageWarning, stacklevel=4)
             self._warned_overflow = True
         return True
 

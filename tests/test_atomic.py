@@ -132,3 +132,78 @@ def test_failing_torch_save_keeps_the_previous_checkpoint(tmp_path):
         atomic_torch_save({"iter": 5, "bad": lambda: None}, str(target))  # a lambda cannot be pickled
     assert torch.load(target, weights_only=True) == {"iter": 4}
     assert _only(tmp_path) == ["5.state"]
+
+
+# ------------------------------------------------------------------------ failures name the target (issue 26)
+
+NO_SPACE = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def _full_disk_safetensors(tensors, filename, metadata=None):
+    """safetensors' save_file on a full disk: part of the file written, then its own error around the OS's."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\0" * 100)
+    raise SafetensorError(NO_SPACE)
+
+
+def _full_disk_plain(temp: Path) -> None:
+    with open(temp, "wb") as handle:
+        handle.write(b"partial")
+    raise OSError(28, "No space left on device")  # as Python's write reports it: no file name
+
+
+@pytest.mark.parametrize("writer", ["save_model", "plain"])
+def test_a_full_disk_names_the_target_and_the_reason(tmp_path, monkeypatch, writer):
+    """Issue 26: `esc-sr convert` onto a full disk was an "internal error: SafetensorError", `export-onnx` a bare
+    "[Errno 28]". Whatever wraps the OS error, the write fails with an OSError about the target, never the
+    temporary file, and leaves nothing behind."""
+    import safetensors.torch
+
+    target = tmp_path / "out.safetensors"
+    with pytest.raises(OSError) as caught:
+        if writer == "save_model":
+            monkeypatch.setattr(safetensors.torch, "save_file", _full_disk_safetensors)
+            esc_sr.save_model(esc_arch.esc_tiny(2, dim=16, pdim=4, n_blocks=1, conv_blocks=1, num_heads=1), target)
+        else:
+            with atomic.atomic_write(target) as temp:
+                _full_disk_plain(temp)
+    error = caught.value
+    assert (error.filename, error.errno, error.strerror) == (str(target), 28, "No space left on device")
+    assert _only(tmp_path) == []
+
+
+def test_a_folder_at_the_target_is_named_as_the_target(tmp_path):
+    """Issue 26: `convert --overwrite` onto a folder named x.safetensors named the temporary file."""
+    target = tmp_path / "x.safetensors"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        atomic.write_text(target, "new")
+    assert (caught.value.filename, caught.value.strerror) == (str(target), "is a directory, not a file")
+    assert _only(tmp_path) == ["x.safetensors"] and _only(target) == []
+
+
+@pytest.mark.parametrize("depth", [1, 2], ids=["parent", "grandparent"])
+def test_a_file_where_a_folder_should_be_is_not_a_directory(tmp_path, depth):
+    """Issue 26: an output under a regular file said "File exists"."""
+    blocker = tmp_path / "a.png"
+    blocker.write_text("an image, not a folder")
+    target = blocker / "sub" / "out.png" if depth == 2 else blocker / "out.png"
+    with pytest.raises(NotADirectoryError) as caught:
+        atomic.write_text(target, "new")
+    assert caught.value.filename == str(target)
+    assert caught.value.strerror == f"{blocker} is a file, not a directory"
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        atomic.ensure_folder(target.parent)
+
+
+def test_a_network_error_inside_a_download_is_left_to_the_downloader(tmp_path):
+    """Only the file system's errors are renamed: a download's URLError or reset connection keeps its own type."""
+    import urllib.error
+
+    for error in (urllib.error.URLError("offline"), ConnectionResetError(104, "Connection reset by peer")):
+        with pytest.raises(type(error)) as caught:
+            with atomic.atomic_write(tmp_path / "weights.pth"):
+                raise error
+        assert caught.value is error
+    assert _only(tmp_path) == []

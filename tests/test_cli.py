@@ -338,6 +338,80 @@ def test_a_file_system_error_is_one_line_naming_the_file(model_file, tmp_path, c
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1, err
     assert lines[0].startswith("esc-sr convert: error: ") and str(blocker) in lines[0] and "internal" not in lines[0]
+    assert lines[0].endswith(f"{blocker / 'out.safetensors'}: {blocker} is a file, not a directory")  # not "File exists"
+
+
+NO_SPACE = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def test_convert_and_export_onto_a_full_disk_are_one_line_naming_the_file(model_file, tmp_path, capsys, monkeypatch):
+    """Issue 26: "internal error: SafetensorError ... this is a bug" (convert) and a bare "[Errno 28] No space left on
+    device" (export-onnx) on a full disk. Both now name the output and the reason, and leave nothing behind."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def no_space_safetensors(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError(NO_SPACE)
+
+    def no_space_onnx(model, args, f, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space_safetensors)
+    monkeypatch.setattr(torch.onnx, "export", no_space_onnx)
+    out = tmp_path / "out"
+    for argv, target in ((["convert", model_file, out / "m.safetensors"], out / "m.safetensors"),
+                         (["export-onnx", model_file, out / "m.onnx", "--no-verify"], out / "m.onnx")):
+        code, _, err = run(argv, capsys)
+        assert code == 1 and err.strip() == f"esc-sr {argv[0]}: error: {target}: No space left on device", err
+    assert list(out.iterdir()) == []
+
+
+def test_an_output_that_is_a_folder_is_named_as_the_output(model_file, tmp_path, capsys):
+    """Issue 26: `convert --overwrite` onto a folder named x.safetensors named the temporary file."""
+    folder = tmp_path / "x.safetensors"
+    folder.mkdir()
+    code, _, err = run(["convert", model_file, folder, "--overwrite"], capsys)
+    assert code == 2 and err.strip() == f"esc-sr convert: error: {folder}: is a directory, not a file", err
+    assert ".esc-sr-tmp" not in err and list(folder.iterdir()) == []
+
+
+def test_an_image_under_a_regular_file_fails_as_not_a_directory(folder, model_file, tmp_path, capsys):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the output folder should be")
+    code, _, err = run(["upscale", folder / "photo.png", "-o", blocker / "photo_x2.png", "-m", model_file], capsys)
+    assert code == 1 and f"{blocker} is a file, not a directory" in err and "File exists" not in err, err
+
+
+def test_only_warnings_about_an_image_carry_its_name(folder, model_file, tmp_path, capsys, monkeypatch):
+    """Issue 26: a warning of the runtime or of torch (not about an image) was printed as `a.png: warning: ...`. It is
+    printed once, as the command's; a warning about the image (here its non-finite pixels) keeps the image's name."""
+    import warnings
+
+    from esc_sr import engine
+    from esc_sr.errors import ImageWarning
+
+    real = engine.upscale
+
+    def upscale(model, image, **kwargs):
+        warnings.warn("esc_runtime: not loading the native CPU kernels", RuntimeWarning)
+        warnings.warn("something about this image", ImageWarning)
+        return real(model, image, **kwargs)
+
+    monkeypatch.setattr(engine, "upscale", upscale)
+    src = tmp_path / "two"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        (src / name).write_bytes((folder / "photo.png").read_bytes())
+    code, _, err = run(["upscale", src, "-o", tmp_path / "out", "-m", model_file], capsys)
+    lines = err.strip().splitlines()
+    assert code == 0, err
+    assert lines.count("esc-sr upscale: warning: esc_runtime: not loading the native CPU kernels") == 1, err
+    assert not any(line.endswith("warning: esc_runtime: not loading the native CPU kernels")
+                   and not line.startswith("esc-sr upscale:") for line in lines), err
+    for name in ("a.png", "b.png"):
+        assert f"{src / name}: warning: something about this image" in lines, err
 
 
 def test_console_entry_point_as_a_subprocess(folder, model_file, tmp_path):

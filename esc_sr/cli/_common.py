@@ -182,6 +182,8 @@ def tile_arg(text: str) -> int | str | None:
 def check_output(out: Path, suffix: str, *, overwrite: bool) -> None:
     if out.suffix.lower() != suffix:
         raise usage_error(f"{out}: the output must be a {suffix} file")
+    if out.is_dir():  # before any work; --overwrite replaces files, not folders
+        raise usage_error(f"{out}: is a directory, not a file")
     if out.exists() and not overwrite:
         raise usage_error(f"{out}: exists (use --overwrite to replace it)")
 

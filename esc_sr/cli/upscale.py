@@ -110,13 +110,18 @@ def _upscale(args: argparse.Namespace, session: Any) -> int:
 
     progress = not args.quiet and sys.stderr.isatty() and session.is_root
     bar = _progress_bar(mine, enabled=progress and len(mine) > 1)
+    process_notes: set[str] = set()
     try:
         # One batch scope for this share: each image reuses the memory the one before freed (esc_sr/scopes.py).
         with scopes.batch(device):
             for job in bar:
                 status, message, notes = _upscale_one(job, model, args, outscale=outscale, device=device, progress=progress)
-                for note in notes:
-                    _report(f"{job.source}: warning: {note}", bar)
+                for about_image, note in notes:
+                    if about_image:
+                        _report(f"{job.source}: warning: {note}", bar)
+                    elif note not in process_notes:  # the runtime's or torch's: once, not as an image's
+                        process_notes.add(note)
+                        _report(f"{PROG} upscale: warning: {note}", bar)
                 if status == "written":
                     summary.written.append(job.target)
                 elif status == "skipped":
@@ -201,16 +206,18 @@ def _remove_stale(jobs: list[Job]) -> None:
 
 def _upscale_one(
     job: Job, model, args: argparse.Namespace, *, outscale: float, device, progress: bool
-) -> tuple[str, str, list[str]]:
-    """Process one image: ('written' | 'skipped' | 'failed', message, warnings). Never raises for a bad file:
-    reading, the memory check, the model, resizing and writing all fail for this file alone."""
+) -> tuple[str, str, list[tuple[bool, str]]]:
+    """Process one image: ('written' | 'skipped' | 'failed', message, warnings as (about the image?, text)). Never
+    raises for a bad file: reading, the memory check, the model, resizing and writing all fail for this file alone.
+    A warning is about the image when its code says so (:class:`esc_sr.errors.ImageWarning`)."""
     from .. import engine, images
+    from ..errors import ImageWarning
 
     if job.error:
         return "failed", job.error, []
     target = job.target
     assert target is not None
-    notes: list[str] = []
+    notes: list[tuple[bool, str]] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -230,7 +237,7 @@ def _upscale_one(
             else:
                 status, message = "failed", one_line(exc)
         for record in caught:
-            note = printable(" ".join(str(record.message).split()))
+            note = (issubclass(record.category, ImageWarning), printable(" ".join(str(record.message).split())))
             if note not in notes:
                 notes.append(note)
     return status, message, notes
@@ -238,14 +245,14 @@ def _upscale_one(
 
 def _process(source: Path, target: Path, model, args: argparse.Namespace, *, outscale: float, device,
              progress: bool) -> tuple[str, str]:
-    from .. import engine, images
+    from .. import atomic, engine, images
 
     same_as_input = resolved(target) == resolved(source)
     if target.exists() and not args.overwrite:
         what = "is the input file" if same_as_input else "exists"
         return "skipped", f"{target}: skipped, output {what} (use --overwrite to replace it)"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic.ensure_folder(target.parent)  # a part of the path that is a file: "... is a file, not a directory"
     except OSError as exc:
         raise images.ImageWriteError(target, f"cannot create its folder {target.parent} ({exc.strerror or exc})") from None
     # The declared size first: a job whose output cannot fit is refused before decoding, and before the model.
