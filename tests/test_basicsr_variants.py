@@ -225,3 +225,28 @@ def test_arbitrary_scale_training_validates_at_x2_and_unseen_x6(tmp_path, data):
     assert model.arch_name == "ESCLTE"
     out = model.upscale_by(torch.rand(1, 3, 10, 12), 2.5)
     assert out.shape == (1, 3, 25, 30)
+
+
+def test_clean_prob_gives_that_share_of_a_batch_the_plain_bicubic_input():
+    """``clean_prob`` (the real-world campaign's option) swaps chosen inputs for the antialiased bicubic /4 of their
+    targets, rounded to 8 bits as the synthesised inputs are; the others keep their degraded input."""
+    import torch.nn.functional as F
+
+    from basicsr_plugin.models.realesrgan_models import ESCRealMSEModel
+
+    model = object.__new__(ESCRealMSEModel)  # the method needs only the batch, not a network
+    torch.manual_seed(0)
+    model.gt = torch.rand(64, 3, 32, 32)
+    degraded = torch.rand(64, 3, 8, 8)
+    model.lq = degraded.clone()
+    model._mix_clean_pairs(0.5)
+
+    clean = (F.interpolate(model.gt, size=(8, 8), mode="bicubic", antialias=True) * 255).round().clamp(0, 255) / 255
+    swapped = (model.lq - clean).abs().amax(dim=(1, 2, 3)) == 0
+    kept = (model.lq - degraded).abs().amax(dim=(1, 2, 3)) == 0
+    assert bool((swapped ^ kept).all())  # every input is one or the other
+    assert 16 <= int(swapped.sum()) <= 48  # about half of 64
+
+    model.lq = degraded.clone()
+    model._mix_clean_pairs(0.0)
+    assert torch.equal(model.lq, degraded)
