@@ -255,7 +255,7 @@ def _run_arbitrary_scale(
         tile_cell = torch.tensor([cell[0] * h / th, cell[1] * w / tw], device=runner.device, dtype=runner.dtype)
         tile_lr = lr[..., iy0:iy1, ix0:ix1].to(runner.device, runner.dtype)
         core_in_tile = (y0 - iy0, y1 - iy0, x0 - ix0, x1 - ix0)
-        encoded = runner.call(model, lambda: model.encode(tile_lr), core_in_tile, (th, tw))
+        encoded = runner.call(model, lambda view: view.encode(tile_lr), core_in_tile, (th, tw))
         if encoded is None or empty:  # statistics pass, or nothing to decode here
             return
         rgb = torch.cat(

@@ -1,5 +1,5 @@
 """One model on one device: a forward pass over one tile or the whole image, with the half-precision overflow
-guard (redone in fp32) and the global-pool hooks of crop-overlap tiles."""
+guard (redone in fp32) and the global pools of crop-overlap tiles."""
 
 from __future__ import annotations
 
@@ -75,16 +75,17 @@ class Runner:
             self._fp32_model = self.fp32() if self.fp32 is not None else self.model
         return self._fp32_model
 
-    def call(self, model: nn.Module, fn: Callable[[], torch.Tensor], core, tile_size) -> torch.Tensor | None:
-        """Run ``fn()`` (which calls ``model``) with the global-pool hooks for one tile."""
+    def call(self, model: nn.Module, fn: Callable[[nn.Module], Any], core, tile_size) -> Any:
+        """``fn(view)`` for one tile, ``view`` being ``model`` with the image's global pools (:meth:`GlobalPooling.view`);
+        None in the statistics pass."""
         result = None
-        with self.pooling.hooks(model, core, tile_size):
-            result = fn()
+        with self.pooling.view(model, core, tile_size) as view:
+            result = fn(view)
         return result if self.pooling.mode != "collect" else None
 
     def _forward(self, model: nn.Module, tile: torch.Tensor, dtype: torch.dtype, core) -> torch.Tensor | None:
         size = tuple(tile.shape[-2:])
-        out = self._guarded(model, lambda: self.call(model, lambda: model(tile.to(device=self.device, dtype=dtype)), core, size))
+        out = self._guarded(model, lambda: self.call(model, lambda view: view(tile.to(device=self.device, dtype=dtype)), core, size))
         return out  # on the device: the caller copies only the core it keeps to the host
 
     def _guarded(self, model: nn.Module, fn: Callable[[], Any]) -> Any:

@@ -68,8 +68,9 @@ class GlobalPooling:
     untiled run does. (In the first pass the pools of later layers see features computed with
     per-tile kernels of earlier layers, a second-order effect: measured < 1/255 on 8-bit output.)
 
-    Pools are found by module name, so the hooks also apply to a copy of the model (the fp32
-    fallback of a half-precision run). Pools whose predictor ends in an all-zero layer (untrained
+    Pools are found by module name, so the same statistics apply to a copy of the model (the fp32
+    fallback of a half-precision run). Each tile runs a view of the model (:meth:`view`): no hook is put on the
+    model, which other threads may be running. Pools whose predictor ends in an all-zero layer (untrained
     ESC: the upstream zero-init) cannot change the output and are ignored.
     """
 
@@ -85,55 +86,28 @@ class GlobalPooling:
         return bool(self.names)
 
     @contextmanager
-    def hooks(self, model: nn.Module, core: tuple[int, int, int, int], tile_size: tuple[int, int]) -> Iterator[None]:
-        """Install the hooks of the current mode on ``model`` for one tile.
+    def view(self, model: nn.Module, core: tuple[int, int, int, int], tile_size: tuple[int, int]) -> Iterator[nn.Module]:
+        """The module to run one tile with: ``model`` itself outside crop-overlap tiling, else a view of it whose
+        global pools collect (statistics pass) or return (output pass) the whole image's means.
 
-        ``core`` is the kept box inside the tile (tile pixel coordinates), ``tile_size`` the tile's
-        ``(height, width)``; feature maps at other resolutions (pixel-unshuffled trunks) are scaled.
+        The view shares every parameter with ``model`` but owns the path of modules down to each pool, so ``model``
+        is never changed: calls on it from other threads (untiled, streamed, or tiled with their own statistics)
+        see nothing of this one. ``core`` is the kept box inside the tile (tile pixel coordinates), ``tile_size``
+        the tile's ``(height, width)``; feature maps at other resolutions (pixel-unshuffled trunks) are scaled.
         """
         if self.mode is None or not self.names:
-            yield
+            yield model
             return
-        handles = []
         pending: dict[str, tuple[torch.Tensor, int]] = {}
-        last = self.names[-1]
-
-        def collect(name: str):
-            def hook(_module, args):
-                x = args[0]
-                fy, fx = x.shape[-2] / tile_size[0], x.shape[-1] / tile_size[1]
-                y0, y1, x0, x1 = core
-                box = x[..., round(y0 * fy) : round(y1 * fy), round(x0 * fx) : round(x1 * fx)]
-                # Summed on the device (no host sync per pool and tile), in float64 where the device has it.
-                wide = torch.float32 if box.device.type == "mps" else torch.float64
-                pending[name] = (box.sum(dim=(-2, -1), dtype=wide), box.shape[-2] * box.shape[-1])
-                if name == last:
-                    raise _StatisticsCollected
-            return hook
-
-        def apply(name: str):
-            def hook(_module, _args, output):
-                return self.means[name].to(device=output.device, dtype=output.dtype).view_as(output)
-            return hook
-
+        pools = {name: _TilePool(self, name, core, tile_size, pending) for name in self.names}
         try:
-            for name in self.names:
-                module = model.get_submodule(name)
-                if self.mode == "collect":
-                    handles.append(module.register_forward_pre_hook(collect(name)))
-                else:
-                    handles.append(module.register_forward_hook(apply(name)))
-            try:
-                yield
-            except _StatisticsCollected:
-                pass
-            # Commit a tile's sums only once it has finished (an OOM mid-tile must not count twice).
-            for name, (total, count) in pending.items():
-                self._sums[name] = self._sums.get(name, 0) + total
-                self._counts[name] = self._counts.get(name, 0) + count
-        finally:
-            for handle in handles:
-                handle.remove()
+            yield _replacing(model, pools)
+        except _StatisticsCollected:
+            pass
+        # Commit a tile's sums only once it has finished (an OOM mid-tile must not count twice).
+        for name, (total, count) in pending.items():
+            self._sums[name] = self._sums.get(name, 0) + total
+            self._counts[name] = self._counts.get(name, 0) + count
 
     def finish_collecting(self) -> None:
         self.means = {name: (self._sums[name] / self._counts[name]).float() for name in self.names if name in self._sums}
@@ -141,6 +115,53 @@ class GlobalPooling:
         if missing:  # a pool that never ran (unusual control flow): leave it per-tile
             self.names = [n for n in self.names if n in self.means]
         self.mode = "apply"
+
+
+class _TilePool(nn.Module):
+    """A global average pool of one tile: in the statistics pass it records the sum over the tile's core (and stops
+    the pass after the last pool), in the output pass it returns the whole image's mean."""
+
+    def __init__(self, pooling: GlobalPooling, name: str, core: tuple[int, int, int, int], tile_size: tuple[int, int],
+                 pending: dict[str, tuple[torch.Tensor, int]]) -> None:
+        super().__init__()
+        self.pooling, self.name, self.core, self.tile_size, self.pending = pooling, name, core, tile_size, pending
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pooling.mode == "apply":
+            return self.pooling.means[self.name].to(device=x.device, dtype=x.dtype).view(*x.shape[:-2], 1, 1)
+        fy, fx = x.shape[-2] / self.tile_size[0], x.shape[-1] / self.tile_size[1]
+        y0, y1, x0, x1 = self.core
+        box = x[..., round(y0 * fy) : round(y1 * fy), round(x0 * fx) : round(x1 * fx)]
+        # Summed on the device (no host sync per pool and tile), in float64 where the device has it.
+        wide = torch.float32 if box.device.type == "mps" else torch.float64
+        self.pending[self.name] = (box.sum(dim=(-2, -1), dtype=wide), box.shape[-2] * box.shape[-1])
+        if self.name == self.pooling.names[-1]:
+            raise _StatisticsCollected
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+
+def _replacing(root: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """A view of ``root`` in which the submodule of each name is replaced: the modules on the path to each one are
+    shallow copies (their own child tables, the same parameters, buffers and attributes); ``root`` is not changed."""
+    clones = {"": _shallow(root)}
+    for name, module in replacements.items():
+        *path, leaf = name.split(".")
+        parent, prefix = clones[""], ""
+        for part in path:
+            prefix = f"{prefix}.{part}" if prefix else part
+            if prefix not in clones:
+                clones[prefix] = _shallow(parent._modules[part])
+                parent._modules[part] = clones[prefix]
+            parent = clones[prefix]
+        parent._modules[leaf] = module
+    return clones[""]
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    clone = object.__new__(type(module))  # not copy.copy: no __getattr__ runs on a half-built module
+    clone.__dict__.update(module.__dict__)
+    clone.__dict__["_modules"] = dict(module._modules)
+    return clone
 
 
 def _global_pool_names(model: nn.Module) -> list[str]:

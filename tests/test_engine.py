@@ -146,6 +146,62 @@ def test_pools_that_cannot_change_the_output_cost_no_second_pass(maps_do_not_fit
     assert [c for c in calls if c[0] == c[1]] == [(9, 9)]
 
 
+def test_crop_overlap_tiles_put_no_hook_on_the_shared_model():
+    """Each tile runs a view of the model with its own global pools: the model itself, which other threads may be
+    running, is never changed (no forward hook, no replaced module) during either pass, and the tiles still see the
+    whole image's pool."""
+    seen = []
+
+    class Watched(GlobalMeanShift):
+        def forward(self, x):
+            seen.append(any(m._forward_hooks or m._forward_pre_hooks for m in net.modules()))
+            return super().forward(x)
+
+    net = Watched().eval()
+    x = torch.rand(1, 3, 40, 56)
+    x[..., :20] *= 0.2
+    untiled = upscale(net, x, tile=None)
+    seen.clear()
+    torch.testing.assert_close(upscale(net, x, tile=8, overlap=0), untiled, atol=1e-6, rtol=0)
+    assert len(seen) == 2 * 35 and not any(seen)  # both passes over the 35 tiles, no hook at any time
+    assert isinstance(net.pool[0], nn.AdaptiveAvgPool2d)
+
+
+def test_one_model_upscales_correctly_from_two_threads_during_crop_overlap_tiling(maps_do_not_fit):
+    """Issue 26: the statistics pass of one thread's tiled call must not reach another thread's calls on the same
+    model (they used to raise an empty _StatisticsCollected or differ by up to 6e-3), nor theirs reach it."""
+    import threading
+
+    prepared, _, _ = engine.prepare_model(tiny(), "cpu", "fp32")
+    a, b = torch.rand(1, 3, 40, 40), torch.rand(1, 3, 40, 40) * 0.3  # different statistics
+    jobs = {"a tiled": (a, 16), "b tiled": (b, 16), "b untiled": (b, None)}
+    sequential = {name: upscale(prepared, x, tile=tile) for name, (x, tile) in jobs.items()}
+    results: dict[str, list] = {name: [] for name in jobs}
+    start = threading.Barrier(2)
+
+    def work(names: list[str]) -> None:
+        start.wait()
+        for _ in range(6):
+            for name in names:
+                x, tile = jobs[name]
+                try:
+                    results[name].append(upscale(prepared, x, tile=tile))
+                except Exception as exc:  # noqa: BLE001 - recorded and asserted on below
+                    results[name].append(exc)
+
+    threads = [threading.Thread(target=work, args=(["a tiled"],)),
+               threading.Thread(target=work, args=(["b untiled", "b tiled"],))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, outs in results.items():
+        assert len(outs) == 6
+        for out in outs:
+            assert isinstance(out, torch.Tensor), f"{name}: {out!r}"
+            torch.testing.assert_close(out, sequential[name], atol=1e-6, rtol=0)
+
+
 def test_tile_size_is_rounded_to_the_window(model):
     seen = []
     wrapped = Recording(model, seen)
