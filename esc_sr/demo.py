@@ -4,11 +4,13 @@ What it does:
 
 1. takes a high-resolution (HR) image — by default ``assets/chelsea_256x320.png``, a CC0 crop of
    scikit-image's "chelsea" photo — and crops it to a multiple of the model's scale;
-2. makes the low-resolution (LR) input by bicubic downscaling (see :func:`bicubic_resize`);
-3. upscales the LR image with the model through :func:`esc_sr.upscale`, and with bicubic
-   interpolation and nearest-neighbour replication as baselines;
-4. writes a side-by-side comparison PNG (LR nearest | bicubic | ESC | HR) with the PSNR of each
-   against the HR image in the captions, plus the LR input and the ESC output, all atomically;
+2. makes two low-resolution (LR) inputs: a clean one by bicubic downscaling (see :func:`bicubic_resize`), and
+   that one saved as a JPEG at quality :data:`JPEG_QUALITY` (a photo downscaled and re-saved for the web);
+3. upscales each LR image with the models through :func:`esc_sr.upscale` — without a model named, every
+   embedded model (:data:`esc_arch.EMBEDDED_MODELS`: the classic ``default`` and the real-world ``real``) —
+   and with bicubic interpolation and nearest-neighbour replication as baselines;
+4. writes a comparison PNG, one row per input (LR nearest | bicubic | each model | HR), with the PSNR of each
+   against the HR image in the captions, plus the LR inputs and the first model's output, all atomically;
 5. prints where it wrote.
 
 PSNR follows the SR papers' (and BasicSR's) protocol: 8-bit images, Y channel of ITU-R BT.601
@@ -28,6 +30,7 @@ from esc_arch.errors import ESCError
 
 __all__ = [
     "SAMPLE_IMAGE",
+    "JPEG_QUALITY",
     "DemoError",
     "DemoResult",
     "bicubic_resize",
@@ -45,6 +48,10 @@ SAMPLE_CREDIT = "chelsea (skimage.data, CC0, photo by Stefan van der Walt)"
 _MAX_PANEL_SIDE = 512
 _PANEL_GAP = 8
 _CAPTION_FONT_SIZE = 15
+#: The quality of the demo's JPEG input: low enough that a model trained on clean inputs shows the 8x8 blocks.
+JPEG_QUALITY = 40
+#: The two inputs, in the order of the comparison's rows.
+INPUTS = ("clean", f"jpeg_q{JPEG_QUALITY}")
 
 
 class DemoError(ESCError, ValueError):
@@ -60,7 +67,11 @@ class DemoResult:
     sr_image: Path
     scale: int
     model_label: str
-    psnr: dict[str, float] = field(default_factory=dict)  # 'nearest', 'bicubic', 'esc' -> dB
+    psnr: dict[str, float] = field(default_factory=dict)  # 'nearest', 'bicubic', 'esc' (the first model) -> dB
+    jpeg_image: Path | None = None  # the JPEG LR input
+    models: list[str] = field(default_factory=list)  # the models' labels, in the comparison's order
+    # input ('clean', 'jpeg_q40') -> 'nearest' / 'bicubic' / each model's label -> dB
+    psnr_by_input: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ resampling
@@ -197,14 +208,47 @@ def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
 
 
 def _load_model(spec: str) -> tuple[Any, str]:
-    """Load ``'default'``, a checkpoint path or an official registry name; return (model, label)."""
-    from esc_arch import load_model
+    """Load an embedded model's name, a checkpoint path or an official registry name; return (model, label)."""
+    from esc_arch import EMBEDDED_MODELS, load_model
     from . import hub
 
-    if spec == "default":
-        return load_model("default"), "embedded default model"
+    if spec in EMBEDDED_MODELS:
+        return load_model(spec), f"embedded {spec} model"
     path = hub.resolve_model(spec)
     return load_model(path), Path(spec).name if Path(spec).exists() else hub.lookup(spec).name
+
+
+def _load_models(model: str | Any | None) -> list[tuple[Any, str, str]]:
+    """``(model, title label, panel label)`` for each model the demo runs: every embedded model for ``None``."""
+    if model is None:
+        from esc_arch import EMBEDDED_MODELS
+
+        return [(net, label, f"ESC {name}") for name in EMBEDDED_MODELS for net, label in [_load_model(name)]]
+    if isinstance(model, str):
+        net, label = _load_model(model)
+        return [(net, label, "ESC")]
+    return [(model, type(model).__name__, "ESC")]
+
+
+def jpeg_roundtrip(pixels: np.ndarray, quality: int = JPEG_QUALITY) -> tuple[bytes, np.ndarray]:
+    """``pixels`` (uint8 RGB) encoded as a baseline JPEG at ``quality`` (Pillow, 4:2:0 chroma as most web JPEGs),
+    and the decoded pixels: the file's bytes and exactly what a reader of that file gets."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
+    data = buffer.getvalue()
+    with Image.open(io.BytesIO(data)) as decoded:
+        return data, np.asarray(decoded.convert("RGB"))
+
+
+def stack_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """Composed rows (uint8 RGB) one above the other on white, left-aligned."""
+    width = max(row.shape[1] for row in rows)
+    padded = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    return np.concatenate(padded, axis=0)
 
 
 def _model_scale(model: Any) -> tuple[int, float | None]:
@@ -220,7 +264,7 @@ def _model_scale(model: Any) -> tuple[int, float | None]:
 def run_demo(
     out_dir: str | Path,
     *,
-    model: str | Any = "default",
+    model: str | Any | None = None,
     image: str | Path | None = None,
     device: str | None = None,
     progress: bool = False,
@@ -228,9 +272,9 @@ def run_demo(
     """Run the demo and write its files into ``out_dir`` (created if needed).
 
     Args:
-        out_dir: folder for ``comparison.png``, ``lr.png`` and ``esc_x{scale}.png``.
-        model: ``'default'`` (the embedded model), a checkpoint path, an official registry
-            name (downloaded once, see :mod:`esc_sr.hub`), or an already loaded model.
+        out_dir: folder for ``comparison.png``, ``lr.png``, ``lr_jpeg_q40.jpg`` and ``esc_x{scale}.png``.
+        model: ``None`` (every embedded model, side by side), an embedded model's name, a checkpoint path, an
+            official registry name (downloaded once, see :mod:`esc_sr.hub`), or an already loaded model.
         image: an HR image to use instead of the shipped sample.
         device: torch device for the model (default: CPU, or wherever the model already is).
         progress: show the engine's tile progress bar.
@@ -243,13 +287,14 @@ def run_demo(
         esc_sr.images.ImageReadError / ImageWriteError: one-line messages for users.
     """
     from .engine import upscale
-    from .images import read_image, write_image
+    from .images import ImageWriteError, read_image, write_bytes_atomic, write_image
 
-    if isinstance(model, str):
-        net, model_label = _load_model(model)
-    else:
-        net, model_label = model, type(model).__name__
-    scale, outscale = _model_scale(net)
+    nets = _load_models(model)
+    scales = {_model_scale(net) for net, _, _ in nets}
+    if len(scales) != 1:
+        raise DemoError("the demo's models must share one scale")
+    scale, outscale = scales.pop()
+    model_label = nets[0][1] if len(nets) == 1 else "embedded models: " + ", ".join(p.split()[-1] for *_, p in nets)
 
     source = Path(image) if image is not None else SAMPLE_IMAGE
     hr = _as_rgb8(read_image(source).pixels)
@@ -259,41 +304,55 @@ def run_demo(
     hr = hr[:height, :width]  # "mod crop", as benchmark HR images are cropped
 
     out = Path(out_dir)
-    paths = {"comparison": out / "comparison.png", "lr": out / "lr.png", "sr": out / f"esc_x{scale}.png"}
+    paths = {"comparison": out / "comparison.png", "lr": out / "lr.png", "sr": out / f"esc_x{scale}.png",
+             "jpeg": out / f"lr_jpeg_q{JPEG_QUALITY}.jpg"}
     if any(p.resolve() == source.resolve() for p in paths.values()):
         raise DemoError(f"{source}: the demo would overwrite its own input; choose another --out folder")
 
     lr = bicubic_resize(hr, (width // scale, height // scale))
-    bicubic = bicubic_resize(lr, (width, height))
-    nearest = nearest_upscale(lr, scale)
+    jpeg_bytes, lr_jpeg = jpeg_roundtrip(lr)
     engine_kwargs: dict[str, Any] = {"progress": progress, "precision": "fp32"}
     if device is not None:
         engine_kwargs["device"] = device
     if outscale is not None:
         engine_kwargs["outscale"] = outscale
-    sr = upscale(net, lr, **engine_kwargs)
-
-    psnr = {name: psnr_y(result, hr, crop_border=scale) for name, result in
-            (("nearest", nearest), ("bicubic", bicubic), ("esc", sr))}
 
     rows, cols = _view_window(height, width)
     cropped = (rows, cols) != (slice(None), slice(None))
     lr_h, lr_w = lr.shape[:2]
-    panels = [
-        (nearest[rows, cols], [f"LR {lr_w}x{lr_h}, nearest x{scale}", f"PSNR {_db(psnr['nearest'])}"]),
-        (bicubic[rows, cols], [f"Bicubic x{scale}", f"PSNR {_db(psnr['bicubic'])}"]),
-        (sr[rows, cols], [f"ESC x{scale}", f"PSNR {_db(psnr['esc'])}"]),
-        (hr[rows, cols], [f"HR {width}x{height} (ground truth)", "PSNR: Y channel, crop " + str(scale)]),
-    ]
     label = SAMPLE_CREDIT if image is None else source.name
-    title = f"{label} | model: {model_label}" + (" | centre crop shown" if cropped else "")
-    comparison = compose_comparison(panels, title=title)
+    psnr_by_input: dict[str, dict[str, float]] = {}
+    boards, first_sr = [], None
+    for kind, lr_in in zip(INPUTS, (lr, lr_jpeg)):
+        results = {"nearest": nearest_upscale(lr_in, scale), "bicubic": bicubic_resize(lr_in, (width, height))}
+        for net, _, panel in nets:
+            results[panel] = upscale(net, lr_in, **engine_kwargs)
+        first_sr = results[nets[0][2]] if first_sr is None else first_sr
+        psnr_by_input[kind] = {name: psnr_y(result, hr, crop_border=scale) for name, result in results.items()}
+        db = psnr_by_input[kind]
+        what = "bicubic /" + str(scale) if kind == "clean" else f"bicubic /{scale} + JPEG q{JPEG_QUALITY}"
+        panels = [(results["nearest"][rows, cols], [f"LR {lr_w}x{lr_h} ({what}),", f"nearest x{scale}: {_db(db['nearest'])}"]),
+                  (results["bicubic"][rows, cols], [f"Bicubic x{scale}", f"PSNR {_db(db['bicubic'])}"])]
+        panels += [(results[panel][rows, cols], [f"{panel} x{scale}", f"PSNR {_db(db[panel])}"]) for *_, panel in nets]
+        panels.append((hr[rows, cols], [f"HR {width}x{height} (ground truth)", "PSNR: Y channel, crop " + str(scale)]))
+        input_label = "clean input" if kind == "clean" else f"JPEG q{JPEG_QUALITY} input"
+        title = f"{input_label} | {label} | model: {model_label}" + (" | centre crop shown" if cropped else "")
+        boards.append(compose_comparison(panels, title=title))
+    comparison = stack_rows(boards)
 
+    first = nets[0][2]
+    psnr = {"nearest": psnr_by_input["clean"]["nearest"], "bicubic": psnr_by_input["clean"]["bicubic"],
+            "esc": psnr_by_input["clean"][first]}
     out.mkdir(parents=True, exist_ok=True)
     write_image(paths["lr"], lr)
-    write_image(paths["sr"], sr)
+    try:
+        write_bytes_atomic(paths["jpeg"], jpeg_bytes)  # the JPEG input itself, to try with esc-sr upscale
+    except OSError as exc:
+        raise ImageWriteError(paths["jpeg"], f"cannot write file ({exc.strerror or exc})") from None
+    write_image(paths["sr"], first_sr)
     write_image(paths["comparison"], comparison)  # last: its presence means the demo finished
-    return DemoResult(paths["comparison"], paths["lr"], paths["sr"], scale, model_label, psnr)
+    return DemoResult(paths["comparison"], paths["lr"], paths["sr"], scale, model_label, psnr,
+                      jpeg_image=paths["jpeg"], models=[panel for *_, panel in nets], psnr_by_input=psnr_by_input)
 
 
 def _db(value: float) -> str:

@@ -65,16 +65,16 @@ def test_demo_cli_end_to_end_writes_the_comparison_and_prints_where(tiny_x4, tmp
     printed = capsys.readouterr().out
     comparison = out / "comparison.png"
     assert f"wrote comparison: {comparison.resolve()}" in printed
-    assert "PSNR (Y, crop 4): nearest" in printed
-    # Only the three results: no temporary files of the atomic writes are left behind.
-    assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "esc_x4.png", "lr.png"]
+    assert "PSNR (Y, crop 4), clean input:" in printed and "PSNR (Y, crop 4), jpeg_q40 input:" in printed
+    # Only the four results: no temporary files of the atomic writes are left behind.
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.png", "esc_x4.png", "lr.png", "lr_jpeg_q40.jpg"]
 
     hr = _png(demo.SAMPLE_IMAGE)  # 256x320, already a multiple of 4
     lr, sr, board = _png(out / "lr.png"), _png(out / "esc_x4.png"), _png(comparison)
     assert lr.shape == (64, 80, 3) and sr.shape == hr.shape
     # Four HR-sized panels side by side, captions below.
     assert board.shape[1] == 4 * hr.shape[1] + 5 * 8
-    assert board.shape[0] > hr.shape[0]
+    assert board.shape[0] > 2 * hr.shape[0]  # two rows: the clean input, then the JPEG one
     # The HR panel shows the sample itself, pixel for pixel; the ESC panel the written ESC output.
     panel_top = next(r for r in range(board.shape[0]) if np.array_equal(board[r, 8 + 3 * (320 + 8):][:320], hr[0]))
     assert np.array_equal(board[panel_top:panel_top + 256, 8 + 3 * 328: 8 + 3 * 328 + 320], hr)
@@ -215,9 +215,54 @@ def test_esc_sr_main_runs_the_demo_and_reports_errors_in_one_line(tiny_x4, tmp_p
     assert len(err) == 1 and err[0].startswith("esc-sr demo: error: unknown model name: ESC_DIV2K_X5")
 
 
+def _panel_columns(board: np.ndarray, panel: np.ndarray) -> list[int]:
+    """The left edges of the panels of ``board`` that are ``panel``, pixel for pixel (any row)."""
+    h, w = panel.shape[:2]
+    found = []
+    for left in range(8, board.shape[1] - w + 1, w + 8):
+        for top in range(board.shape[0] - h + 1):
+            if np.array_equal(board[top, left:left + w], panel[0]) and np.array_equal(board[top:top + h, left:left + w], panel):
+                found.append(left)
+                break
+    return found
+
+
 def test_demo_on_the_embedded_default_model_beats_bicubic(tmp_path):
     # The README's first command: no --model, no --image, no network.
     result = demo.run_demo(tmp_path)
-    assert result.model_label == "embedded default model"
+    assert result.model_label == "embedded models: " + ", ".join(esc_arch.EMBEDDED_MODELS)
     assert result.scale == 4
     assert result.psnr["esc"] > result.psnr["bicubic"] + 0.3
+
+
+def test_the_demo_shows_every_embedded_model_on_a_jpeg_input_beside_bicubic(tmp_path):
+    """Without -m: both embedded models (esc_arch.EMBEDDED_MODELS), on the clean and on the JPEG q40 input,
+    beside bicubic; the JPEG panels are each model's output for the JPEG file the demo wrote."""
+    result = demo.run_demo(tmp_path)
+    names = list(esc_arch.EMBEDDED_MODELS)
+    assert len(names) >= 2 and result.models == [f"ESC {name}" for name in names]
+    assert set(result.psnr_by_input) == {"clean", f"jpeg_q{demo.JPEG_QUALITY}"}
+    for measured in result.psnr_by_input.values():
+        assert set(measured) == {"nearest", "bicubic", *result.models}
+
+    with Image.open(result.jpeg_image) as jpeg:
+        assert jpeg.format == "JPEG"
+        lr_jpeg = np.asarray(jpeg.convert("RGB"))
+    assert not np.array_equal(lr_jpeg, _png(result.lr_image))  # degraded, not the clean input
+    hr = _png(demo.SAMPLE_IMAGE)
+    board = _png(result.comparison)
+    assert board.shape[1] == (3 + len(names)) * (hr.shape[1] + 8) + 8  # LR | bicubic | each model | HR
+    bicubic = demo.bicubic_resize(lr_jpeg, (hr.shape[1], hr.shape[0]))
+    assert _panel_columns(board, bicubic) == [8 + hr.shape[1] + 8]
+    for i, name in enumerate(names):
+        sr = esc_sr.upscale(esc_arch.load_model(name), lr_jpeg, precision="fp32")
+        assert _panel_columns(board, sr) == [8 + (2 + i) * (hr.shape[1] + 8)], name
+        assert result.psnr_by_input[f"jpeg_q{demo.JPEG_QUALITY}"][f"ESC {name}"] == pytest.approx(
+            demo.psnr_y(sr, hr, crop_border=4))
+
+
+def test_the_demo_cli_prints_both_embedded_models(tmp_path, capsys):
+    assert _run_cli(["demo", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    jpeg_line = next(line for line in printed.splitlines() if "jpeg_q40 input" in line)
+    assert "bicubic" in jpeg_line and all(f"ESC {name}" in jpeg_line for name in esc_arch.EMBEDDED_MODELS)

@@ -17,14 +17,16 @@ def add_parser(subparsers: Any) -> None:
         "demo",
         help="upscale a sample image and write a side-by-side comparison PNG",
         description=(
-            "Make a low-resolution copy of a sample image (bicubic), upscale it with ESC and write "
-            "comparison.png: LR (nearest), bicubic, ESC and the original, with PSNR (Y channel)."
+            "Make two low-resolution copies of a sample image (bicubic, and bicubic saved as a JPEG at quality 40), "
+            "upscale them with the embedded models (or -m MODEL) and write comparison.png: one row per input with "
+            "LR (nearest), bicubic, each model and the original, with PSNR (Y channel)."
         ),
     )
     parser.add_argument("--out", "-o", default="esc-sr-demo", help="output folder (default: ./esc-sr-demo)")
     parser.add_argument(
-        "--model", "-m", default="default",
-        help="'default' (the embedded model), a checkpoint file, or an official name such as ESC_DIV2K_X4",
+        "--model", "-m", default=None,
+        help="one model instead of the embedded ones (default: all of them, side by side): an embedded model's "
+        "name, a checkpoint file, or an official name such as ESC_DIV2K_X4",
     )
     parser.add_argument("--image", help="use this HR image instead of the shipped sample")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -40,10 +42,13 @@ def demo_command(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
     result = run_demo(args.out, model=args.model, image=args.image, device=args.device, progress=sys.stderr.isatty())
-    p = result.psnr
     print(f"ESC demo x{result.scale}, model: {result.model_label}")
-    print(f"PSNR (Y, crop {result.scale}): nearest {_db(p['nearest'])} | bicubic {_db(p['bicubic'])} | ESC {_db(p['esc'])}")
+    for kind, p in result.psnr_by_input.items():
+        models = " | ".join(f"{name} {_db(p[name])}" for name in result.models)
+        print(f"PSNR (Y, crop {result.scale}), {kind + ' input:':<15} nearest {_db(p['nearest'])} | "
+              f"bicubic {_db(p['bicubic'])} | {models}")
     print(f"LR input:   {result.lr_image.resolve()}")
-    print(f"ESC output: {result.sr_image.resolve()}")
+    print(f"JPEG input: {result.jpeg_image.resolve()}")
+    print(f"ESC output: {result.sr_image.resolve()}  ({result.models[0]}, clean input)")
     print(f"wrote comparison: {result.comparison.resolve()}")
     return EXIT_OK

@@ -38,8 +38,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs ('photos/*.jpg')")
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder, or an output file name when there is one input file")
-    parser.add_argument("-m", "--model", default="default",
-                        help="checkpoint file, official name (e.g. ESC_DIV2K_X4) or 'default' (the embedded model)")
+    parser.add_argument("-m", "--model", default=None,
+                        help="checkpoint file, official name (e.g. ESC_DIV2K_X4) or an embedded model's name (esc-sr "
+                        "models lists them); default: the embedded model measured best for the inputs' format "
+                        "(esc_sr/model_choice.py)")
     parser.add_argument("-s", "--outscale", type=positive_float, default=None, metavar="S",
                         help="final scale (default: the model's); other scales resize the model's output "
                         "(chainner-ext Lanczos); the arbitrary-scale model takes it directly")
@@ -97,7 +99,7 @@ def _upscale(args: argparse.Namespace, session: Any) -> int:
     inputs, input_errors, output, single_file = session.from_root(lambda: _check_inputs(args),
                                                                   exit_status=exit_status)
     summary = Summary(failed=list(input_errors) if session.is_root else [])
-    model, outscale = session.root_first(lambda: _load_upscale_model(args), exit_status=exit_status)
+    model, outscale = session.root_first(lambda: _load_upscale_model(args, inputs), exit_status=exit_status)
     model, device, _dtype = engine.prepare_model(model, session.device(args.device), args.precision)
     session.set_threads(args.threads, device.type)
 
@@ -185,8 +187,12 @@ def _check_inputs(args: argparse.Namespace) -> tuple[list[tuple[Path, Path | Non
     return inputs, input_errors, output, single_file
 
 
-def _load_upscale_model(args: argparse.Namespace) -> tuple[Any, float]:
+def _load_upscale_model(args: argparse.Namespace, inputs: list[tuple[Path, Path | None]] = ()) -> tuple[Any, float]:
     """``(model, outscale)``: ``-m`` loaded, and the final scale (the arbitrary-scale model needs ``--outscale``)."""
+    if args.model is None:  # no -m: the embedded model the measured rule picks for these inputs
+        from ..model_choice import choose_for_batch
+
+        args.model = choose_for_batch(source for source, _ in inputs)
     model = load_cli_model(args.model, attention=args.attention, max_parameters=args.max_parameters)
     if model.arbitrary_scale and args.outscale is None:
         raise usage_error(f"{args.model}: the arbitrary-scale model needs --outscale (e.g. --outscale 3.5)")
