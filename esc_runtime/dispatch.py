@@ -23,11 +23,13 @@ class Choice:
     implementation: Implementation
     rejected: list[tuple[str, str]] = field(default_factory=list)
     layers: int = 1
+    why: str | None = None  # why the chosen one runs, where it says (the native kernels: by measurement)
 
     def describe(self) -> str:
         passed_over = "; ".join(f"not {name}: {reason}" for name, reason in self.rejected)
         count = f" x{self.layers}" if self.layers > 1 else ""
-        return f"{self.kind}{count}: {self.implementation.name}" + (f" ({passed_over})" if passed_over else "")
+        return f"{self.kind}{count}: {self.implementation.name}" + (f" [{self.why}]" if self.why else "") + \
+            (f" ({passed_over})" if passed_over else "")
 
 
 def choose(kind: str, layer: nn.Module, target: Target, disable: Collection[str] = ()) -> Choice:
@@ -39,6 +41,6 @@ def choose(kind: str, layer: nn.Module, target: Target, disable: Collection[str]
         if reason is None and implementation.name in disable and implementation is not KINDS[kind][-1]:
             reason = "disabled by the caller"
         if reason is None:
-            return Choice(kind, implementation, rejected)
+            return Choice(kind, implementation, rejected, why=implementation.why(layer, target))
         rejected.append((implementation.name, reason))
     raise AssertionError(f"no implementation of {kind} accepts {type(layer).__name__}")  # the plain module always does

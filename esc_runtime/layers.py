@@ -46,6 +46,8 @@ class Implementation:
     name: str
     check: Callable[[nn.Module, Target], str | None]
     run: Callable[..., torch.Tensor]
+    #: why this one runs where it is chosen (the native kernels' measured reason), or None
+    why: Callable[[nn.Module, Target], str | None] = lambda layer, target: None
 
     def rejects(self, layer: nn.Module, target: Target) -> str | None:
         return self.check(layer, target)
@@ -68,10 +70,45 @@ def _needs_onednn(target: Target) -> str | None:
     return None
 
 
-def _needs_native(target: Target) -> str | None:
+#: Which native kernel runs by default on which instruction-set variant, and why: the one place that says it, by
+#: measurement against what runs otherwise (``python -m benchmarks native_avx2``; benchmarks/README.md, "Native CPU
+#: kernels"). Kind -> variant -> (used by default, the reason the report gives). A variant forced by
+#: ``ESC_RUNTIME_NATIVE`` (or ``native.select``) runs every kernel; ``disable=("native",)`` none.
+NATIVE_BY_DEFAULT: dict[str, dict[str, tuple[bool, str]]] = {
+    "window attention": {
+        "avx512": (True, "AVX-512 variant measured faster than torch's CPU flash kernel (0.54-0.70x)"),
+        "avx2": (True, "AVX2 variant measured faster than torch's CPU flash kernel"),
+    },
+    "ConvFFN": {
+        "avx512": (True, "AVX-512 variant measured faster than oneDNN (0.56-0.73x)"),
+        "avx2": (True, "AVX2 variant measured faster than oneDNN"),
+    },
+    "partial convolution": {
+        "avx512": (True, "AVX-512 variant measured faster than the FFT path (0.66x)"),
+        "avx2": (True, "AVX2 variant measured faster than the FFT path"),
+    },
+}
+
+
+def native_default(kind: str) -> tuple[bool, str]:
+    """Whether the native kernel of ``kind`` runs on the variant in use, and why (:data:`NATIVE_BY_DEFAULT`)."""
+    variant = native.variant()
+    if variant is None:
+        return False, native.status()
+    if native.forced():
+        return True, f"{variant} variant, {native.status().split(' (', 1)[1].rsplit(') of ', 1)[0]}"  # chosen by ...
+    return NATIVE_BY_DEFAULT[kind].get(variant, (False, f"{variant} variant not measured for this kernel"))
+
+
+def _needs_native(target: Target, kind: str) -> str | None:
     if not target.cpu_fp32:
         return _needs_cpu_fp32(target)
-    return None if native.available() else native.status()
+    used, why = native_default(kind)
+    return None if used else why
+
+
+def _native_why(kind: str) -> Callable[[nn.Module, Target], str | None]:
+    return lambda layer, target: native_default(kind)[1]
 
 
 def _plain(layer: nn.Module, x: torch.Tensor, *, norm: nn.Module | None = None, add: torch.Tensor | None = None,
@@ -92,7 +129,7 @@ def _native_attention_check(layer: WindowAttention, target: Target) -> str | Non
         return f"the model asks for the {layer.attn_type!r} backend"
     if layer.dim // layer.num_heads != native.HEAD_DIM or layer.window_size % 16:
         return f"head dimension {layer.dim // layer.num_heads} / window {layer.window_size} (needs 16 / a multiple of 16)"
-    return _needs_native(target)
+    return _needs_native(target, "window attention")
 
 
 def _native_attention(layer: WindowAttention, x: torch.Tensor, *, norm=None, add=None) -> torch.Tensor:
@@ -163,7 +200,7 @@ def _project_out(layer: WindowAttention, out: torch.Tensor, h: int, w: int, add:
 
 
 ATTENTION = (
-    Implementation("native", _native_attention_check, _native_attention),
+    Implementation("native", _native_attention_check, _native_attention, _native_why("window attention")),
     Implementation("sdpa-cpu-layout", _sdpa_cpu_check, _sdpa_cpu),
     Implementation("module", _always, _plain),
 )
@@ -176,7 +213,7 @@ def _native_ffn_check(layer: ConvFFN, target: Target) -> str | None:
     if layer.proj.in_channels % 16 or layer.dwc.kernel_size != (3, 3):
         return f"{layer.proj.in_channels} channels / a {layer.dwc.kernel_size[0]}x{layer.dwc.kernel_size[0]} " \
                "depthwise kernel (needs a multiple of 16 / 3x3)"
-    return _needs_native(target)
+    return _needs_native(target, "ConvFFN")
 
 
 def _native_ffn(layer: ConvFFN, x: torch.Tensor, *, norm=None, add=None) -> torch.Tensor:
@@ -194,7 +231,7 @@ def _onednn_ffn(layer: ConvFFN, x: torch.Tensor, *, norm=None, add=None) -> torc
 
 
 FFN = (
-    Implementation("native", _native_ffn_check, _native_ffn),
+    Implementation("native", _native_ffn_check, _native_ffn, _native_why("ConvFFN")),
     Implementation("onednn", lambda layer, target: _needs_onednn(target), _onednn_ffn),
     Implementation("module", _always, _plain),
 )
@@ -217,7 +254,7 @@ def _is_esc_partial_conv(layer: ConvAttentionWrapper) -> str | None:
 
 
 def _native_pconv_check(layer: ConvAttentionWrapper, target: Target) -> str | None:
-    if (reason := _is_esc_partial_conv(layer)) or (reason := _needs_native(target)):
+    if (reason := _is_esc_partial_conv(layer)) or (reason := _needs_native(target, "partial convolution")):
         return reason
     return None if layer.aggr.in_channels % 16 == 0 else f"{layer.aggr.in_channels} channels (needs a multiple of 16)"
 
@@ -261,7 +298,7 @@ def _plain_pconv(layer: ConvAttentionWrapper, x, *, kernel, dynamic, add=None) -
 
 
 PARTIAL_CONV = (
-    PartialConv("native", _native_pconv_check, _native_pconv,
+    PartialConv("native", _native_pconv_check, _native_pconv, _native_why("partial convolution"),
                 prepare_kernel=lambda kernel, x: native.SymmetricKernel(kernel)),
     PartialConv("fft", _spectral_pconv_check, _spectral_pconv, prepare_kernel=_spectral_kernel),
     PartialConv("onednn", lambda layer, target: _needs_onednn(target),
@@ -290,5 +327,5 @@ KINDS: dict[str, tuple[Implementation, ...]] = {
     "closing convolution": CONVOLUTION,
 }
 
-__all__ = ["ATTENTION", "CONVOLUTION", "FFN", "Implementation", "KINDS", "PARTIAL_CONV", "PartialConv", "Target",
-           "per_sample_depthwise_conv"]
+__all__ = ["ATTENTION", "CONVOLUTION", "FFN", "Implementation", "KINDS", "NATIVE_BY_DEFAULT", "PARTIAL_CONV",
+           "PartialConv", "Target", "native_default", "per_sample_depthwise_conv"]

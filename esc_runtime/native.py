@@ -25,10 +25,11 @@ operators with one RuntimeWarning naming the file and the reason. The threads ar
 library shares torch's ``libgomp.so.1`` and so its thread pool (threads of their own competed with torch's spinning
 ones); each call uses torch's thread count. ctypes releases the GIL during a call.
 
-Variant. :func:`variant` is the one in use: by default the best the CPU runs (``/proc/cpuinfo``) among those used by
-default, which is AVX-512 only (where the kernels were measured; the AVX2 variant is built and tested, and not yet
-measured against torch's operators). ``ESC_RUNTIME_NATIVE`` (read once: ``0``, ``avx2``, ``avx512``, default
-``auto``; ``ESC_SR_NATIVE=0`` is the older switch) or :func:`select` choose otherwise.
+Variant. :func:`variant` is the one in use: by default the best the CPU runs (``/proc/cpuinfo``), AVX-512 or AVX2,
+each with its own register blocking (``kernels/vector.h``); which kernels run by default on each is decided by
+measurement, kernel by kernel, in :data:`esc_runtime.layers.NATIVE_BY_DEFAULT` (the report says why).
+``ESC_RUNTIME_NATIVE`` (read once: ``0``, ``avx2``, ``avx512``, default ``auto``; ``ESC_SR_NATIVE=0`` is the older
+switch) or :func:`select` choose otherwise; a variant asked for runs every kernel (:func:`forced`).
 
 When. :func:`applies` (attention), :func:`takes_ffn` and :func:`prepare_symmetric`: a float32 CPU tensor without
 autograd and outside tracing or export, and the library loaded; for attention head dimension 16 and a window that is
@@ -48,6 +49,7 @@ import platform
 import stat
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -55,8 +57,8 @@ import torch
 
 from . import onednn
 
-__all__ = ["HEAD_DIM", "SymmetricKernel", "VARIANTS", "applies", "available", "conv_ffn", "cpu_variants",
-           "library_path", "linear_rows", "prepare_symmetric", "select", "status", "takes", "takes_ffn", "variant",
+__all__ = ["HEAD_DIM", "SymmetricKernel", "VARIANTS", "applies", "available", "conv_ffn", "cpu_variants", "fma_peak",
+           "forced", "library_path", "linear_rows", "prepare_symmetric", "select", "status", "takes", "takes_ffn", "variant",
            "window_attention"]
 
 #: The only head dimension the kernel takes (every ESC variant's: dim / heads = 16).
@@ -75,8 +77,9 @@ VARIANTS = {
                    "abm", "movbe", "popcnt")),
     "avx2": (1, ("avx2", "fma", "f16c", "bmi1", "bmi2", "abm", "movbe", "popcnt")),
 }
-#: The variants used without ``ESC_RUNTIME_NATIVE`` asking: those measured against torch's operators.
-DEFAULT_VARIANTS = ("avx512",)
+#: The variants used without ``ESC_RUNTIME_NATIVE`` asking: those measured against torch's operators. Which of their
+#: kernels run by default is :data:`esc_runtime.layers.NATIVE_BY_DEFAULT` (by measurement, per variant).
+DEFAULT_VARIANTS = ("avx512", "avx2")
 ENV = "ESC_RUNTIME_NATIVE"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 #: Each kernel's C signature (every one returns int): the library must export ``<name>_<variant>`` for all of them.
@@ -86,6 +89,7 @@ SIGNATURES = {
     "esc_symmetric_correlate": [_P] * 6 + [_I] * 3 + [_F] * 3,
     "esc_partial_conv_attention": [_P] * 10 + [_I] * 3 + [_F] * 4,
     "esc_linear_rows": [_P, _I, _F, _P, _P, _F, _P, _P, ctypes.c_float, _P, _P, _F],
+    "esc_fma_peak": [_I, _P, _F],
 }
 
 
@@ -217,8 +221,8 @@ def _open_library(library: Path, choice: str, setting: str) -> tuple[_Kernels | 
         if not usable:
             forced = [name for name in runnable if built is None or name in built]
             hint = f"; {ENV}={forced[0]} forces the {forced[0]} variant" if forced else ""
-            return None, (f"this CPU has no AVX-512 (by default the kernels run only where they were measured: "
-                          f"{', '.join(DEFAULT_VARIANTS)}{hint})")
+            return None, (f"this CPU runs none of the variants used by default ({', '.join(DEFAULT_VARIANTS)}: "
+                          f"where they were measured){hint}")
         chosen, why = usable[0], "the best this CPU runs"
         if built is not None and chosen not in built:
             reason = (first_look.get("not_built") or {}).get(chosen, "not compiled")
@@ -314,6 +318,13 @@ def available() -> bool:
 def status() -> str:
     """Why the native kernels are or are not in use, in one line."""
     return _load()[1]
+
+
+def forced() -> bool:
+    """Whether the variant in use was asked for (``ESC_RUNTIME_NATIVE=<variant>`` or :func:`select`), not chosen by
+    default: then every kernel runs, whatever :data:`esc_runtime.layers.NATIVE_BY_DEFAULT` says of the variant."""
+    state = _load()
+    return state[0] is not None and "(chosen by " in state[1]
 
 
 def variant() -> str | None:
@@ -519,6 +530,28 @@ class SymmetricKernel:
         if code == 2:
             raise MemoryError("the native partial convolution could not allocate its buffers")
         return out
+
+
+def fma_peak(threads: int | None = None, *, seconds: float = 0.2) -> float:
+    """The fused multiply-add peak of the variant in use, in GFLOP/s on ``threads`` threads (default torch's): 12
+    independent register FMAs per round on each thread (``kernels/linear_rows.cpp``), the best of three runs of about
+    ``seconds`` each. For ``benchmarks/flops.py``: how close a forward pass comes to the machine."""
+    lib = _load()[0]
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernels are not available: {status()}")
+    threads = threads or torch.get_num_threads()
+    sink = ctypes.c_float()
+
+    def run(iterations: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        lanes = lib.esc_fma_peak(iterations, ctypes.byref(sink), threads)
+        return time.perf_counter() - start, lanes
+
+    iterations = 1 << 14
+    while run(iterations)[0] < seconds / 4 and iterations < 1 << 34:  # about `seconds` per run
+        iterations *= 4
+    return max(2 * 12 * lanes * iterations * threads / elapsed / 1e9
+               for elapsed, lanes in (run(iterations) for _ in range(3)))
 
 
 def _pixels_last(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The native CPU kernels (``esc_runtime.native``): built when the package is built, one library with an AVX-512 and an
 AVX2 variant; each variant equal to float64 references; loaded only after its checks, so that a planted, truncated,
 foreign or exposed library is refused (in a fresh process, with one warning, and torch's operators run instead); and
-out of the way, with the reason stated and no warning, where there is no library or no AVX-512."""
+out of the way, with the reason stated and no warning, where there is no library or no variant the CPU runs; and
+which kernels run by default on each variant (by measurement), with the reason in the report."""
 
 from __future__ import annotations
 
@@ -122,8 +123,8 @@ def test_only_the_avx512_variant_holds_avx512_instructions() -> None:
 
 
 def test_the_default_choice_on_this_cpu() -> None:
-    """By default the kernels run where the AVX-512 variant runs (where they were measured); on a CPU without
-    AVX-512 the library is not even opened and the status says why; without a library, the build record's reason."""
+    """By default the best variant the CPU runs is loaded (AVX-512, else AVX2: both measured); on a CPU with neither
+    the library is not even opened and the status says why; without a library, the build record's reason."""
     select = os.environ.get(native.ENV, "") or ("0" if os.environ.get("ESC_SR_NATIVE") == "0" else "")
     if select:
         pytest.skip(f"{native.ENV}/ESC_SR_NATIVE set in the environment ({select}): the default is not in force")
@@ -131,11 +132,50 @@ def test_the_default_choice_on_this_cpu() -> None:
         assert native.status().startswith("not built on")
     elif not BUILT:
         assert native.status().startswith("not built at install")
-    elif "avx512" in native.cpu_variants():
-        assert native.variant() == "avx512" and native.status().startswith("avx512 variant"), native.status()
+    elif native.cpu_variants():
+        best = native.cpu_variants()[0]
+        assert native.variant() == best and native.status().startswith(f"{best} variant (the best"), native.status()
+        assert not native.forced()
     else:
-        assert not native.available() and native.status().startswith("this CPU has no AVX-512"), native.status()
-        assert f"{native.ENV}=avx2 forces" in native.status()
+        assert not native.available() and native.status().startswith("this CPU runs none of the variants")
+
+
+def test_which_kernels_run_by_default_is_stated_once_per_variant_with_its_reason() -> None:
+    """esc_runtime.layers.NATIVE_BY_DEFAULT names, for every kind with a native implementation and every variant, whether
+    it runs by default and why (by measurement); the dispatch follows it and the report gives the reason, also for a
+    kernel left off; a forced variant runs them all."""
+    from esc_runtime.layers import KINDS, NATIVE_BY_DEFAULT, native_default  # noqa: PLC0415
+
+    native_kinds = {kind for kind, impls in KINDS.items() if impls[0].name == "native"}
+    assert set(NATIVE_BY_DEFAULT) == native_kinds
+    for kind, by_variant in NATIVE_BY_DEFAULT.items():
+        assert set(by_variant) == set(native.VARIANTS), kind
+        for used, why in by_variant.values():
+            assert isinstance(used, bool) and "measured" in why, (kind, why)
+    if not BUILT or not native.cpu_variants() or os.environ.get(native.ENV) or os.environ.get("ESC_SR_NATIVE"):
+        return
+    try:
+        native.select(None)
+        best = native.variant()
+        for kind in native_kinds:
+            assert native_default(kind) == NATIVE_BY_DEFAULT[kind][best]
+        prepared = esc_runtime.prepare(esc_arch.esc_tiny(2).eval())
+        for line in prepared.report():
+            kind = line.split(":")[0].split(" x")[0]
+            if kind in native_kinds:
+                used, why = NATIVE_BY_DEFAULT[kind][best]
+                assert (": native [" + why + "]" in line) if used else (f"not native: {why}" in line), line
+        with pytest.MonkeyPatch.context() as patch:  # a table that leaves the ConvFFN off on this variant
+            patch.setitem(NATIVE_BY_DEFAULT, "ConvFFN", {**NATIVE_BY_DEFAULT["ConvFFN"],
+                                                         best: (False, f"{best} variant measured slower (a test)")})
+            off = esc_runtime.prepare(esc_arch.esc_tiny(2).eval())
+            line = next(line for line in off.report() if line.startswith("ConvFFN"))
+            assert ": onednn" in line or ": module" in line, line
+            assert f"not native: {best} variant measured slower (a test)" in line, line
+            native.select(best)  # forced: every kernel, with the setting as the reason
+            assert native.forced() and native_default("ConvFFN") == (True, f"{best} variant, chosen by select({best!r})")
+    finally:
+        native.select(None)
 
 
 # --- choosing a variant, and refusing a library ----------------------------------------------------------------------

@@ -53,6 +53,25 @@ int ESC_EXPORT(esc_linear_rows)(const float* x, int64_t rows, int inputs, const 
     return failed ? 2 : 0;
 }
 
+// The machine's fused multiply-add peak for benchmarks/flops.py: each of `threads` threads runs `iterations` rounds of
+// 12 independent register FMAs (enough chains to cover the FMA latency on two pipes: 4 cycles x 2, plus slack), so
+// the rate is 2 x 12 x REG x iterations x threads flops over the wall time the caller measures. Writes the lanes'
+// sum to *sink (so that nothing is optimised away) and returns the floats per register.
+int ESC_EXPORT(esc_fma_peak)(int64_t iterations, float* sink, int threads) {
+    float total = 0.0f;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    {
+        reg acc[12];
+        for (int j = 0; j < 12; ++j) acc[j] = splat_reg(1.0f + j * 1e-3f);
+        const reg a = splat_reg(0.999999f), b = splat_reg(1e-7f);
+        for (int64_t i = 0; i < iterations; ++i)
+            for (int j = 0; j < 12; ++j) acc[j] = acc[j] * a + b;
+        for (int j = 0; j < 12; ++j) total += sum_lanes(acc[j]);
+    }
+    *sink = total;
+    return REG;
+}
+
 }  // extern "C"
 
 }  // namespace ESC_NS
