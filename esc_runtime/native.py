@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from . import onednn
+from . import onednn, switches
 
 __all__ = ["HEAD_DIM", "SymmetricKernel", "VARIANTS", "applies", "available", "conv_ffn", "cpu_variants", "fma_peak",
            "forced", "library_path", "linear_rows", "prepare_symmetric", "select", "status", "takes", "takes_ffn", "variant",
@@ -188,13 +188,13 @@ def _choice() -> tuple[str, str]:
     value = os.environ.get(ENV, "").strip().lower()
     if value:
         setting = f"{ENV}={value}"
-        if value in ("0", "off", "false", "no"):
+        if value in switches.FALSE:
             return "off", setting
-        if value in ("auto", "1", "on", "true", "yes"):
+        if value in ("auto", *switches.TRUE):
             return "auto", setting
         return value, setting
-    if os.environ.get("ESC_SR_NATIVE", "").strip() == "0":
-        return "off", "ESC_SR_NATIVE=0"
+    if not switches.enabled("ESC_SR_NATIVE"):
+        return "off", f"ESC_SR_NATIVE={os.environ['ESC_SR_NATIVE'].strip()}"
     return "auto", ""
 
 
@@ -339,10 +339,10 @@ def library_path() -> Path:
 
 
 def _inference(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` is one the kernels serve: float32 on the CPU, no autograd, not traced or exported, and
-    the kernels available."""
+    """Whether a call on ``x`` is one the kernels serve: float32 on the CPU, no autograd (forward mode included), not
+    traced or exported, and the kernels available."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() \
-        and not onednn.tracing() and available()
+        and not onednn.tracing() and not onednn.transformed() and available()
 
 
 def takes(device: torch.device | str, dtype: torch.dtype, *, head_dim: int, window: int) -> bool:

@@ -14,12 +14,14 @@ rounding, the state dict untouched.
 from __future__ import annotations
 
 import functools
-import os
 import platform
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
+
+from . import switches
 
 __all__ = ["tracing", "available", "applies", "channels_last", "pixels", "as_map", "linear", "conv"]
 
@@ -30,10 +32,17 @@ def tracing() -> bool:
         or torch.compiler.is_exporting()
 
 
+def transformed() -> bool:
+    """Under forward-mode AD (a dual level is open: ``torch.no_grad`` does not switch dual tensors off) or a
+    ``torch.func`` transform (jvp, vmap, grad). The fast paths compute on plain storage and would drop the tangents
+    or the batch dimension; torch's own operators carry them, or raise where they cannot."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
 @functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether this process can take the oneDNN path at all (the platform, the build, the environment)."""
-    if os.environ.get("ESC_SR_ONEDNN", "").strip() == "0":
+    if not switches.enabled("ESC_SR_ONEDNN"):
         return False
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
@@ -54,7 +63,7 @@ def available() -> bool:
 def applies(x: torch.Tensor) -> bool:
     """Whether a model call on ``x`` takes the oneDNN path (see the module docstring)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and not tracing() \
-        and torch.backends.mkldnn.enabled and available()
+        and not transformed() and torch.backends.mkldnn.enabled and available()
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

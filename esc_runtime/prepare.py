@@ -20,6 +20,7 @@ from esc_arch.attention import WindowAttention
 from esc_arch.blocks import ConvAttentionWrapper, ESCBlock
 from esc_arch.layers import ConvFFN
 
+from . import onednn, switches
 from .dispatch import Choice, choose
 from .forwards import FORWARDS, Plan, lte_encode_maps
 from .layers import Target
@@ -52,7 +53,7 @@ class PreparedModel(nn.Module):
     """A plain ESC model and the implementations it runs on one device and dtype (see the module docstring).
 
     Attributes the hosts read (``scale``, ``window_size``, ``arbitrary_scale``, ``query``, ...) are the plain
-    model's. Inference only: every call runs under ``torch.inference_mode``.
+    model's. Inference only: every call runs under ``torch.inference_mode`` (but see :meth:`forward` on dual tensors).
     """
 
     def __init__(self, model: ESCModelBase, plan: Plan, target: Target) -> None:
@@ -71,26 +72,37 @@ class PreparedModel(nn.Module):
         """One line per kind of layer: the implementation chosen, and why each one before it was not."""
         return self.plan.describe()
 
-    @torch.inference_mode()
     def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         """``prepared(x)`` or ``prepared(x, maps)``; an arbitrary-scale model takes ``(lr, coord, cell)`` as the plain
-        one does (its encoder through the plan, whole)."""
-        if isinstance(self.model, ESCLTE):
-            return self.model.query(self.encode(x), *args)
-        maps = args[0] if args else WHOLE
-        return FORWARDS[type(self.model)](self.model, self.plan, x, maps)
+        one does (its encoder through the plan, whole).
 
-    @torch.inference_mode()
+        Under forward-mode AD or a ``torch.func`` transform (:func:`esc_runtime.onednn.transformed`: dual tensors
+        live on under ``torch.no_grad``) the plain model runs, whole, outside inference mode: its torch operators carry
+        the tangents or raise, where the fast paths would silently drop them."""
+        if onednn.transformed():
+            lte = isinstance(self.model, ESCLTE)
+            return self.model(x, *args) if lte else self.model(x)
+        with torch.inference_mode():
+            if isinstance(self.model, ESCLTE):
+                return self.model.query(self.encode(x), *args)
+            maps = args[0] if args else WHOLE
+            return FORWARDS[type(self.model)](self.model, self.plan, x, maps)
+
     def encode(self, lr: torch.Tensor, maps: MapRunner = WHOLE) -> tuple[torch.Tensor, ...]:
         """:meth:`esc_arch.ESCLTE.encode` through the plan (arbitrary-scale models)."""
-        return self.model.encoded(lr, *lte_encode_maps(self.model, self.plan, lr, maps))
+        if onednn.transformed():
+            return self.model.encode(lr)
+        with torch.inference_mode():
+            return self.model.encoded(lr, *lte_encode_maps(self.model, self.plan, lr, maps))
 
-    @torch.inference_mode()
     def upscale_by(self, lr: torch.Tensor, factor: float | None = None, *, size: tuple[int, int] | None = None,
                    max_queries: int = 65536, maps: MapRunner = WHOLE) -> torch.Tensor:
         """:meth:`esc_arch.ESCLTE.upscale_by` with the encoder run through the plan."""
-        return self.model.upscale_by(lr, factor, size=size, max_queries=max_queries,
-                                     encode=lambda image: self.encode(image, maps))
+        if onednn.transformed():
+            return self.model.upscale_by(lr, factor, size=size, max_queries=max_queries)
+        with torch.inference_mode():
+            return self.model.upscale_by(lr, factor, size=size, max_queries=max_queries,
+                                         encode=lambda image: self.encode(image, maps))
 
     def train(self, mode: bool = True) -> "PreparedModel":
         if mode:
@@ -113,6 +125,7 @@ def prepare(model: nn.Module, device: torch.device | str | None = None, dtype: t
         return model
     if not isinstance(model, ESCModelBase):
         raise TypeError(f"esc_runtime.prepare takes an ESC model, not {type(model).__name__}")
+    switches.check()  # a misspelt ESC_SR_* is an error, also where its path is passed over for another reason
     first = next(model.parameters())
     device = first.device if device is None else torch.device(device)
     dtype = first.dtype if dtype is None else dtype

@@ -15,12 +15,11 @@ layer-streamed pass run direct); ``ESC_SR_FFT=0`` turns it off.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
-from . import onednn
+from . import onednn, switches
 from esc_arch.layers import per_sample_depthwise_conv
 
 __all__ = ["MIN_KERNEL", "MIN_PIXELS", "enabled", "applies", "block_size", "SpectralKernel", "prepare"]
@@ -34,13 +33,13 @@ MIN_PIXELS = 128 * 128
 
 @functools.lru_cache(maxsize=1)
 def enabled() -> bool:
-    """Whether the environment allows this path (``ESC_SR_FFT=0`` turns it off)."""
-    return os.environ.get("ESC_SR_FFT", "").strip() != "0"
+    """Whether the environment allows this path (``ESC_SR_FFT=0``, or another off value, turns it off)."""
+    return switches.enabled("ESC_SR_FFT")
 
 
 def applies(x: torch.Tensor, kernel: torch.Tensor) -> bool:
     """Whether the large-kernel convolutions of a forward pass on ``x`` take the FFT path (the module docstring)."""
-    if onednn.tracing():  # first: under tracing, shapes are tensors
+    if onednn.tracing() or onednn.transformed():  # first: under tracing, shapes are tensors
         return False
     return kernel.shape[-1] >= MIN_KERNEL and x.device.type == "cpu" and x.dtype == torch.float32 \
         and kernel.dtype == torch.float32 and not torch.is_grad_enabled() and enabled()

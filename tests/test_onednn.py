@@ -21,13 +21,13 @@ from torch import nn
 import esc_arch
 import esc_runtime
 from esc_arch.layers import ConvFFN, LayerNorm2d
-from esc_runtime import onednn
+from esc_runtime import onednn, switches
 from esc_runtime.layers import Target
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Where the path must be on: an x86-64 torch built with oneDNN (CI's machine), unless this environment turned it off.
 # Elsewhere every test below checks the other side: the plain path runs, with the same outputs.
-EXPECTED = X86 and torch.backends.mkldnn.is_available() and os.environ.get("ESC_SR_ONEDNN", "").strip() != "0"
+EXPECTED = X86 and torch.backends.mkldnn.is_available() and switches.enabled("ESC_SR_ONEDNN")
 FUSED_OP = "mkldnn::_linear_pointwise"
 
 

@@ -115,3 +115,78 @@ def test_the_attention_report_names_what_runs():
     assert esc_runtime.attention_kernel(model, "cpu").startswith(expected)
     assert esc_runtime.attention_kernel(model, "cpu", training=True).startswith("math")
     assert esc_runtime.attention_kernel(esc_arch.esc_tiny(4, attn_type="naive")).startswith("naive")
+
+
+# ------------------------------------------------------------------------------ forward-mode AD (issue 26)
+
+
+def _dual_model(backend: str) -> esc_arch.ESCModelBase:
+    """A small ESC whose every layer kind has a fast path on a CPU (16-channel heads, dynamic kernels switched on)."""
+    torch.manual_seed(0)
+    model = esc_arch.esc_tiny(4, dim=32, pdim=16, n_blocks=1, conv_blocks=1, num_heads=2).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Sequential) and isinstance(module[0], torch.nn.AdaptiveAvgPool2d):
+            torch.nn.init.normal_(module[-1].weight)
+    esc_arch.set_attention_backend(model, backend)
+    return model
+
+
+def _jvp_under_no_grad(model, x: torch.Tensor, tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from torch.autograd import forward_ad
+
+    with torch.no_grad(), forward_ad.dual_level():  # no_grad does not switch dual tensors off
+        out = forward_ad.unpack_dual(model(forward_ad.make_dual(x, tangent)))
+        return out.primal, out.tangent
+
+
+def test_forward_mode_ad_through_a_prepared_model_matches_the_plain_model():
+    """Issue 26: the native and oneDNN paths computed on plain storage and dropped the tangent (|error| up to 1.02 of
+    a 2.15 tangent). A prepared model under forward-mode AD or torch.func runs the plain model, whose operators carry
+    the tangent; the 'naive' backend's are all differentiable forward."""
+    model = _dual_model("naive")
+    prepared = esc_runtime.prepare(model, "cpu", torch.float32)
+    fast = [c.implementation.name for c in prepared.plan.choices.values()]
+    x, tangent = torch.rand(1, 3, 150, 140), torch.rand(1, 3, 150, 140)  # large enough for the FFT path
+    primal, expected = _jvp_under_no_grad(model, x, tangent)
+    assert expected is not None and float(expected.abs().max()) > 0.1
+    got_primal, got = _jvp_under_no_grad(prepared, x, tangent)
+    assert got is not None, f"the tangent was dropped ({fast})"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_primal, primal, atol=1e-5, rtol=0)
+    _, func_tangent = torch.func.jvp(prepared, (x,), (tangent,))
+    torch.testing.assert_close(func_tangent, expected, atol=1e-5, rtol=0)
+    # The same model, prepared, without AD: the fast paths it chose still run.
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), primal, atol=1e-4, rtol=0)
+
+
+def test_forward_mode_ad_raises_as_the_plain_model_does_where_torch_cannot_carry_it():
+    """The 'sdpa' backend's CPU kernel has no forward-mode derivative: torch raises, for the prepared model too, rather
+    than a prepared model returning an output without its tangent."""
+    model = _dual_model("sdpa")
+    prepared = esc_runtime.prepare(model, "cpu", torch.float32)
+    x = torch.rand(1, 3, 64, 64)
+    for candidate in (model, prepared):
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            _jvp_under_no_grad(candidate, x, torch.rand_like(x))
+
+
+def test_every_fast_path_refuses_dual_tensors_per_call():
+    """The per-call gates of the fast paths (native kernels, oneDNN, FFT) say no inside a dual level or a torch.func
+    transform, whatever chose them when the model was prepared."""
+    from torch.autograd import forward_ad
+
+    from esc_runtime import native, onednn, spectral
+
+    x, kernel = torch.rand(1, 16, 160, 160), torch.rand(16, 16, 13, 13)
+    gates = {"onednn": lambda t: onednn.applies(t), "fft": lambda t: spectral.applies(t, kernel),
+             "native": lambda t: native._inference(t)}
+    with torch.no_grad():
+        outside = {name: gate(x) for name, gate in gates.items()}
+        assert outside["fft"] == spectral.enabled() and outside["native"] == native.available()
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(x, torch.ones_like(x))
+            assert {name: gate(dual) for name, gate in gates.items()} == dict.fromkeys(gates, False)
+        inside_jvp = {}
+        torch.func.jvp(lambda t: inside_jvp.update({n: g(t) for n, g in gates.items()}) or t, (x,), (x,))
+        assert inside_jvp == dict.fromkeys(gates, False)
