@@ -16,6 +16,7 @@
 * A profile of one forward pass of the default path groups the time by operator.
 
     python -m benchmarks flops --size 180x320 --threads 2
+"""
 from __future__ import annotations
 
 import statistics
