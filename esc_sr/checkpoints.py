@@ -19,7 +19,8 @@ from .atomic import atomic_write
 
 
 def save_model(
-    model: ESCModelBase, path: str | os.PathLike[str], *, half: bool = False, description: Mapping[str, Any] | None = None
+    model: ESCModelBase, path: str | os.PathLike[str], *, half: bool = False,
+    description: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` to a ``.safetensors`` file with metadata (architecture, hyperparameters,
     scale, package version) that :func:`esc_arch.load_model` reads back.  The write is atomic.
