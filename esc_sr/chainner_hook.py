@@ -27,6 +27,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,47 @@ _HOOK_SOURCE = Path(__file__).with_name("_chainner_startup.py")
 
 class HookError(ESCError, RuntimeError):
     """The hook cannot be installed or removed; the message says why in one line."""
+
+
+#: What is read of each output stream of a program run in the target Python (the probe, pip, the compile step):
+#: its answers are a few hundred bytes, pip's quiet output a few lines. A program that writes more is stopped.
+OUTPUT_LIMIT = 1 << 20
+
+
+def _run(command: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, reading at most
+    :data:`OUTPUT_LIMIT` bytes of each stream: a program that writes more (a "python" that floods its output) is
+    killed and refused with a :class:`HookError` instead of filling this process's memory."""
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          **kwargs) as proc:
+        buffers = {"stdout": bytearray(), "stderr": bytearray()}
+        flooded = threading.Event()
+
+        def drain(stream, buffer: bytearray) -> None:
+            while data := stream.read1(65536):
+                if len(buffer) + len(data) > OUTPUT_LIMIT:
+                    flooded.set()
+                    proc.kill()
+                    return
+                buffer += data
+
+        readers = [threading.Thread(target=drain, args=(proc.stdout, buffers["stdout"]), daemon=True),
+                   threading.Thread(target=drain, args=(proc.stderr, buffers["stderr"]), daemon=True)]
+        for reader in readers:
+            reader.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            for reader in readers:
+                reader.join(timeout=5)
+    if flooded.is_set():
+        raise HookError(f"{command[0]}: wrote more than {OUTPUT_LIMIT >> 20} MiB of output to "
+                        f"`{' '.join(command[1:3])} ...`; stopped (not the Python interpreter it should be?)")
+    text = {name: bytes(data).decode("utf-8", errors="replace") for name, data in buffers.items()}
+    return subprocess.CompletedProcess(command, proc.returncode, text["stdout"], text["stderr"])
 
 
 @dataclass(frozen=True)
@@ -104,9 +146,7 @@ def locate(python: str | os.PathLike[str] | None = None) -> HookLocation:
     executable = str(python) if python is not None else sys.executable
     try:
         # -I would hide the PYTHONPATH a user may rely on; -s keeps the user site out, as chaiNNer does.
-        done = subprocess.run(
-            [executable, "-s", "-c", _PROBE], capture_output=True, text=True, timeout=120, check=False
-        )
+        done = _run([executable, "-s", "-c", _PROBE], timeout=120)
     except FileNotFoundError:
         raise HookError(f"{executable}: no such Python executable") from None
     except PermissionError:
@@ -168,10 +208,8 @@ def _compile(where: HookLocation) -> None:
     Where PYTHONDONTWRITEBYTECODE is set, nothing would ever cache it, and compiling the source at
     every start costs milliseconds; a .pyc written now is still read.
     """
-    subprocess.run(
-        [where.python, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], doraise=True)", str(where.module_file)],
-        capture_output=True, timeout=120, check=False,
-    )
+    _run([where.python, "-c", "import py_compile, sys; py_compile.compile(sys.argv[1], doraise=True)",
+          str(where.module_file)], timeout=120)
 
 
 def uninstall_hook(python: str | os.PathLike[str] | None = None) -> tuple[HookLocation, list[Path]]:
@@ -233,11 +271,8 @@ def _pip(where: HookLocation, *arguments: str, cwd: str) -> None:
     """Run the target's pip, offline (no index), without the user site; raise HookError on failure."""
     if not where.has_pip:
         raise HookError(f"{where.python} has no pip (`{where.python} -m ensurepip` adds it)")
-    done = subprocess.run(
-        [where.python, "-s", "-m", "pip", *arguments, "--disable-pip-version-check", "--no-input", "--quiet"],
-        capture_output=True, text=True, timeout=900, check=False, cwd=cwd,
-        env={**os.environ, "PIP_NO_INDEX": "1", "PYTHONNOUSERSITE": "1"},
-    )
+    done = _run([where.python, "-s", "-m", "pip", *arguments, "--disable-pip-version-check", "--no-input", "--quiet"],
+                timeout=900, cwd=cwd, env={**os.environ, "PIP_NO_INDEX": "1", "PYTHONNOUSERSITE": "1"})
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()] or ["no output"]
         errors = [line for line in lines if line.startswith("ERROR")] or lines

@@ -225,6 +225,28 @@ def test_cli_reports_a_missing_python_in_one_line(capsys) -> None:
     assert err == ["esc-sr chainner: error: /nonexistent/python3: no such Python executable"]
 
 
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_python_that_floods_its_output_is_stopped_within_the_bound(tmp_path: Path, capsys, stream: str) -> None:
+    """Issue 26: a "python" that writes without end took esc-sr to 2.6 GB in 7 s, then "internal error: MemoryError".
+    What is read of the target interpreter is bounded (1 MiB a stream): the program is stopped and refused in one
+    line, at once, the memory of this process not growing beyond the bound."""
+    import resource
+
+    from esc_sr import chainner_hook
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nexec yes 'not a python answer' {'>&2' if stream == 'stderr' else ''}\n")
+    fake.chmod(0o755)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    assert cli.main(["chainner", "install", "--python", str(fake)]) == 1
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"esc-sr chainner: error: {fake}: wrote more than 1 MiB of output"), err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 64 * 1024  # KiB: under 64 MB of growth
+    assert chainner_hook.OUTPUT_LIMIT == 1 << 20
+
+
 # -- one command: esc-sr itself and the hook, into a fresh Python shaped like chaiNNer's -------------------
 
 
