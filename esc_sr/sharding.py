@@ -30,6 +30,10 @@ from __future__ import annotations
 import datetime
 import heapq
 import os
+import re
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -57,9 +61,34 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 # once, so a peer that has not appeared by then never will. The exchanges run on a second group with
 # EXCHANGE_TIMEOUT: the final one waits for the slowest rank, which can finish hours after the fastest on a big
 # batch, and gloo's default of 30 minutes would fail the ranks that finished first. A rank that dies is detected at
-# once anyway; this only bounds a rank that hangs while alive.
+# once anyway; this only bounds a rank that hangs while alive (or is stopped: SIGSTOP, a suspended job), so it can be
+# set (WAIT_VARIABLE), and a rank waiting in an exchange says whom for, first after FIRST_REPORT_S, then every
+# REPORT_EVERY_S: the ranks not yet at that exchange, from the check-ins each rank leaves in torchrun's store.
 STARTUP_TIMEOUT = datetime.timedelta(minutes=10)
 EXCHANGE_TIMEOUT = datetime.timedelta(days=7)
+WAIT_VARIABLE = "ESC_SR_RANK_WAIT"
+FIRST_REPORT_S, REPORT_EVERY_S = 60.0, 600.0
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def exchange_timeout(environ: Mapping[str, str] | None = None) -> datetime.timedelta:
+    """How long a rank waits in an exchange for the others: :data:`EXCHANGE_TIMEOUT`, or ``ESC_SR_RANK_WAIT`` (seconds,
+    or a number with ``s``, ``m``, ``h`` or ``d``: ``90``, ``30m``, ``2h``)."""
+    text = (os.environ if environ is None else environ).get(WAIT_VARIABLE, "").strip()
+    if not text:
+        return EXCHANGE_TIMEOUT
+    found = re.fullmatch(r"(\d+(?:\.\d*)?)\s*([smhd]?)", text.lower())
+    if found is None or float(found.group(1)) <= 0:
+        raise ShardingError(f"{WAIT_VARIABLE}={printable(text)!r} is not a duration (seconds, or a number with s, m, h "
+                            "or d: 90, 30m, 2h)")
+    return datetime.timedelta(seconds=float(found.group(1)) * _UNITS[found.group(2)])
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
 
 
 class ShardingError(ESCError):
@@ -194,8 +223,10 @@ class Session:
 
     def __init__(self, launch: Launch = Launch()):
         self.launch = launch
-        self._group: Any = None  # the exchange group (EXCHANGE_TIMEOUT), on several processes
+        self._group: Any = None  # the exchange group (exchange_timeout()), on several processes
         self._owns_default_group = False
+        self._timeout = EXCHANGE_TIMEOUT
+        self._exchanges = 0  # exchanges so far: every rank makes the same ones, in the same order
 
     @classmethod
     def start(cls, environ: Mapping[str, str] | None = None) -> Session:
@@ -305,7 +336,7 @@ class Session:
 
         parts: list[Any] | None = [None] * self.launch.world_size if self.is_root else None
         try:
-            dist.gather_object(value, parts, dst=0, group=self._group)
+            self._exchange(lambda: dist.gather_object(value, parts, dst=0, group=self._group))
         except RuntimeError as exc:
             raise self._lost(exc) from None
         return parts
@@ -329,6 +360,7 @@ class Session:
 
         if not dist.is_available():
             raise ShardingError("this torch build has no torch.distributed: run a single process")
+        self._timeout = exchange_timeout()
         try:
             if not dist.is_initialized():  # env:// (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), set by torchrun
                 dist.init_process_group(backend="gloo", timeout=STARTUP_TIMEOUT)
@@ -336,7 +368,7 @@ class Session:
             elif (dist.get_rank(), dist.get_world_size()) != (self.rank, self.launch.world_size):
                 raise ShardingError(f"the process group in place (rank {dist.get_rank()} of {dist.get_world_size()}) "
                                     f"is not the one RANK and WORLD_SIZE describe")
-            self._group = dist.new_group(backend="gloo", timeout=EXCHANGE_TIMEOUT)
+            self._group = dist.new_group(backend="gloo", timeout=self._timeout)
         except (RuntimeError, ValueError) as exc:
             if self._owns_default_group:
                 dist.destroy_process_group()
@@ -365,12 +397,65 @@ class Session:
 
         box = [value]
         try:
-            dist.broadcast_object_list(box, src=0, group=self._group)
+            self._exchange(lambda: dist.broadcast_object_list(box, src=0, group=self._group))
         except RuntimeError as exc:
             raise self._lost(exc) from None
         return box[0]
 
+    def _exchange(self, collective: Callable[[], Any]) -> Any:
+        """``collective()``, this rank's part in an exchange, saying on stderr after :data:`FIRST_REPORT_S`, then every
+        :data:`REPORT_EVERY_S`, whom it still waits for: rank 0 (for the other ranks; every exchange goes through
+        it), or, on rank 0, the ranks that have not checked in at this exchange in the launcher's store."""
+        self._exchanges += 1
+        key = f"esc-sr/exchange-{self._exchanges}/rank-"
+        store = self._store()
+        try:
+            if store is not None:
+                store.set(key + str(self.rank), "here")
+        except Exception:  # noqa: BLE001 - the store only names the late ranks; the exchange does not need it
+            store = None
+        done, started = threading.Event(), time.monotonic()
+
+        def late() -> str:
+            if not self.is_root:
+                return "rank 0"
+            try:
+                missing = [rank for rank in range(1, self.launch.world_size) if not store.check([key + str(rank)])]
+            except Exception:  # noqa: BLE001 - no store, or it does not answer
+                return "the other ranks"
+            return f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}" if missing else "the other ranks"
+
+        def report() -> None:
+            delay = FIRST_REPORT_S
+            while not done.wait(delay):
+                print(printable(f"esc-sr upscale: {self.label}waiting for {late()} for "
+                                f"{_duration(time.monotonic() - started)}; a rank that is stopped, not dead, holds the "
+                                f"others up to {_duration(self._timeout.total_seconds())} ({WAIT_VARIABLE} sets it)"),
+                      file=sys.stderr, flush=True)
+                delay = REPORT_EVERY_S
+
+        reporter = threading.Thread(target=report, name="esc-sr-waiting", daemon=True)
+        reporter.start()
+        try:
+            return collective()
+        finally:
+            done.set()
+            reporter.join(timeout=1)
+
+    def _store(self) -> Any:
+        """torchrun's store (the rendezvous's), where the ranks check in at each exchange; None without one."""
+        try:
+            from torch.distributed import distributed_c10d
+
+            return distributed_c10d._get_default_store()
+        except Exception:  # noqa: BLE001 - a private function of torch: without it the messages name no rank
+            return None
+
     def _lost(self, exc: BaseException) -> ShardingError:
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            return ShardingError(f"rank {self.rank} of {self.launch.world_size}: gave up waiting for the other processes "
+                                 f"after {_duration(self._timeout.total_seconds())} ({WAIT_VARIABLE}); one of them is "
+                                 "stopped or hung: see its messages")
         return ShardingError(f"rank {self.rank} of {self.launch.world_size}: lost contact with the other processes "
                              f"({_reason(exc)}); one of them has probably stopped: see its messages")
 

@@ -271,3 +271,113 @@ def test_the_other_ranks_stay_quiet_when_rank_0_fails_a_step(monkeypatch, tmp_pa
     monkeypatch.setattr(Session, "start", classmethod(lambda cls, environ=None: rank_1))
     assert cli.main(["upscale", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")]) == cli.EXIT_USAGE
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------ a stopped rank (issue 26)
+
+
+@pytest.mark.parametrize("text, seconds", [("", 7 * 86400), ("90", 90), ("30m", 1800), ("2H", 7200), ("1.5d", 129600),
+                                           (" 45 s ", 45)])
+def test_how_long_a_rank_waits_is_configurable(text, seconds):
+    assert sharding.exchange_timeout({"ESC_SR_RANK_WAIT": text}).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "0", "-5", "10 min", "1e3"])
+def test_a_wait_that_is_not_a_duration_is_refused_in_one_line(text):
+    with pytest.raises(ShardingError, match=r"^ESC_SR_RANK_WAIT='.*' is not a duration \(seconds, or a number"):
+        sharding.exchange_timeout({"ESC_SR_RANK_WAIT": text})
+
+
+def test_the_exchange_group_waits_as_long_as_configured(monkeypatch):
+    import torch.distributed as dist
+
+    made = {}
+    monkeypatch.setenv("ESC_SR_RANK_WAIT", "45m")
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: made.setdefault("startup", kwargs["timeout"]))
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.setdefault("exchanges", kwargs["timeout"]) or "group")
+    Session(Launch(rank=0, world_size=2, local_rank=0, local_world_size=2))._join()
+    assert made == {"startup": sharding.STARTUP_TIMEOUT, "exchanges": sharding.datetime.timedelta(minutes=45)}
+
+
+class FakeStore:
+    """torchrun's store, as the ranks' check-ins use it."""
+
+    def __init__(self):
+        self.keys = set()
+
+    def set(self, key, value):
+        self.keys.add(key)
+
+    def check(self, keys):
+        return all(key in self.keys for key in keys)
+
+
+def _waiting_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "waiting for" in line]
+
+
+def test_a_rank_kept_waiting_says_for_whom_at_intervals(monkeypatch, capsys):
+    """Issue 26: a stopped (not dead) rank made the others wait silently for up to 7 days. Rank 0 of 3 gathers the
+    summaries; rank 2 has checked in, rank 1 is stopped (the fake collective holds until released): rank 0 says,
+    at each interval, that it is waiting for rank 1, and how long it may wait. Rank 1, waiting for a broadcast, names
+    rank 0."""
+    import threading
+
+    import torch.distributed as dist
+
+    monkeypatch.setattr(sharding, "FIRST_REPORT_S", 0.05)
+    monkeypatch.setattr(sharding, "REPORT_EVERY_S", 0.05)
+    store = FakeStore()
+    monkeypatch.setattr(Session, "_store", lambda self: store)
+    rank_0 = Session(Launch(rank=0, world_size=3, local_rank=0, local_world_size=3))
+    rank_0._group, rank_0._timeout = "group", sharding.exchange_timeout({"ESC_SR_RANK_WAIT": "2h"})
+
+    def gather_object(value, parts, dst, group):
+        store.set("esc-sr/exchange-1/rank-2", "here")  # rank 2 arrives; rank 1 never does, until released
+        threading.Event().wait(0.4)
+        parts[:] = [value, "one", "two"]
+
+    monkeypatch.setattr(dist, "gather_object", gather_object)
+    assert rank_0.gather("zero") == ["zero", "one", "two"]
+    lines = _waiting_lines(capsys.readouterr().err)
+    assert len(lines) >= 3, lines
+    for line in lines:
+        assert re.fullmatch(r"esc-sr upscale: rank 0 of 3: waiting for rank 1 for [0-9.]+ s; a rank that is stopped, "
+                            r"not dead, holds the others up to 2 h \(ESC_SR_RANK_WAIT sets it\)", line), line
+
+    rank_1 = Session(Launch(rank=1, world_size=3, local_rank=1, local_world_size=3))
+    rank_1._group = "group"
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src, group: threading.Event().wait(0.2))
+    rank_1._broadcast(None)
+    lines = _waiting_lines(capsys.readouterr().err)
+    assert lines and all(line.startswith("esc-sr upscale: rank 1 of 3: waiting for rank 0 for ") for line in lines)
+
+
+def test_an_exchange_answered_in_time_says_nothing(monkeypatch, capsys):
+    import torch.distributed as dist
+
+    monkeypatch.setattr(Session, "_store", lambda self: FakeStore())
+    rank_0 = Session(Launch(rank=0, world_size=2, local_rank=0, local_world_size=2))
+    rank_0._group = "group"
+    monkeypatch.setattr(dist, "gather_object", lambda value, parts, dst, group: parts.__setitem__(slice(None), [1, 2]))
+    assert rank_0.gather(1) == [1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_giving_up_after_the_configured_wait_is_one_line_saying_so(monkeypatch):
+    import torch.distributed as dist
+
+    def timed_out(value, parts, dst, group):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for "
+                           "recv operation to complete")
+
+    monkeypatch.setattr(Session, "_store", lambda self: None)
+    monkeypatch.setattr(dist, "gather_object", timed_out)
+    rank_0 = Session(Launch(rank=0, world_size=2, local_rank=0, local_world_size=2))
+    rank_0._group, rank_0._timeout = "group", sharding.exchange_timeout({"ESC_SR_RANK_WAIT": "5"})
+    with pytest.raises(ShardingError) as caught:
+        rank_0.gather(1)
+    assert str(caught.value) == ("rank 0 of 2: gave up waiting for the other processes after 5 s (ESC_SR_RANK_WAIT); "
+                                 "one of them is stopped or hung: see its messages")
