@@ -1,7 +1,8 @@
-"""The AVX2 variant of the native CPU kernels against torch's operators, on this machine (issue 29, item 6).
+"""The AVX2 variant of the native CPU kernels against torch's operators, on this machine (issues 29 and 28).
 
-The kernels run by default only where their AVX-512 variant runs (where they were measured); this script measures the
-AVX2 variant (forced, as ``ESC_RUNTIME_NATIVE=avx2`` does) to decide whether it should be used by default too. Each
+Which kernel runs by default on which variant is decided by measurement (``esc_runtime.layers.NATIVE_BY_DEFAULT``);
+this script measures a variant (the AVX2 one by default, forced with every kernel, as ``ESC_RUNTIME_NATIVE=avx2``
+does; ``--variant avx512`` on a CPU with AVX-512) kernel by kernel against what runs otherwise. Each
 pair is interleaved in one process (the order alternating per round); medians and minima of the rounds, and each
 native output's max abs difference from torch's. ESC x4's shapes at 192x320 (as in benchmarks/README.md, "Native CPU
 kernels"), and whole forward passes of ESC x4 at 180x320 prepared by ``esc_runtime`` with and without the native
