@@ -23,8 +23,10 @@ def register() -> None:
 
     ensure_torchvision_importable()  # inside ComfyUI a no-op (it has imported spandrel); needed next to a CPU torch
     from esc_arch import spandrel as esc_spandrel
+    from esc_sr import cards
 
     esc_spandrel.install()
+    cards.attach_to_spandrel()  # descriptors of the embedded models carry their card (esc_model_card)
 
 
 def describe(network: nn.Module) -> Any:

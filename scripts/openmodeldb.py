@@ -5,7 +5,7 @@
 
 Each entry follows OpenModelDB's model schema (``src/lib/schema.ts`` of OpenModelDB/open-model-database: name,
 author, license, tags, description, date, architecture, size, scale, inputChannels, outputChannels, resources,
-images, and the optional training fields). The facts come from ``esc_arch.cards`` and the shipped files: size and
+images, and the optional training fields). The facts come from ``esc_sr.cards`` and the shipped files: size and
 SHA-256 of the file, spandrel's tags of its descriptor (OpenModelDB's ``size`` field), the iterations recorded in
 the file's metadata. ``tests/test_model_cards.py`` checks that the entries are current.
 
@@ -35,7 +35,7 @@ def _entry(name: str) -> dict:
     from safetensors import safe_open
 
     import esc_arch
-    from esc_arch import cards
+    from esc_sr import cards
     from esc_sr.torchvision_shim import ensure_torchvision_importable
 
     ensure_torchvision_importable()
@@ -90,7 +90,7 @@ def _entry(name: str) -> dict:
 
 def entries() -> dict[str, str]:
     """File name -> the JSON text to write, for every embedded model."""
-    from esc_arch import cards
+    from esc_sr import cards
 
     return {f"{ENTRY_IDS[name]}.json": json.dumps(_entry(name), indent=4, ensure_ascii=False) + "\n"
             for name in cards.EMBEDDED_CARDS}

@@ -1,6 +1,6 @@
 """Model metadata where users look for it (issue 27, item 4): ``esc-sr info``, the spandrel descriptors and the
 OpenModelDB entries say the variant, scale, parameters, training data and licence of the embedded and official
-models (``esc_arch.cards``)."""
+models (``esc_sr.cards``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 import esc_arch
-from esc_arch import cards
-from esc_sr import cli, hub
+from esc_sr import cards, cli, hub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = REPO_ROOT.parent / "shared" / "fixtures" / "golden"
@@ -90,6 +89,7 @@ def test_spandrel_descriptors_carry_the_card_of_embedded_models():
     import esc_arch.spandrel as esc_spandrel
 
     esc_spandrel.install()
+    cards.attach_to_spandrel()  # as the ComfyUI pack does
     for name, path in esc_arch.EMBEDDED_MODELS.items():
         descriptor = spandrel.ModelLoader().load_from_file(str(path))
         assert descriptor.esc_model_card is cards.EMBEDDED_CARDS[name]

@@ -29,7 +29,7 @@ torch, ``esc_sr.torchvision_shim.ensure_torchvision_importable()`` before it rep
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from spandrel import (
@@ -45,7 +45,6 @@ from spandrel import (
 from typing_extensions import override
 
 from ..base import ESCModelBase
-from ..cards import identify
 from ..checkpoint import build_model, canonicalize_state_dict, check_state_dict
 from ..detection import VARIANTS, Variant, infer_architecture
 from ..errors import CheckpointError
@@ -53,6 +52,7 @@ from ..presets import match_preset
 
 __all__ = ["ESCArchitecture", "ESC_REGISTRY", "LTE_SCALE", "describe", "install"]
 
+MODEL_CARD: Callable[[StateDict], Any] | None = None  # state dict -> card of a published model (esc_sr.cards)
 LTE_SCALE = 4
 """The integer scale an arbitrary-scale model is exposed with: the top of its training range (x1-x4).
 Spandrel descriptors have one fixed scale; for other factors call ``descriptor.model.upscale_by(image, factor)``."""
@@ -122,10 +122,9 @@ def describe(
             f"{model.arch_name} with these hyperparameters changes the image size by {scale:g}x; "
             "spandrel can only describe models with an integer scale >= 1"
         )
-    state_dict = model.state_dict() if state_dict is None else state_dict
     descriptor = ImageModelDescriptor(
         model,
-        state_dict,
+        model.state_dict() if state_dict is None else state_dict,
         architecture=architecture,
         purpose="Restoration" if scale == 1 else "SR",
         tags=_tags(model),
@@ -143,8 +142,7 @@ def describe(
         tiling=ModelTiling.SUPPORTED,
         call_fn=_render_at_lte_scale if model.arbitrary_scale else None,
     )
-    # What is known of a model embedded in esc-sr (variant, training data, licence, ...; esc_arch.cards), else None.
-    descriptor.esc_model_card = identify(state_dict)  # type: ignore[attr-defined]
+    descriptor.esc_model_card = MODEL_CARD(descriptor.model.state_dict()) if MODEL_CARD else None  # type: ignore
     return descriptor
 
 

@@ -1,5 +1,5 @@
 """``esc-sr info MODEL``: a checkpoint's variant, scale, hyperparameters, parameters and attention kernel, and for a
-published model (embedded or official: :mod:`esc_arch.cards`) its training data, degradation, licence and source."""
+published model (embedded or official: :mod:`esc_sr.cards`) its training data, degradation, licence and source."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
 def model_card(name: str | None, model) -> dict[str, Any] | None:
     """The card of a published model: by its name (embedded, or an official release name, also as a file name),
     else by its weights (a copy of an embedded model), else None."""
-    from esc_arch import cards
+    from .. import cards
 
     card = (cards.card_for_name(name) if name is not None else None) or cards.identify(model.state_dict())
     return None if card is None else card.as_dict()

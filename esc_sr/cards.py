@@ -2,8 +2,9 @@
 
 A model card here is the few facts a user looks for when picking a model (variant, scale, parameters, training
 data, degradation, licence, where it comes from). ``esc-sr info`` prints them, the spandrel descriptors of the
-embedded models carry them (``descriptor.esc_model_card``), and the OpenModelDB entries in ``docs/openmodeldb/``
-are written from them. The full cards of the embedded models are ``esc_arch/weights/*.md``.
+embedded models carry them (``descriptor.esc_model_card``, once :func:`attach_to_spandrel`
+has run, as the ComfyUI pack does), and the OpenModelDB entries in
+``docs/openmodeldb/`` are written from them. The full cards of the embedded models are ``esc_arch/weights/*.md``.
 
 * The embedded models are recognised by their weights (:func:`identify`: compared with the shipped files), so a copy under another name, loaded through spandrel, is still known.
 * The official models (github.com/dslisleedh/ESC, release 1.0.0) are recognised by their release name (as
@@ -23,7 +24,6 @@ import torch
 
 __all__ = ["ModelCard", "EMBEDDED_CARDS", "OFFICIAL_FAMILIES", "card_for_name", "identify"]
 
-_WEIGHTS = Path(__file__).resolve().parent / "weights"
 OFFICIAL_REPOSITORY = "https://github.com/dslisleedh/ESC"
 OFFICIAL_RELEASE = f"{OFFICIAL_REPOSITORY}/releases/download/1.0.0"
 
@@ -145,7 +145,7 @@ def _same_weights(state: Mapping[str, Any], shipped: Mapping[str, torch.Tensor])
 def identify(state_dict: Mapping[str, Any]) -> ModelCard | None:
     """The card of the embedded model whose weights these are (any float dtype, as stored or cast), or None.
     Cheap for every other model: the key sets differ, or the shapes do, before any value is compared."""
-    from .checkpoint import EMBEDDED_MODELS
+    from esc_arch import EMBEDDED_MODELS
 
     for name, path in EMBEDDED_MODELS.items():
         if name not in EMBEDDED_CARDS:
@@ -154,3 +154,11 @@ def identify(state_dict: Mapping[str, Any]) -> ModelCard | None:
         if shipped is not None and _same_weights(state_dict, shipped):
             return EMBEDDED_CARDS[name]
     return None
+
+
+def attach_to_spandrel() -> None:
+    """Make esc_arch's spandrel descriptors carry the card of an embedded model (``descriptor.esc_model_card``;
+    None for other models). Imports ``esc_arch.spandrel``, hence spandrel; the ComfyUI pack calls it."""
+    from esc_arch import spandrel as esc_spandrel
+
+    esc_spandrel.MODEL_CARD = identify
