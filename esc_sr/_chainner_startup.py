@@ -54,6 +54,9 @@ def register() -> None:
         return
     try:
         esc_arch.spandrel.install()
+        from esc_sr import cards
+
+        cards.attach_to_spandrel()  # descriptors of the embedded models carry their card, as in ComfyUI
     except Exception as error:
         _warn(f"ESC models will not load: registering with spandrel failed ({type(error).__name__}: {error})")
 

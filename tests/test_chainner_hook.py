@@ -86,6 +86,7 @@ CHAINNER_SEQUENCE = """
             "arch": model.architecture.id, "scale": model.scale, "dtype": str(out.dtype),
             "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
             "in_range": bool(out.min() >= 0 and out.max() <= 1),
+            "card": getattr(getattr(model, "esc_model_card", None), "name", None),
         })
     print(json.dumps({"start": state_at_start, "results": results}))
 """
@@ -102,6 +103,7 @@ def test_chainner_loading_sequence_loads_esc_pth_and_safetensors(full_python: Pa
         str(GOLDEN_DIR / "trainner_escrealm_x2.ckpt.safetensors"),      # traiNNer-redux safetensors
         str(GOLDEN_DIR / "lte_esc.ckpt.pth"),                           # supports_half False -> .float()
         str(ours),                                                      # written by esc_sr.save_model
+        str(esc_arch.EMBEDDED_MODELS["real"]),                          # shipped: its descriptor has its card
     ]
     install_hook(full_python)
 
@@ -116,7 +118,9 @@ def test_chainner_loading_sequence_loads_esc_pth_and_safetensors(full_python: Pa
         ("ESCRealM", 2, "torch.float16"),
         ("ESCLTE", 4, "torch.float32"),
         ("ESC", 2, "torch.float16"),
+        ("ESCRealM", 4, "torch.float16"),
     ]
+    assert [r["card"] for r in report["results"]] == [None, None, None, None, "real"]
     for result in report["results"]:
         assert result["shape"] == [1, 3, 19 * result["scale"], 23 * result["scale"]]
         assert result["finite"] and result["in_range"]
