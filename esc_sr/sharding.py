@@ -361,7 +361,8 @@ class Session:
         if not dist.is_available():
             raise ShardingError("this torch build has no torch.distributed: run a single process")
         self._timeout = exchange_timeout()
-        try:
+
+        def join() -> None:
             if not dist.is_initialized():  # env:// (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), set by torchrun
                 dist.init_process_group(backend="gloo", timeout=STARTUP_TIMEOUT)
                 self._owns_default_group = True
@@ -369,6 +370,10 @@ class Session:
                 raise ShardingError(f"the process group in place (rank {dist.get_rank()} of {dist.get_world_size()}) "
                                     f"is not the one RANK and WORLD_SIZE describe")
             self._group = dist.new_group(backend="gloo", timeout=self._timeout)
+
+        try:  # a rank stopped before joining holds the others here, up to STARTUP_TIMEOUT: they say so meanwhile
+            self._reporting(join, lambda waited: f"waiting for the other ranks to join for {waited} (at most "
+                                                 f"{_duration(STARTUP_TIMEOUT.total_seconds())})")
         except (RuntimeError, ValueError) as exc:
             if self._owns_default_group:
                 dist.destroy_process_group()
@@ -414,7 +419,6 @@ class Session:
                 store.set(key + str(self.rank), "here")
         except Exception:  # noqa: BLE001 - the store only names the late ranks; the exchange does not need it
             store = None
-        done, started = threading.Event(), time.monotonic()
 
         def late() -> str:
             if not self.is_root:
@@ -423,21 +427,30 @@ class Session:
                 missing = [rank for rank in range(1, self.launch.world_size) if not store.check([key + str(rank)])]
             except Exception:  # noqa: BLE001 - no store, or it does not answer
                 return "the other ranks"
-            return f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}" if missing else "the other ranks"
+            if not missing:  # all reached this exchange: one of them stopped inside it
+                return "the other ranks (all have reached this exchange)"
+            return f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
+
+        limit = f"a rank that is stopped, not dead, holds the others up to {_duration(self._timeout.total_seconds())} " \
+                f"({WAIT_VARIABLE} sets it)"
+        return self._reporting(collective, lambda waited: f"waiting for {late()} for {waited}; {limit}")
+
+    def _reporting(self, wait: Callable[[], T], say: Callable[[str], str]) -> T:
+        """``wait()``, printing ``say(time waited)`` on stderr after :data:`FIRST_REPORT_S`, then every
+        :data:`REPORT_EVERY_S`, until it returns."""
+        done, started = threading.Event(), time.monotonic()
 
         def report() -> None:
             delay = FIRST_REPORT_S
             while not done.wait(delay):
-                print(printable(f"esc-sr upscale: {self.label}waiting for {late()} for "
-                                f"{_duration(time.monotonic() - started)}; a rank that is stopped, not dead, holds the "
-                                f"others up to {_duration(self._timeout.total_seconds())} ({WAIT_VARIABLE} sets it)"),
+                print(printable(f"esc-sr upscale: {self.label}{say(_duration(time.monotonic() - started))}"),
                       file=sys.stderr, flush=True)
                 delay = REPORT_EVERY_S
 
         reporter = threading.Thread(target=report, name="esc-sr-waiting", daemon=True)
         reporter.start()
         try:
-            return collective()
+            return wait()
         finally:
             done.set()
             reporter.join(timeout=1)

@@ -381,3 +381,21 @@ def test_giving_up_after_the_configured_wait_is_one_line_saying_so(monkeypatch):
         rank_0.gather(1)
     assert str(caught.value) == ("rank 0 of 2: gave up waiting for the other processes after 5 s (ESC_SR_RANK_WAIT); "
                                  "one of them is stopped or hung: see its messages")
+
+
+def test_a_rank_kept_waiting_for_the_others_to_join_says_so(monkeypatch, capsys):
+    """A rank stopped before it joins holds the others in the rendezvous (up to STARTUP_TIMEOUT): they say so."""
+    import threading
+
+    import torch.distributed as dist
+
+    monkeypatch.setattr(sharding, "FIRST_REPORT_S", 0.05)
+    monkeypatch.setattr(sharding, "REPORT_EVERY_S", 0.05)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: threading.Event().wait(0.3))
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: "group")
+    Session(Launch(rank=0, world_size=2, local_rank=0, local_world_size=2))._join()
+    lines = _waiting_lines(capsys.readouterr().err)
+    assert len(lines) >= 2 and all(re.fullmatch(r"esc-sr upscale: rank 0 of 2: waiting for the other ranks to join "
+                                                r"for [0-9.]+ s \(at most 10 min\)", line) for line in lines), lines
