@@ -74,7 +74,7 @@ EMBEDDED_CARDS: dict[str, ModelCard] = {
         license="MIT",
         source="embedded in esc-sr: esc_arch/weights/esc_real_x4.safetensors (fp16, EMA weights)",
         card="esc_arch/weights/esc_real_x4.md",
-        status="in training: not yet better than bicubic on the held-out photos (see its card)",
+        status="in training: better than bicubic on JPEG inputs, not yet on its bars (see its card)",
     ),
 }
 """The models embedded in this package, by their :data:`esc_arch.EMBEDDED_MODELS` name."""
