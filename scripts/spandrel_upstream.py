@@ -98,7 +98,7 @@ Hyperparameters are read from tensor shapes by the detection table ``__arch/dete
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 from typing_extensions import override
@@ -121,13 +121,11 @@ from .__arch.presets import match_preset
 
 T = TypeVar("T", bound=ESCModelBase)
 
-LTE_SCALE = 4
+LTE_SCALE = __LTE_SCALE__
 """The scale the arbitrary-scale ESC is described with (the top of its x1-x4 training range). For other factors,
 call ``descriptor.model.upscale_by(image, factor)``."""
 
-_PRESET_TAGS = {"esc_light": "light", "esc_xl": "XL", "esc_tiny": "tiny"}
-_UPSAMPLER_TAGS = {"dysample": "DySample", "nearest+conv-neosr": "nearest+conv(neosr)"}
-
+__SHARED_TABLES__
 
 def _unwrap(state_dict: StateDict) -> StateDict:
     # esc_arb (LTE) checkpoints are {"model": {"name", "args", "sd"}}; spandrel unwraps "model" only.
@@ -147,24 +145,7 @@ def _condition(variant: Variant) -> KeyCondition:
     )
 
 
-def _tags(model: ESCModelBase) -> list[str]:
-    hp: dict[str, Any] = model.hyperparameters
-    preset = match_preset(model)
-    tags = [_PRESET_TAGS[preset]] if preset in _PRESET_TAGS else []
-    tags += [f"{hp['dim']}dim", f"{hp['n_blocks']}nb", f"{hp['window_size']}w"]
-    if hp.get("use_ln"):
-        tags.append("LayerNorm")
-    if "upsampler" in hp:
-        tags.append(_UPSAMPLER_TAGS.get(hp["upsampler"], hp["upsampler"]))
-    if getattr(model, "unshuffle", 1) > 1:
-        tags.append(f"{model.unshuffle}unshuffle")
-    if model.arbitrary_scale:
-        tags += ["LTE", "arbitrary-scale"]
-    return tags
-
-
-def _render_at_lte_scale(model: ESCModelBase, image: torch.Tensor) -> torch.Tensor:
-    return model.upscale_by(image, LTE_SCALE)  # type: ignore
+__SHARED_FUNCTIONS__
 
 
 class _ESCArchitecture(Architecture[T], Generic[T]):
@@ -351,63 +332,49 @@ def test_size_requirements():
     assert_size_requirements(file.load_model())
 
 
-def test_ESC_light_x2(snapshot):
+__SNAPSHOT_TESTS__'''
+
+SNAPSHOT_TEST = '''
+
+def test___NAME__(snapshot):
     file = ModelFile.from_url(
-        "__RELEASE__/ESC_light_X2.pth"
+        "__RELEASE__/__FILE__"
     )
     model = file.load_model()
     assert model == snapshot(exclude=disallowed_props)
-    assert isinstance(model.model, ESC)
+    assert isinstance(model.model, __CLASS__)
     assert_image_inference(
         file,
         model,
         [TestImage.SR_16, TestImage.SR_32, TestImage.SR_64],
     )
+'''
+
+SNAPSHOTS = (("ESC_light_x2", "ESC_light_X2.pth", "ESC"), ("ESC_DIV2K_x4", "ESC_DIV2K_X4.pth", "ESC"),
+             ("ESC_FP_x4", "ESC_FP_X4.pth", "ESCFP"), ("ESC_Real_x4", "ESC_Real_X4_GAN.pth", "ESCReal"))
+"""The official files tests/test_ESC.py loads and snapshots: (test name, release file, model class)."""
+TEST = TEST.replace("__SNAPSHOT_TESTS__", "".join(
+    SNAPSHOT_TEST.replace("__NAME__", name).replace("__FILE__", file).replace("__CLASS__", cls)
+    for name, file, cls in SNAPSHOTS).lstrip("\n")).replace("__RELEASE__", RELEASE)
+
+def init_module() -> str:
+    """ESC/__init__.py: the template above with the descriptor's tables and functions (tags, the LTE call) taken
+    from esc_arch.spandrel's source, so spandrel's ESC and ours describe a model the same way (one definition)."""
+    import inspect
+    import json
+
+    from esc_sr.torchvision_shim import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # esc_arch.spandrel imports spandrel, hence torchvision, next to a CPU torch
+    from esc_arch import spandrel as ours
+
+    tables = f"_PRESET_TAGS = {json.dumps(ours._PRESET_TAGS)}\n_UPSAMPLER_TAGS = {json.dumps(ours._UPSAMPLER_TAGS)}\n"
+    functions = "\n\n".join(inspect.getsource(f) for f in (ours._tags, ours._render_at_lte_scale))
+    return (INIT.replace("__LTE_SCALE__", str(ours.LTE_SCALE)).replace("__SHARED_TABLES__", tables)
+            .replace("__SHARED_FUNCTIONS__", functions.rstrip("\n")))
 
 
-def test_ESC_DIV2K_x4(snapshot):
-    file = ModelFile.from_url(
-        "__RELEASE__/ESC_DIV2K_X4.pth"
-    )
-    model = file.load_model()
-    assert model == snapshot(exclude=disallowed_props)
-    assert isinstance(model.model, ESC)
-    assert_image_inference(
-        file,
-        model,
-        [TestImage.SR_16, TestImage.SR_32, TestImage.SR_64],
-    )
-
-
-def test_ESC_FP_x4(snapshot):
-    file = ModelFile.from_url(
-        "__RELEASE__/ESC_FP_X4.pth"
-    )
-    model = file.load_model()
-    assert model == snapshot(exclude=disallowed_props)
-    assert isinstance(model.model, ESCFP)
-    assert_image_inference(
-        file,
-        model,
-        [TestImage.SR_16, TestImage.SR_32, TestImage.SR_64],
-    )
-
-
-def test_ESC_Real_x4(snapshot):
-    file = ModelFile.from_url(
-        "__RELEASE__/ESC_Real_X4_GAN.pth"
-    )
-    model = file.load_model()
-    assert model == snapshot(exclude=disallowed_props)
-    assert isinstance(model.model, ESCReal)
-    assert_image_inference(
-        file,
-        model,
-        [TestImage.SR_16, TestImage.SR_32, TestImage.SR_64],
-    )
-'''.replace("__RELEASE__", RELEASE)
-
-TEST_MODEL_FILES = ("ESC_light_X2.pth", "ESC_DIV2K_X4.pth", "ESC_FP_X4.pth", "ESC_Real_X4_GAN.pth")
+TEST_MODEL_FILES = tuple(file for _, file, _ in SNAPSHOTS)
 """The official files tests/test_ESC.py downloads (into spandrel's tests/models/)."""
 
 
@@ -448,7 +415,7 @@ def write_arch(checkout: Path) -> list[Path]:
     written = []
     for file_name, text in generated_arch_files().items():
         written.append(_write(arch_dir / "__arch" / file_name, text))
-    written.append(_write(arch_dir / "__init__.py", INIT))
+    written.append(_write(arch_dir / "__init__.py", init_module()))
     return written
 
 
