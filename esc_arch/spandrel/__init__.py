@@ -147,7 +147,7 @@ def describe(
 
 
 def _render_at_lte_scale(model: ESCModelBase, image: torch.Tensor) -> torch.Tensor:
-    return model.upscale_by(image, LTE_SCALE)
+    return model.upscale_by(image, LTE_SCALE)  # type: ignore
 
 
 ESC_REGISTRY = ArchRegistry()
